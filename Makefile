@@ -1,0 +1,25 @@
+# Each target creates .venv on first use, so both work on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/mmsearch demo --out demo-out
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/index_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,53 @@
+"""Frozen dataclasses that describe what was built, and their JSON form."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+DEFAULT_FACTORY = "Flat"
+INDEX_ENV_VAR = "MMSEARCH_INDEX"
+DEFAULT_INDEX_DIR = Path("indexes") / "default"
+SCHEMA_VERSION = 1
+TINY_MODEL = "mmsearch-tiny"
+
+
+def default_index_dir() -> Path:
+    """`$MMSEARCH_INDEX` if set, else ./indexes/default."""
+    return Path(os.environ.get(INDEX_ENV_VAR) or DEFAULT_INDEX_DIR)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which weights to load: an open_clip architecture plus a pretrained tag/file, or one of our checkpoints."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: Optional[str] = DEFAULT_PRETRAINED
+    checkpoint: Optional[str] = None
+
+    def __post_init__(self):
+        if self.pretrained in ("", "none", "None"):
+            object.__setattr__(self, "pretrained", None)
+
+    @property
+    def is_random(self) -> bool:
+        return self.checkpoint is None and self.pretrained is None
+
+    def describe(self) -> str:
+        if self.checkpoint:
+            return f"{self.model} (checkpoint {self.checkpoint})"
+        return f"{self.model} (pretrained {self.pretrained or 'none'})"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(**{k: d.get(k) for k in ("model", "pretrained", "checkpoint")})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)

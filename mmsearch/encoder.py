@@ -1,0 +1,238 @@
+"""The only module that touches open_clip: build a model and its transforms from a ModelSpec, encode images and texts.
+
+Importing this module imports torch and open_clip (several seconds), so everything else imports it lazily.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from .config import ModelSpec
+from .errors import CheckpointError, UnknownModelError, WeightsUnavailableError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+CHECKPOINT_FORMAT = "mmsearch-checkpoint"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make our shipped architectures (model_configs/*.json) known to open_clip, the way it finds its own."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict:
+    """Read an mmsearch checkpoint (weights + architecture config + training args + metrics)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many kinds for a corrupt file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an mmsearch checkpoint (made by `mmsearch train`)")
+    return ckpt
+
+
+def _register_checkpoint_arch(ckpt: dict) -> str:
+    """Register the checkpoint's architecture config under its own name so open_clip can build it."""
+    from open_clip import factory  # the registry dict has no public setter for an in-memory config
+
+    arch = ckpt["arch"]
+    known = factory._MODEL_CONFIGS.get(arch)
+    if known is not None and known == ckpt["model_cfg"]:
+        return arch
+    name = f"{arch}@{hashlib.sha1(repr(sorted(ckpt['model_cfg'].items())).encode()).hexdigest()[:8]}"
+    factory._MODEL_CONFIGS[name] = ckpt["model_cfg"]
+    return name
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap, deterministic digest of the weights: shapes plus the first values of every tensor."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        flat = t.detach().reshape(-1)[:1024].to(torch.float32).contiguous().numpy()
+        h.update(flat.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _is_local_file(tag: Optional[str]) -> bool:
+    return bool(tag) and Path(tag).is_file()
+
+
+@dataclass
+class Encoder:
+    """A loaded dual encoder with the transforms and tokenizer that belong to it."""
+
+    spec: ModelSpec
+    arch: str
+    model: torch.nn.Module
+    preprocess: object  # eval transform: PIL -> tensor
+    preprocess_train: object  # open_clip's training augmentation
+    tokenizer: object
+    model_cfg: dict
+    checkpoint: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model_cfg["vision_cfg"].get("image_size", 224)
+        return int(size if isinstance(size, int) else max(size))
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model_cfg["text_cfg"].get("width", 512))
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.model_cfg["vision_cfg"].get("width", 768))
+
+    @property
+    def fingerprint(self) -> str:
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+    # ---- images -------------------------------------------------------------------------------
+    def preprocess_images(self, images: Sequence) -> torch.Tensor:
+        return torch.stack([self.preprocess(im) for im in images])
+
+    @torch.inference_mode()
+    def encode_image_tensor(self, pixels: torch.Tensor, token_grid: Optional[int] = None):
+        """pixels [B,3,H,W] -> L2-normalised float32 [B,d]; with token_grid=G also compact image tokens
+        [B, 1+G*G, vision_width] float32 (class token + patch tokens average-pooled to a GxG grid)."""
+        self.model.eval()
+        visual = self.model.visual
+        if token_grid is None:
+            emb = self.model.encode_image(pixels)
+            return F.normalize(emb.float(), dim=-1).numpy()
+        was = getattr(visual, "output_tokens", False)
+        visual.output_tokens = True
+        try:
+            x = visual._embeds(pixels)
+            x = visual.transformer(x)
+            pooled, tokens = visual._pool(x)
+            if visual.proj is not None:
+                pooled = pooled @ visual.proj
+            # tokens after ln_post; the class token is x[:,0] normalised the same way
+            cls = visual.ln_post(x[:, 0]) if hasattr(visual, "ln_post") else x[:, 0]
+        finally:
+            visual.output_tokens = was
+        b, n, w = tokens.shape
+        g = int(round(n ** 0.5))
+        grid = tokens.transpose(1, 2).reshape(b, w, g, g)
+        grid = F.adaptive_avg_pool2d(grid, token_grid).reshape(b, w, -1).transpose(1, 2)
+        toks = torch.cat([cls[:, None, :], grid], dim=1)
+        return F.normalize(pooled.float(), dim=-1).numpy(), toks.float().numpy()
+
+    def encode_images(self, images: Sequence, token_grid: Optional[int] = None):
+        """PIL images -> embeddings (and tokens, see encode_image_tensor)."""
+        return self.encode_image_tensor(self.preprocess_images(images), token_grid=token_grid)
+
+    # ---- texts --------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def _can_truncate(self) -> bool:
+        m = self.model
+        return all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")) \
+            and getattr(m, "text_pool_type", "argmax") == "argmax"
+
+    def text_forward(self, tokens: torch.Tensor, truncate: bool = True):
+        """tokens [B,C] -> (pooled unnormalised [B,d], token states [B,L,width], lengths [B]).
+
+        With truncate=True the context is cut to the longest real length in the batch before the
+        text tower. With a causal mask and argmax pooling on the EOT token this gives the same result
+        as the padded forward, 2-3x faster for short queries (tests/test_encoder.py proves equality)."""
+        m = self.model
+        lengths = (tokens != 0).sum(dim=1)
+        if not self._can_truncate():
+            pooled = m.encode_text(tokens)
+            return pooled, None, lengths
+        L = int(lengths.max()) if truncate else tokens.shape[1]
+        tokens = tokens[:, :L]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:L].to(cast)
+        mask = m.attn_mask[:L, :L] if m.attn_mask is not None else None
+        x = m.transformer(x, attn_mask=mask)
+        states = m.ln_final(x)
+        pooled = states[torch.arange(states.shape[0]), tokens.argmax(dim=-1)]
+        proj = m.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+        return pooled, states, lengths
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, truncate: bool = True,
+                     return_states: bool = False):
+        """texts -> L2-normalised float32 [n,d]; with return_states also a list of [len_i, width] arrays."""
+        self.model.eval()
+        outs, states = [], []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenize(texts[i:i + batch_size])
+            pooled, st, lengths = self.text_forward(tokens, truncate=truncate)
+            outs.append(F.normalize(pooled.float(), dim=-1).numpy())
+            if return_states:
+                if st is None:
+                    raise UnknownModelError(f"{self.arch}: token states are only available for CLIP-style text towers")
+                states.extend(st[j, : int(lengths[j])].float().numpy() for j in range(len(lengths)))
+        emb = np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+        return (emb, states) if return_states else emb
+
+
+def _create(arch: str, pretrained: Optional[str]):
+    return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu")
+
+
+def load_encoder(spec: ModelSpec) -> Encoder:
+    """Build the model, its transforms and its tokenizer from one spec (so they cannot drift apart)."""
+    register_model_configs()
+    ckpt = None
+    if spec.checkpoint:
+        ckpt = load_checkpoint_file(spec.checkpoint)
+        arch = _register_checkpoint_arch(ckpt)
+        model, preprocess_train, preprocess = _create(arch, None)
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {spec.checkpoint} does not fit architecture {ckpt['arch']}: {exc}") from exc
+        spec = ModelSpec(model=ckpt["arch"], pretrained=None, checkpoint=str(spec.checkpoint))
+        model_cfg = ckpt["model_cfg"]
+    else:
+        arch = spec.model
+        if arch not in open_clip.list_models():
+            close = [m for m in open_clip.list_models() if arch.lower()[:5] in m.lower()][:8]
+            raise UnknownModelError(
+                f"unknown model '{arch}'" + (f"; similar: {', '.join(close)}" if close else "")
+                + ". `python -c 'import open_clip; print(open_clip.list_models())'` lists them all.")
+        try:
+            model, preprocess_train, preprocess = _create(arch, spec.pretrained)
+        except Exception as exc:
+            if spec.pretrained is None:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise WeightsUnavailableError(
+                f"cannot load pretrained weights '{spec.pretrained}' for model {arch} ({first[:200]}). "
+                f"Alternatives: --pretrained /path/to/weights.bin (a local file open_clip accepts), "
+                f"or --checkpoint FILE (a model trained by `mmsearch train`).") from exc
+        model_cfg = open_clip.get_model_config(arch)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
+    return Encoder(spec=spec, arch=arch, model=model, preprocess=preprocess, preprocess_train=preprocess_train,
+                   tokenizer=tokenizer, model_cfg=model_cfg, checkpoint=ckpt)

@@ -1,0 +1,54 @@
+"""Typed errors. The library raises these; only the CLI turns them into messages."""
+
+
+class MmsearchError(Exception):
+    """Base class for every error mmsearch raises on purpose."""
+
+
+class IndexNotFoundError(MmsearchError):
+    """The index directory does not exist or holds no catalog."""
+
+
+class EmptyIndexError(MmsearchError):
+    """The index exists but has nothing to search."""
+
+
+class IndexVersionError(MmsearchError):
+    """The index was written by an incompatible version of mmsearch."""
+
+
+class ModelMismatchError(MmsearchError):
+    """The requested model differs from the one an index was built with."""
+
+
+class WeightsUnavailableError(MmsearchError):
+    """Pretrained weights could not be found or downloaded."""
+
+
+class CheckpointError(MmsearchError):
+    """A checkpoint file is missing, corrupt or not an mmsearch checkpoint."""
+
+
+class MediaError(MmsearchError):
+    """An image could not be opened or decoded. `reason` is a short, user-facing text."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class DatasetError(MmsearchError):
+    """A caption dataset is malformed, empty or of an unknown format."""
+
+
+class QueryError(MmsearchError):
+    """A query is empty or cannot be parsed."""
+
+
+class VectorIndexError(MmsearchError):
+    """The FAISS index cannot be built or loaded as asked (bad factory string, too few vectors to train)."""
+
+
+class UnknownModelError(MmsearchError):
+    """No architecture of that name is known to open_clip or to mmsearch."""

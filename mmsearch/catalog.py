@@ -1,0 +1,333 @@
+"""The catalog: one SQLite file (WAL) that is the source of truth for an index.
+
+It holds the meta (model spec, fingerprint, dim, factory, schema version, generation), one row per
+indexed image with its embedding (float32 blob) and optional re-ranker tokens (float16 blob), the
+failures of the last runs, and the text corpus for image->text search.
+
+Reads use the stdlib sqlite3 connection directly, so a query does not pay for importing
+sqlite-utils; schema creation and writes go through sqlite-utils.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+from .config import SCHEMA_VERSION
+from .errors import IndexNotFoundError, IndexVersionError
+
+CATALOG_NAME = "catalog.db"
+
+# Ordered migrations: MIGRATIONS[v] upgrades a schema of version v to v+1.
+MIGRATIONS: dict[int, str] = {}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    quick_hash TEXT,
+    width INTEGER,
+    height INTEGER,
+    taken_at REAL,
+    ext TEXT,
+    embedding BLOB NOT NULL,
+    tokens BLOB,
+    indexed_at REAL
+);
+CREATE INDEX IF NOT EXISTS images_hash ON images(quick_hash);
+CREATE INDEX IF NOT EXISTS images_taken ON images(taken_at);
+CREATE TABLE IF NOT EXISTS failures (
+    path TEXT PRIMARY KEY,
+    size INTEGER,
+    mtime_ns INTEGER,
+    reason TEXT NOT NULL,
+    failed_at REAL
+);
+CREATE TABLE IF NOT EXISTS texts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    text TEXT NOT NULL UNIQUE,
+    embedding BLOB NOT NULL,
+    states BLOB,
+    state_len INTEGER,
+    added_at REAL
+);
+"""
+
+
+def to_blob(vec: np.ndarray, dtype=np.float32) -> bytes:
+    return np.ascontiguousarray(vec, dtype=dtype).tobytes()
+
+
+def from_blobs(blobs: Iterable[bytes], dim: int, dtype=np.float32) -> np.ndarray:
+    blobs = list(blobs)
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=dtype).reshape(len(blobs), dim).astype(np.float32, copy=False)
+
+
+class Catalog:
+    """One index's SQLite catalog. Create with `Catalog.create`, open with `Catalog.open`."""
+
+    def __init__(self, directory: Path, conn: sqlite3.Connection):
+        self.dir = Path(directory)
+        self.path = self.dir / CATALOG_NAME
+        self.conn = conn
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    @staticmethod
+    def exists(directory) -> bool:
+        return (Path(directory) / CATALOG_NAME).is_file()
+
+    @classmethod
+    def _connect(cls, path: Path, readonly: bool) -> sqlite3.Connection:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        else:
+            conn = sqlite3.connect(str(path), timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    @classmethod
+    def create(cls, directory, meta: dict) -> "Catalog":
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        conn = cls._connect(directory / CATALOG_NAME, readonly=False)
+        cat = cls(directory, conn)
+        with conn:
+            conn.executescript(_SCHEMA)
+            cat.set_meta(schema_version=SCHEMA_VERSION, generation=0, created_at=time.time(), **meta)
+        return cat
+
+    @classmethod
+    def open(cls, directory, readonly: bool = False) -> "Catalog":
+        directory = Path(directory)
+        path = directory / CATALOG_NAME
+        if not path.is_file():
+            raise IndexNotFoundError(
+                f"no index at {directory} (run `mmsearch index FOLDER --index {directory}` first)")
+        try:
+            conn = cls._connect(path, readonly=readonly)
+            rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise IndexVersionError(f"{path} is not an mmsearch catalog ({exc})") from exc
+        version = json.loads(rows.get("schema_version", "null"))
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise IndexVersionError(
+                f"{directory} was written by a newer or unknown mmsearch (schema {version}, this one reads "
+                f"up to {SCHEMA_VERSION}); upgrade mmsearch or re-index into a new folder")
+        cat = cls(directory, conn)
+        if version < SCHEMA_VERSION and not readonly:
+            cat._migrate(version)
+        return cat
+
+    def _migrate(self, version: int) -> None:
+        with self.conn:
+            for v in range(version, SCHEMA_VERSION):
+                if v not in MIGRATIONS:
+                    raise IndexVersionError(f"no migration from catalog schema {v}; re-index into a new folder")
+                self.conn.executescript(MIGRATIONS[v])
+            self.set_meta(schema_version=SCHEMA_VERSION)
+
+    @property
+    def db(self):
+        """sqlite-utils view of the same connection, for writes (imported lazily: queries never need it)."""
+        if not hasattr(self, "_db"):
+            import sqlite_utils
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit of work (a batch): everything in it lands or nothing does."""
+        with self.conn:
+            yield self.conn
+
+    # ---- meta ---------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
+
+    def set_meta(self, **values) -> None:
+        self.db["meta"].upsert_all([{"key": k, "value": json.dumps(v)} for k, v in values.items()], pk="key")
+
+    def generation(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        return int(json.loads(row[0])) if row else 0
+
+    def bump_generation(self) -> int:
+        """Called inside a transaction that changed image vectors; the FAISS cache records this number."""
+        gen = self.generation() + 1
+        self.set_meta(generation=gen)
+        return gen
+
+    # ---- images -------------------------------------------------------------------------------
+    def count_images(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM images").fetchone()[0]
+
+    def image_states(self) -> dict[str, tuple]:
+        """path -> (id, size, mtime_ns, quick_hash), for the incremental diff."""
+        return {r[0]: r[1:] for r in self.conn.execute("SELECT path, id, size, mtime_ns, quick_hash FROM images")}
+
+    def insert_image(self, row: dict, embedding: np.ndarray, tokens: Optional[np.ndarray] = None) -> int:
+        cols = dict(row, embedding=to_blob(embedding), indexed_at=time.time(),
+                    tokens=None if tokens is None else to_blob(tokens, np.float16))
+        keys = ", ".join(cols)
+        marks = ", ".join("?" for _ in cols)
+        updates = ", ".join(f"{k}=excluded.{k}" for k in cols if k != "path")
+        cur = self.conn.execute(
+            f"INSERT INTO images ({keys}) VALUES ({marks}) ON CONFLICT(path) DO UPDATE SET {updates} RETURNING id",
+            list(cols.values()))
+        return cur.fetchone()[0]
+
+    def update_image(self, image_id: int, **fields) -> None:
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self.conn.execute(f"UPDATE images SET {sets} WHERE id=?", [*fields.values(), image_id])
+
+    def set_tokens(self, image_id: int, tokens: np.ndarray) -> None:
+        self.conn.execute("UPDATE images SET tokens=? WHERE id=?", (to_blob(tokens, np.float16), image_id))
+
+    def delete_images(self, ids: Iterable[int]) -> None:
+        self.conn.executemany("DELETE FROM images WHERE id=?", [(int(i),) for i in ids])
+
+    def rows(self, ids: Iterable[int]) -> dict[int, dict]:
+        ids = [int(i) for i in ids]
+        out = {}
+        for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+            chunk = ids[start:start + 900]
+            q = (f"SELECT id, path, size, mtime_ns, width, height, taken_at, ext FROM images "
+                 f"WHERE id IN ({','.join('?' * len(chunk))})")
+            for r in self.conn.execute(q, chunk):
+                out[r[0]] = dict(zip(("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext"), r))
+        return out
+
+    def id_for_path(self, path: str) -> Optional[int]:
+        row = self.conn.execute("SELECT id FROM images WHERE path=?", (path,)).fetchone()
+        return row[0] if row else None
+
+    def embeddings(self, dim: int, ids: Optional[Iterable[int]] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], float32 [n, dim]) for all images or the given ids, in id order."""
+        if ids is None:
+            cur = self.conn.execute("SELECT id, embedding FROM images ORDER BY id")
+            pairs = cur.fetchall()
+        else:
+            ids = sorted(int(i) for i in ids)
+            pairs = []
+            for s in range(0, len(ids), 900):
+                chunk = ids[s:s + 900]
+                pairs += self.conn.execute(
+                    f"SELECT id, embedding FROM images WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                    chunk).fetchall()
+        return np.array([p[0] for p in pairs], dtype=np.int64), from_blobs((p[1] for p in pairs), dim)
+
+    def tokens(self, ids: Iterable[int], shape: tuple[int, int]) -> dict[int, Optional[np.ndarray]]:
+        ids = [int(i) for i in ids]
+        out: dict[int, Optional[np.ndarray]] = {}
+        for s in range(0, len(ids), 900):
+            chunk = ids[s:s + 900]
+            for i, blob in self.conn.execute(
+                    f"SELECT id, tokens FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+                out[i] = None if blob is None else np.frombuffer(blob, dtype=np.float16).reshape(shape)
+        return out
+
+    def ids_missing_tokens(self) -> list[tuple[int, str]]:
+        return self.conn.execute("SELECT id, path FROM images WHERE tokens IS NULL ORDER BY id").fetchall()
+
+    def filtered_ids(self, under: Optional[str] = None, exts: Optional[list[str]] = None,
+                     after: Optional[float] = None, before: Optional[float] = None) -> list[int]:
+        """Ids passing the metadata filters. The date is EXIF DateTimeOriginal, else the file's mtime."""
+        where, args = [], []
+        if under:
+            prefix = under.rstrip("/") + "/"
+            where.append("(substr(path, 1, ?) = ? OR path = ?)")
+            args += [len(prefix), prefix, under.rstrip("/")]
+        if exts:
+            where.append(f"ext IN ({','.join('?' * len(exts))})")
+            args += exts
+        date = "coalesce(taken_at, mtime_ns / 1e9)"
+        if after is not None:
+            where.append(f"{date} >= ?")
+            args.append(after)
+        if before is not None:
+            where.append(f"{date} < ?")
+            args.append(before)
+        q = "SELECT id FROM images" + (" WHERE " + " AND ".join(where) if where else "")
+        return [r[0] for r in self.conn.execute(q, args)]
+
+    # ---- failures -----------------------------------------------------------------------------
+    def failure_states(self) -> dict[str, tuple]:
+        return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT path, size, mtime_ns FROM failures")}
+
+    def record_failure(self, path: str, size: Optional[int], mtime_ns: Optional[int], reason: str) -> None:
+        self.db["failures"].upsert(dict(path=path, size=size, mtime_ns=mtime_ns, reason=reason,
+                                        failed_at=time.time()), pk="path")
+
+    def clear_failures(self, paths: Iterable[str]) -> None:
+        self.conn.executemany("DELETE FROM failures WHERE path=?", [(p,) for p in paths])
+
+    def failures(self) -> list[dict]:
+        cur = self.conn.execute("SELECT path, reason, size, mtime_ns, failed_at FROM failures ORDER BY path")
+        return [dict(zip(("path", "reason", "size", "mtime_ns", "failed_at"), r)) for r in cur]
+
+    def count_failures(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM failures").fetchone()[0]
+
+    # ---- texts (image->text corpus) -----------------------------------------------------------
+    def count_texts(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM texts").fetchone()[0]
+
+    def known_texts(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT text FROM texts")}
+
+    def insert_text(self, text: str, embedding: np.ndarray, states: Optional[np.ndarray] = None) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO texts(text, embedding, states, state_len, added_at) VALUES (?,?,?,?,?) RETURNING id",
+            (text, to_blob(embedding), None if states is None else to_blob(states, np.float16),
+             None if states is None else int(states.shape[0]), time.time()))
+        return cur.fetchone()[0]
+
+    def text_rows(self, ids: Optional[Iterable[int]] = None, like: Optional[str] = None) -> list[dict]:
+        if ids is not None:
+            ids = [int(i) for i in ids]
+            q = f"SELECT id, text FROM texts WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id"
+            return [dict(id=r[0], text=r[1]) for r in self.conn.execute(q, ids)] if ids else []
+        q, args = "SELECT id, text FROM texts", []
+        if like:
+            q, args = q + " WHERE text LIKE ?", [f"%{like}%"]
+        return [dict(id=r[0], text=r[1]) for r in self.conn.execute(q + " ORDER BY id", args)]
+
+    def text_embeddings(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        pairs = self.conn.execute("SELECT id, embedding FROM texts ORDER BY id").fetchall()
+        return np.array([p[0] for p in pairs], dtype=np.int64), from_blobs((p[1] for p in pairs), dim)
+
+    def text_states(self, ids: Iterable[int], width: int) -> dict[int, Optional[np.ndarray]]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return {}
+        q = f"SELECT id, states, state_len FROM texts WHERE id IN ({','.join('?' * len(ids))})"
+        return {i: None if b is None else np.frombuffer(b, dtype=np.float16).reshape(n, width).astype(np.float32)
+                for i, b, n in self.conn.execute(q, ids)}
+
+    def texts_missing_states(self) -> list[tuple[int, str]]:
+        return self.conn.execute("SELECT id, text FROM texts WHERE states IS NULL ORDER BY id").fetchall()
+
+    def set_text_states(self, text_id: int, states: np.ndarray) -> None:
+        self.conn.execute("UPDATE texts SET states=?, state_len=? WHERE id=?",
+                          (to_blob(states, np.float16), int(states.shape[0]), text_id))
+
+    def delete_texts(self, ids: Iterable[int]) -> int:
+        cur = self.conn.executemany("DELETE FROM texts WHERE id=?", [(int(i),) for i in ids])
+        return cur.rowcount
+
+    def bytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.dir.iterdir() if f.is_file())

@@ -1,0 +1,276 @@
+"""The indexing pipeline: scan -> diff against the catalog -> decode (threads) -> encode -> catalog -> FAISS.
+
+Incremental and exact: new files are embedded, changed ones (size or mtime) re-embedded, moved ones
+(same size + quick hash as a file that vanished) keep their embedding, deleted ones leave both the
+catalog and the vector index. Every batch is one SQLite transaction, so a kill at any point loses at
+most the batch in flight; the FAISS file is a cache rebuilt from the catalog when it is stale.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from . import media, scan
+from .catalog import Catalog
+from .config import DEFAULT_FACTORY, ModelSpec
+from .errors import MediaError, VectorIndexError
+from .store import IndexStore
+
+Progress = Optional[Callable[..., None]]
+
+
+@dataclass
+class IndexSummary:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    removed: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
+
+    @property
+    def embedded(self) -> int:
+        return self.added + self.updated
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["embedded"] = self.embedded
+        d["images_per_s"] = round(self.embedded / self.seconds, 2) if self.seconds else None
+        return d
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+@dataclass
+class _Plan:
+    embed: list  # FileInfo to (re-)embed
+    update_ids: dict  # path -> existing id for changed files
+    moves: list  # (id, FileInfo)
+    deleted_ids: list
+    stale_failures: list  # failure paths under the roots that vanished or will be retried
+    scan_failures: list  # (path, reason) from the walk itself
+    unchanged: int
+    known_failed: int
+
+
+def _plan(cat: Catalog, roots: list[str], exclude, include_hidden: bool) -> _Plan:
+    scan_failures: list = []
+    files = list(scan.scan(roots, exclude=exclude, include_hidden=include_hidden,
+                           on_error=lambda p, reason: scan_failures.append((str(p), reason))))
+    known = cat.image_states()
+    failed = cat.failure_states()
+    seen = {f.path for f in files}
+    embed, update_ids, new = [], {}, []
+    unchanged = known_failed = 0
+    for f in files:
+        row = known.get(f.path)
+        if row is not None:
+            if (row[1], row[2]) == (f.size, f.mtime_ns):
+                unchanged += 1
+            else:
+                update_ids[f.path] = row[0]
+                embed.append(f)
+        elif failed.get(f.path) == (f.size, f.mtime_ns):
+            known_failed += 1  # failed before and unchanged since: do not retry
+        else:
+            new.append(f)
+    gone = {p: row for p, row in known.items() if p not in seen and _under(p, roots)}
+    # a new file with the size and quick hash of a vanished one is that file, moved: keep its embedding
+    by_hash = {(row[1], row[3]): (p, row[0]) for p, row in gone.items() if row[3]}
+    moves = []
+    for f in new:
+        hit = by_hash.pop((f.size, _safe_hash(f.path)), None) if by_hash else None
+        if hit is not None:
+            moves.append((hit[1], f))
+            del gone[hit[0]]
+        else:
+            embed.append(f)
+    scan_failed = {p for p, _ in scan_failures}
+    state = {f.path: (f.size, f.mtime_ns) for f in files}
+    stale_failures = [p for p in failed if _under(p, roots) and p not in scan_failed
+                      and (p not in state or failed[p] != state[p])]
+    return _Plan(embed, update_ids, moves, [row[0] for row in gone.values()], stale_failures, scan_failures,
+                 unchanged, known_failed)
+
+
+def _safe_hash(path: str) -> Optional[str]:
+    try:
+        return scan.quick_hash(path)
+    except OSError:
+        return None
+
+
+def _decode(info: scan.FileInfo, image_size: int, preprocess):
+    """Runs in a worker thread: open + draft-decode + preprocess. Returns a tensor or the MediaError."""
+    try:
+        img = media.load_image(info.path, min_size=image_size)
+        orig = img.info.get("original_size", img.size)
+        return preprocess(img), orig, media.image_date(info.path), _safe_hash(info.path)
+    except MediaError as exc:
+        return exc
+    except Exception as exc:  # one odd file must never stop a run
+        return MediaError(info.path, f"cannot decode ({exc.__class__.__name__}: {exc})")
+
+
+def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, batch_size: int = 32,
+                  workers: Optional[int] = None, exclude: Sequence[str] = (), include_hidden: bool = False,
+                  factory: Optional[str] = None, reranker: Optional[str] = None,
+                  progress: Progress = None) -> IndexSummary:
+    """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules."""
+    t0 = time.perf_counter()
+    roots = [os.path.abspath(os.fspath(r)) for r in roots]
+    for r in roots:
+        if not os.path.exists(r):
+            raise MediaError(r, "no such file or folder")
+    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY)
+    if factory and factory != store.factory:
+        raise VectorIndexError(f"index {index_dir} uses FAISS factory '{store.factory}'; change it with "
+                               f"`mmsearch reindex --factory '{factory}'` (no re-embedding needed)")
+    if reranker:
+        store.configure_reranker(reranker)
+    cat = store.catalog
+    plan = _plan(cat, roots, exclude, include_hidden)
+    summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids))
+    vectors = store.vectors_for_update()
+
+    with cat.transaction():
+        for image_id, f in plan.moves:
+            cat.update_image(image_id, path=f.path, mtime_ns=f.mtime_ns, ext=Path(f.path).suffix.lower())
+        cat.delete_images(plan.deleted_ids)
+        cat.clear_failures(plan.stale_failures)
+        for path, reason in plan.scan_failures:
+            cat.record_failure(path, None, None, reason)
+        if plan.moves or plan.deleted_ids:
+            cat.bump_generation()
+    vectors.remove(plan.deleted_ids)
+    summary.failures.extend(plan.scan_failures)
+
+    if plan.embed:
+        encoder = store.encoder()
+        token_grid = store.token_grid()
+        _embed_all(store, encoder, plan, vectors, summary, batch_size, workers, token_grid, progress)
+        store.export_fast_text(encoder)
+    store.save_vectors(vectors)
+    summary.failed = len(summary.failures) + plan.known_failed
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexSummary, batch_size: int,
+               workers: Optional[int], token_grid: Optional[int], progress: Progress) -> None:
+    import torch
+
+    cat = store.catalog
+    todo = plan.embed
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    done = 0
+    if progress:
+        progress(0, len(todo), stage="embed")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # keep about two batches of decodes in flight so the encoder never waits
+        pending: deque = deque()
+        it = iter(todo)
+        for f in it:
+            pending.append((f, pool.submit(_decode, f, encoder.image_size, encoder.preprocess)))
+            if len(pending) >= 2 * batch_size:
+                break
+        while pending:
+            batch = []
+            while pending and len(batch) < batch_size:
+                f, fut = pending.popleft()
+                batch.append((f, fut.result()))
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(_decode, nxt, encoder.image_size, encoder.preprocess)))
+            good = [(f, r) for f, r in batch if not isinstance(r, MediaError)]
+            bad = [(f, r) for f, r in batch if isinstance(r, MediaError)]
+            emb = toks = None
+            if good:
+                pixels = torch.stack([r[0] for _, r in good])
+                out = encoder.encode_image_tensor(pixels, token_grid=token_grid)
+                emb, toks = out if token_grid else (out, None)
+            _commit_batch(cat, plan, vectors, good, bad, emb, toks, summary)
+            done += len(batch)
+            if progress:
+                progress(done, len(todo), stage="embed")
+
+
+def _commit_batch(cat: Catalog, plan: _Plan, vectors, good, bad, emb, toks, summary: IndexSummary) -> None:
+    new_ids, removed = [], []
+    with cat.transaction():
+        for j, (f, (_, orig, taken_at, qhash)) in enumerate(good):
+            row = dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, quick_hash=qhash, width=int(orig[0]),
+                       height=int(orig[1]), taken_at=taken_at, ext=Path(f.path).suffix.lower())
+            new_ids.append(cat.insert_image(row, emb[j], None if toks is None else toks[j]))
+            if f.path in plan.update_ids:
+                summary.updated += 1
+                removed.append(plan.update_ids[f.path])
+            else:
+                summary.added += 1
+        cat.clear_failures([f.path for f, _ in good])
+        for f, err in bad:
+            cat.record_failure(f.path, f.size, f.mtime_ns, err.reason)
+            if f.path in plan.update_ids:  # it was indexed, and is now broken: drop the stale row
+                cat.delete_images([plan.update_ids[f.path]])
+                removed.append(plan.update_ids[f.path])
+            summary.failures.append((f.path, err.reason))
+        cat.bump_generation()
+    vectors.remove(removed)
+    if new_ids:
+        vectors.add(np.array(new_ids, dtype=np.int64), emb)
+
+
+def enable_reranker(index_dir, reranker_path, batch_size: int = 32, workers: Optional[int] = None,
+                    progress: Progress = None) -> dict:
+    """Configure a re-ranker on an existing index and back-fill its image tokens (one read per file)
+    and the token states of the text corpus. Images that fail to decode are recorded as failures."""
+    import torch
+
+    store = IndexStore.open(index_dir)
+    store.configure_reranker(reranker_path)
+    cat = store.catalog
+    encoder = store.encoder()
+    grid = store.token_grid()
+    todo = cat.ids_missing_tokens()
+    filled = failed = 0
+    with ThreadPoolExecutor(max_workers=workers or max(1, min(4, os.cpu_count() or 1))) as pool:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            infos = [scan.FileInfo(p, 0, 0) for _, p in chunk]
+            results = list(pool.map(lambda f: _decode(f, encoder.image_size, encoder.preprocess), infos))
+            good = [(i, r) for (i, _), r in zip(chunk, results) if not isinstance(r, MediaError)]
+            if good:
+                _, toks = encoder.encode_image_tensor(torch.stack([r[0] for _, r in good]), token_grid=grid)
+                with cat.transaction():
+                    for (image_id, _), t in zip(good, toks):
+                        cat.set_tokens(image_id, t)
+                filled += len(good)
+            failed += len(chunk) - len(good)
+            if progress:
+                progress(start + len(chunk), len(todo), stage="tokens")
+    texts = _backfill_text_states(store)
+    return {"images": filled, "failed": failed, "texts": texts, "token_grid": grid}
+
+
+def _backfill_text_states(store: IndexStore, batch_size: int = 256) -> int:
+    cat = store.catalog
+    missing = cat.texts_missing_states()
+    enc = store.text_encoder()
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start:start + batch_size]
+        _, states = enc.encode_texts([t for _, t in chunk], return_states=True)
+        with cat.transaction():
+            for (text_id, _), st in zip(chunk, states):
+                cat.set_text_states(text_id, np.asarray(st))
+    return len(missing)

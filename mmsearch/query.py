@@ -1,0 +1,231 @@
+"""The query layer: parse a query, embed it, search, hydrate rows, filter, re-rank.
+
+A query is a weighted sum of text and image terms, like rclip's: "2:dog + beach - people". A term that
+names an existing image file is an image term; an image already in the index reuses its stored
+embedding, so image->image search of an indexed photo needs no model at all.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import EmptyIndexError, QueryError
+from .media import IMAGE_EXTENSIONS
+from .store import IndexStore
+
+DEFAULT_RERANK_K = 32
+_SPLIT = re.compile(r"(?:^|\s+)([+-])\s+")
+_WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+?)\s*$")
+
+
+@dataclass(frozen=True)
+class Term:
+    weight: float
+    text: Optional[str] = None
+    image: Optional[str] = None
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    path: str
+    id: int
+    similarity: float
+    itm: Optional[float] = None
+    taken_at: Optional[float] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "itm"}
+
+
+def _is_image_path(s: str) -> bool:
+    return os.path.splitext(s)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(s)
+
+
+def parse_query(query: Optional[str], images: Sequence[str] = ()) -> list[Term]:
+    """'2:dog + beach - people' -> [Term(2,'dog'), Term(1,'beach'), Term(-1,'people')]; --image files add terms."""
+    terms: list[Term] = []
+    if query and query.strip():
+        parts = _SPLIT.split(" " + query.strip())
+        signs = ["+"] + parts[1::2]
+        for sign, raw in zip(signs, parts[0::2]):
+            raw = raw.strip()
+            if not raw:
+                if sign != "+" or len(parts) > 1:
+                    raise QueryError(f"empty term in query {query!r}")
+                continue
+            weight, body = 1.0, raw
+            m = _WEIGHT.match(raw)
+            if m:
+                weight, body = float(m.group(1)), m.group(2)
+            if sign == "-":
+                weight = -weight
+            terms.append(Term(weight, image=os.path.abspath(body)) if _is_image_path(body) else Term(weight, text=body))
+    for path in images:
+        if not os.path.isfile(path):
+            raise QueryError(f"query image not found: {path}")
+        terms.append(Term(1.0, image=os.path.abspath(path)))
+    if not terms:
+        raise QueryError("empty query: give text, an image file, or --image FILE")
+    return terms
+
+
+class Searcher:
+    """Answers queries against one index. Keeps models loaded between queries (API and benchmarks)."""
+
+    def __init__(self, store: IndexStore):
+        self.store = store
+
+    # ---- embedding a query --------------------------------------------------------------------
+    def _image_embedding(self, path: str, token_grid: Optional[int] = None):
+        cat = self.store.catalog
+        image_id = cat.id_for_path(path)
+        if image_id is not None and token_grid is None:
+            return cat.embeddings(self.store.dim, [image_id])[1][0], None
+        if image_id is not None:
+            toks = cat.tokens([image_id], self.store.token_shape()).get(image_id)
+            if toks is not None:
+                return cat.embeddings(self.store.dim, [image_id])[1][0], toks.astype(np.float32)
+        from .media import load_image
+
+        enc = self.store.encoder()
+        img = load_image(path, min_size=enc.image_size)
+        out = enc.encode_images([img], token_grid=token_grid)
+        return (out[0][0], out[1][0]) if token_grid else (out[0], None)
+
+    def embed(self, terms: list[Term], want_states: bool = False):
+        """(query vector [d], text token states of a single-text query or None)."""
+        texts = [t for t in terms if t.text is not None]
+        vec = np.zeros(self.store.dim, np.float32)
+        states = None
+        if texts:
+            enc = self.store.text_encoder()
+            if want_states:
+                emb, st = enc.encode_texts([t.text for t in texts], return_states=True)
+                states = st[0] if len(terms) == 1 else None
+            else:
+                emb = enc.encode_texts([t.text for t in texts])
+            for t, e in zip(texts, emb):
+                vec += t.weight * e
+        for t in terms:
+            if t.image is not None:
+                vec += t.weight * self._image_embedding(t.image)[0]
+        norm = float(np.linalg.norm(vec))
+        if norm < 1e-8:
+            raise QueryError("the query terms cancel out; nothing to search for")
+        return vec / norm, states
+
+    # ---- text -> image, image -> image --------------------------------------------------------
+    def search(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
+               under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
+               before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
+               rerank_k: int = DEFAULT_RERANK_K, alpha: float = 0.0) -> list[Hit]:
+        """Top-k images. rerank=None re-ranks when the index has a re-ranker and the query is one text."""
+        terms = parse_query(query, images)
+        cat = self.store.catalog
+        if cat.count_images() == 0:
+            raise EmptyIndexError(f"index {self.store.dir} holds no images yet (run `mmsearch index FOLDER`)")
+        single_text = len(terms) == 1 and terms[0].text is not None and terms[0].weight > 0
+        if rerank is None:
+            rerank = self.store.reranker_info() is not None and single_text
+        elif rerank and self.store.reranker_info() is None:
+            raise QueryError("no re-ranker configured for this index (`mmsearch rerank enable FILE`)")
+        rerank = bool(rerank and single_text)
+        vec, states = self.embed(terms, want_states=rerank)
+        allowed = None
+        if under or exts or after is not None or before is not None:
+            norm_exts = [e.lower() if e.startswith(".") else "." + e.lower() for e in exts or []]
+            allowed = np.array(cat.filtered_ids(os.path.abspath(under) if under else None, norm_exts or None,
+                                                after, before), dtype=np.int64)
+            if len(allowed) == 0:
+                return []
+        depth = max(k, rerank_k) if rerank else k
+        scores, ids = self.store.image_vectors().search(vec[None, :], depth, allowed_ids=allowed)
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        itm = {}
+        if rerank and pairs:
+            itm = self._rerank_images(states, [i for i, _ in pairs])
+        hits = _order(pairs, itm, alpha)
+        rows = cat.rows([i for i, *_ in hits[:k]])
+        out = []
+        for i, final, sim, logit in hits:
+            if len(out) == k:
+                break
+            if min_score is not None and final < min_score:
+                continue
+            r = rows.get(i)
+            if r is None:
+                continue  # removed by a concurrent indexing run
+            out.append(Hit(len(out) + 1, final, r["path"], i, sim, logit, r["taken_at"], r["width"], r["height"]))
+        return out
+
+    def _rerank_images(self, states: np.ndarray, ids: list[int]) -> dict[int, float]:
+        toks = self.store.catalog.tokens(ids, self.store.token_shape())
+        have = [i for i in ids if toks.get(i) is not None]
+        if not have:
+            return {}
+        scores = self.store.reranker().score_text_to_images(states, np.stack([toks[i] for i in have]))
+        return dict(zip(have, map(float, scores)))
+
+    # ---- image -> text, text -> text ----------------------------------------------------------
+    def search_texts(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
+                     rerank: Optional[bool] = None, rerank_k: int = DEFAULT_RERANK_K, alpha: float = 0.0) -> list[dict]:
+        terms = parse_query(query, images)
+        cat = self.store.catalog
+        if cat.count_texts() == 0:
+            raise EmptyIndexError(f"index {self.store.dir} holds no texts (run `mmsearch texts add FILE`)")
+        single_image = len(terms) == 1 and terms[0].image is not None
+        if rerank is None:
+            rerank = self.store.reranker_info() is not None and single_image
+        rerank = bool(rerank and single_image and self.store.reranker_info() is not None)
+        if rerank:
+            vec, qtoks = self._image_embedding(terms[0].image, token_grid=self.store.token_grid())
+        else:
+            vec, qtoks = self.embed(terms)[0], None
+        depth = max(k, rerank_k) if rerank else k
+        scores, ids = self.store.text_vectors().search(np.asarray(vec, np.float32)[None, :], depth)
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        itm = self._rerank_texts(qtoks, [i for i, _ in pairs]) if rerank and pairs else {}
+        hits = _order(pairs, itm, alpha)[:k]
+        texts = {r["id"]: r["text"] for r in cat.text_rows([i for i, *_ in hits])}
+        return [dict(rank=n + 1, score=final, text=texts[i], id=i, similarity=sim, itm=logit)
+                for n, (i, final, sim, logit) in enumerate(hits) if i in texts]
+
+    def _rerank_texts(self, image_tokens: np.ndarray, ids: list[int]) -> dict[int, float]:
+        states = self.store.catalog.text_states(ids, int(self.store.meta["text_width"]))
+        missing = [i for i in ids if states.get(i) is None]
+        if missing:  # texts added before the re-ranker was enabled: compute their states now
+            rows = {r["id"]: r["text"] for r in self.store.catalog.text_rows(missing)}
+            _, st = self.store.text_encoder().encode_texts([rows[i] for i in missing], return_states=True)
+            states.update(zip(missing, st))
+        scores = self.store.reranker().score_image_to_texts(image_tokens, [states[i] for i in ids])
+        return dict(zip(ids, map(float, scores)))
+
+
+def _order(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
+    """[(id, final, similarity, itm)] best first. With a re-ranker the final score is the ITM
+    probability, optionally blended with the embedding similarity: (1-alpha)*p + alpha*sim."""
+    if not itm:
+        return [(i, s, s, None) for i, s in pairs]
+    scored = []
+    for i, s in pairs:
+        if i in itm:
+            p = 1.0 / (1.0 + np.exp(-itm[i]))
+            scored.append((i, (1 - alpha) * p + alpha * s, s, itm[i]))
+        else:  # no cached tokens: rank after every re-scored candidate
+            scored.append((i, s - 10.0, s, None))
+    return sorted(scored, key=lambda t: -t[1])
+
+
+def timed_search(searcher: Searcher, *args, **kwargs):
+    t = time.perf_counter()
+    hits = searcher.search(*args, **kwargs)
+    return hits, (time.perf_counter() - t) * 1000

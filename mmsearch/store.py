@@ -1,0 +1,278 @@
+"""One index directory: the catalog, the vector caches, and the models recorded in its meta, wired in one place.
+
+Heavy collaborators load lazily: a text query needs the catalog, FAISS and the exported numpy text
+tower only; torch and open_clip load when something must be embedded by the real encoder.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import __version__
+from .catalog import Catalog
+from .config import DEFAULT_FACTORY, ModelSpec
+from .errors import EmptyIndexError, ModelMismatchError, VectorIndexError
+
+IMAGE_VECTORS = "vectors.faiss"
+TEXT_VECTORS = "texts.faiss"
+
+
+def _normalise(spec: ModelSpec) -> ModelSpec:
+    if spec.checkpoint:
+        return ModelSpec(model=spec.model, pretrained=None, checkpoint=os.path.abspath(spec.checkpoint))
+    return spec
+
+
+def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
+    if a.checkpoint or b.checkpoint:
+        return a.checkpoint == b.checkpoint
+    return (a.model, a.pretrained) == (b.model, b.pretrained)
+
+
+class _PendingVectors:
+    """The image vector index during an indexing run; falls back to a rebuild when it cannot update in place."""
+
+    def __init__(self, index):
+        self.index = index
+        self.needs_rebuild = index is None
+
+    def add(self, ids, vectors):
+        if self.index is not None:
+            self.index.add(ids, vectors)
+
+    def remove(self, ids):
+        if self.index is not None and not self.index.remove(list(ids)):
+            self.needs_rebuild = True
+
+
+class IndexStore:
+    def __init__(self, directory: Path, catalog: Catalog):
+        self.dir = Path(directory)
+        self.catalog = catalog
+        self.meta = catalog.meta()
+        self._encoder = None
+        self._reranker = None
+
+    # ---- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory, readonly: bool = False) -> "IndexStore":
+        return cls(Path(directory), Catalog.open(directory, readonly=readonly))
+
+    @classmethod
+    def open_or_create(cls, directory, spec: Optional[ModelSpec] = None, factory: str = DEFAULT_FACTORY,
+                       factory_given: bool = False) -> "IndexStore":
+        """Reuse an index's recorded model (refusing a conflicting one), or create the index with `spec`."""
+        directory = Path(directory)
+        if Catalog.exists(directory):
+            store = cls.open(directory)
+            stored = store.spec
+            if spec is not None and not _same_model(_normalise(spec), stored):
+                raise ModelMismatchError(
+                    f"index {directory} was built with {stored.describe()}, not {_normalise(spec).describe()}; "
+                    f"nothing was changed. Omit the model options to reuse the index's model, or use another --index.")
+            return store
+        from .encoder import load_encoder
+
+        spec = _normalise(spec or ModelSpec())
+        encoder = load_encoder(spec)
+        catalog = Catalog.create(directory, {
+            "model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch, "fingerprint": encoder.fingerprint,
+            "dim": encoder.dim, "factory": factory, "image_size": encoder.image_size,
+            "text_width": encoder.text_width, "vision_width": encoder.vision_width,
+            "mmsearch_version": __version__})
+        store = cls(directory, catalog)
+        store._encoder = encoder
+        return store
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.meta["model"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def factory(self) -> str:
+        return self.meta.get("factory", DEFAULT_FACTORY)
+
+    # ---- models -------------------------------------------------------------------------------
+    def encoder(self):
+        """The torch encoder this index was built with; refuses weights that changed since."""
+        if self._encoder is None:
+            from .encoder import load_encoder
+
+            enc = load_encoder(self.spec)
+            if enc.fingerprint != self.meta["fingerprint"]:
+                raise ModelMismatchError(
+                    f"the weights of {self.spec.describe()} differ from those index {self.dir} was built with "
+                    f"(fingerprint {enc.fingerprint} != {self.meta['fingerprint']}); re-index into a new folder")
+            self._encoder = enc
+        return self._encoder
+
+    def text_encoder(self):
+        """Something with .encode_texts(texts, return_states=...): the numpy tower when exported, else torch."""
+        if self._encoder is None:
+            fast = self._fast_text()
+            if fast is not None:
+                return fast
+        return self.encoder()
+
+    def _fast_text(self):
+        path = self.dir / "text_tower.npz"
+        if not path.is_file():
+            return None
+        from .errors import MmsearchError
+        from .textnp import NumpyTextTower
+
+        try:
+            tower = NumpyTextTower.load(self.dir)
+        except MmsearchError:
+            return None
+        return _FastText(tower) if tower.fingerprint == self.meta["fingerprint"] else None
+
+    def export_fast_text(self, encoder) -> None:
+        """Write the numpy text tower next to the index so text queries skip torch (best effort)."""
+        from .errors import MmsearchError
+        from .textnp import export_text_tower
+
+        if self._fast_text() is None:
+            try:
+                export_text_tower(encoder, self.dir)
+            except MmsearchError:
+                pass  # architectures the numpy path cannot run fall back to torch at query time
+
+    # ---- re-ranker ----------------------------------------------------------------------------
+    def reranker_info(self) -> Optional[dict]:
+        return self.meta.get("reranker")
+
+    def token_grid(self) -> Optional[int]:
+        info = self.reranker_info()
+        return int(info["token_grid"]) if info else None
+
+    def token_shape(self) -> Optional[tuple]:
+        g = self.token_grid()
+        return (1 + g * g, int(self.meta["vision_width"])) if g else None
+
+    def configure_reranker(self, path) -> None:
+        from .rerank import Reranker
+
+        rr = Reranker.load(path)
+        if rr.encoder_fingerprint != self.meta["fingerprint"]:
+            raise ModelMismatchError(
+                f"re-ranker {path} was trained for encoder weights {rr.encoder_fingerprint}, but index {self.dir} "
+                f"uses {self.meta['fingerprint']} ({self.spec.describe()})")
+        info = {"path": os.path.abspath(path), "token_grid": int(rr.token_grid)}
+        with self.catalog.transaction():
+            self.catalog.set_meta(reranker=info)
+        self.meta["reranker"] = info
+        self._reranker = rr
+
+    def disable_reranker(self) -> None:
+        with self.catalog.transaction():
+            self.catalog.conn.execute("DELETE FROM meta WHERE key='reranker'")
+        self.meta.pop("reranker", None)
+        self._reranker = None
+
+    def reranker(self):
+        if self._reranker is None and self.reranker_info():
+            from .rerank import Reranker
+
+            self._reranker = Reranker.load(self.reranker_info()["path"])
+        return self._reranker
+
+    # ---- vectors ------------------------------------------------------------------------------
+    def _build_image_vectors(self, factory: Optional[str] = None):
+        from .vectors import VectorIndex
+
+        ids, emb = self.catalog.embeddings(self.dim)
+        return VectorIndex.build(factory or self.factory, self.dim, ids, emb)
+
+    def vectors_for_update(self) -> _PendingVectors:
+        from .vectors import VectorIndex
+
+        return _PendingVectors(VectorIndex.load(self.dir / IMAGE_VECTORS, self.catalog.generation()))
+
+    def save_vectors(self, pending: _PendingVectors) -> None:
+        index = self._build_image_vectors() if pending.needs_rebuild else pending.index
+        index.save(self.dir / IMAGE_VECTORS, self.catalog.generation())
+
+    def image_vectors(self):
+        """The FAISS index for search; rebuilt from the catalog (without re-embedding) when missing or stale."""
+        from .vectors import VectorIndex
+
+        gen = self.catalog.generation()
+        index = VectorIndex.load(self.dir / IMAGE_VECTORS, gen)
+        if index is None:
+            index = self._build_image_vectors()
+            try:
+                index.save(self.dir / IMAGE_VECTORS, gen)
+            except OSError:
+                pass  # a read-only index still answers; the rebuild just is not kept
+        return index
+
+    def reindex(self, factory: str) -> int:
+        """Rebuild the vector index with another FAISS structure from the stored embeddings."""
+        if self.catalog.count_images() == 0:
+            raise EmptyIndexError(f"index {self.dir} has no images to build vectors from")
+        index = self._build_image_vectors(factory)
+        with self.catalog.transaction():
+            self.catalog.set_meta(factory=factory)
+        self.meta["factory"] = factory
+        index.save(self.dir / IMAGE_VECTORS, self.catalog.generation())
+        return index.ntotal
+
+    def text_vectors(self):
+        from .vectors import VectorIndex
+
+        gen = int(self.meta.get("text_generation", 0))
+        index = VectorIndex.load(self.dir / TEXT_VECTORS, gen)
+        if index is None:
+            ids, emb = self.catalog.text_embeddings(self.dim)
+            index = VectorIndex.build("Flat", self.dim, ids, emb)
+            try:
+                index.save(self.dir / TEXT_VECTORS, gen)
+            except OSError:
+                pass
+        return index
+
+    def bump_text_generation(self) -> None:
+        gen = int(self.catalog.meta().get("text_generation", 0)) + 1
+        self.catalog.set_meta(text_generation=gen)
+        self.meta["text_generation"] = gen
+
+    # ---- inspection ---------------------------------------------------------------------------
+    def info(self) -> dict:
+        try:
+            vectors = self.image_vectors().ntotal
+        except VectorIndexError:
+            vectors = 0
+        shape = self.token_shape()
+        return {
+            "index": str(self.dir.resolve()),
+            "images": self.catalog.count_images(),
+            "failed": self.catalog.count_failures(),
+            "vectors": vectors,
+            "texts": self.catalog.count_texts(),
+            "model": dict(self.spec.to_dict(), arch=self.meta.get("arch"), fingerprint=self.meta["fingerprint"]),
+            "dim": self.dim,
+            "factory": self.factory,
+            "reranker": self.reranker_info(),
+            "rerank_bytes_per_image": int(np.prod(shape)) * 2 if shape else 0,
+            "schema_version": self.meta.get("schema_version"),
+            "bytes_on_disk": self.catalog.bytes_on_disk(),
+        }
+
+
+class _FastText:
+    """Adapts NumpyTextTower to the Encoder.encode_texts signature the query layer uses."""
+
+    def __init__(self, tower):
+        self.tower = tower
+
+    def encode_texts(self, texts, return_states: bool = False, **_):
+        emb, states = self.tower.encode(list(texts))
+        return (emb, states) if return_states else emb

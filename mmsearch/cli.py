@@ -82,14 +82,15 @@ class _Bar:
     """A tqdm progress callback for the library; silent when stderr is not a terminal."""
 
     def __init__(self, desc, unit="img"):
-        self.desc, self.unit, self.bar = desc, unit, None
+        self.desc, self.unit, self.bar, self.stage = desc, unit, None, None
 
     def __call__(self, done, total=None, stage=None, **info):
         from tqdm import tqdm
 
-        if self.bar is None or (stage and stage != self.bar.desc):
+        if self.bar is None or (stage and stage != self.stage):
             if self.bar is not None:
                 self.bar.close()
+            self.stage = stage
             self.bar = tqdm(total=total, desc=stage or self.desc, unit=self.unit, disable=None,
                             dynamic_ncols=True, leave=False)
         if total is not None and self.bar.total != total:
@@ -103,6 +104,7 @@ class _Bar:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def with_bar(desc, unit="img"):
@@ -337,8 +339,8 @@ def synth(out, n, seed, size):
 @model_options
 @click.option("--steps", type=int, default=None, help="Optimiser steps (or use --epochs).")
 @click.option("--epochs", type=int, default=None, help="Passes over the training images.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option("--batch-size", default=64, show_default=True, help="Image-caption pairs per step.")
+@click.option("--lr", default=5e-4, show_default=True, type=float, help="Peak learning rate (AdamW, warmup + cosine).")
 @click.option("--lock-image", is_flag=True, help="Freeze the image tower (LiT).")
 @click.option("--lock-text", is_flag=True, help="Freeze the text tower.")
 @click.option("--images-root", type=click.Path(file_okay=False), default=None,
@@ -365,10 +367,11 @@ def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, lr, lo
 @click.option("--split", default="test", show_default=True, help="Split to evaluate (Karpathy JSON or split column).")
 @model_options
 @click.option("-k", "ks", multiple=True, type=int, help="k for R@k (repeatable) [default: 1 5 10].")
-@click.option("--images-root", type=click.Path(file_okay=False), default=None)
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="Resolve relative image paths against this folder.")
 @click.option("--rerank", "reranker", type=click.Path(dir_okay=False), default=None,
               help="Re-ranker checkpoint: also report re-ranked metrics.")
-@click.option("--rerank-k", default=32, show_default=True)
+@click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores per query.")
 @click.option("--factory", default=None, help="Also report ANN fidelity of this FAISS factory vs exact search.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
@@ -401,10 +404,11 @@ def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, rerank
 @cli.command("train-reranker")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="The dual encoder (frozen).")
-@click.option("--steps", default=1500, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=5e-4, show_default=True, type=float)
-@click.option("--out", type=click.Path(dir_okay=False), default="reranker.pt", show_default=True)
+@click.option("--steps", default=1500, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", default=64, show_default=True, help="Positive pairs per step.")
+@click.option("--lr", default=5e-4, show_default=True, type=float, help="Peak learning rate.")
+@click.option("--out", type=click.Path(dir_okay=False), default="reranker.pt", show_default=True,
+              help="Re-ranker checkpoint to write.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a killed run.")
 @with_bar("train-reranker", unit="step")
 def train_reranker_cmd(data, checkpoint, steps, batch_size, lr, out, resume, progress):
@@ -447,7 +451,8 @@ def rerank_disable(index_dir):
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True,
+              help="Folder for the demo's data, model and index.")
 @click.option("--n", default=None, type=int, help="Synthetic images [default: the demo's size].")
 @click.option("--steps", default=None, type=int, help="Training steps [default: the demo's budget].")
 def demo(out, n, steps):

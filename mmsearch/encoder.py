@@ -197,7 +197,20 @@ class Encoder:
 
 
 def _create(arch: str, pretrained: Optional[str]):
-    return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu")
+    # Random weights are seeded, so `--pretrained none` means the same model in every process
+    # (an index built with it can be searched and extended later).
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    if pretrained is None:  # open_clip logs a warning for random weights; the CLI gives its own
+        root.setLevel(logging.ERROR)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu")
+    finally:
+        root.setLevel(level)
 
 
 def load_encoder(spec: ModelSpec) -> Encoder:

@@ -19,7 +19,7 @@ from .media import IMAGE_EXTENSIONS
 from .store import IndexStore
 
 DEFAULT_RERANK_K = 32
-_SPLIT = re.compile(r"(?:^|\s+)([+-])\s+")
+_SPLIT = re.compile(r"(?:^|\s+)([+-])(?:\s+|$)")
 _WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+?)\s*$")
 
 
@@ -62,6 +62,8 @@ def parse_query(query: Optional[str], images: Sequence[str] = ()) -> list[Term]:
                 if sign != "+" or len(parts) > 1:
                     raise QueryError(f"empty term in query {query!r}")
                 continue
+            if re.match(r"^[+-](\s|$)", raw):
+                raise QueryError(f"empty term in query {query!r}")
             weight, body = 1.0, raw
             m = _WEIGHT.match(raw)
             if m:

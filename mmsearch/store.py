@@ -126,23 +126,25 @@ class IndexStore:
         if not path.is_file():
             return None
         from .errors import MmsearchError
-        from .textnp import NumpyTextTower
 
         try:
+            from .textnp import NumpyTextTower
+
             tower = NumpyTextTower.load(self.dir)
-        except MmsearchError:
+        except (MmsearchError, ImportError):
             return None
         return _FastText(tower) if tower.fingerprint == self.meta["fingerprint"] else None
 
     def export_fast_text(self, encoder) -> None:
         """Write the numpy text tower next to the index so text queries skip torch (best effort)."""
         from .errors import MmsearchError
-        from .textnp import export_text_tower
 
         if self._fast_text() is None:
             try:
+                from .textnp import export_text_tower
+
                 export_text_tower(encoder, self.dir)
-            except MmsearchError:
+            except (MmsearchError, ImportError):
                 pass  # architectures the numpy path cannot run fall back to torch at query time
 
     # ---- re-ranker ----------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Walk folders, stat files, quick-hash them. No image decoding, no ML."""
+from __future__ import annotations
+
+import errno
+import fnmatch
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
+
+from .errors import MediaError
+from .media import IMAGE_EXTENSIONS
+
+OnError = Optional[Callable[[str, str], None]]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str  # absolute, normalised; the file's own symlink is not resolved
+    size: int
+    mtime_ns: int
+
+
+def _reason(path: str, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return "broken symlink"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return f"cannot stat ({exc.strerror or exc})"
+
+
+def _excluded(rel: str, name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def scan(roots, exclude: Iterable[str] = (), include_hidden: bool = False, on_error: OnError = None) -> Iterator[FileInfo]:
+    """Yield image files under `roots` (files or folders) in a deterministic order.
+
+    Other extensions are ignored; hidden entries are skipped unless asked; directory symlinks are
+    followed with loop detection; a file that cannot be stat'ed is reported through on_error."""
+    exclude = tuple(exclude)
+    report = on_error or (lambda path, reason: None)
+    seen_files: set[str] = set()
+    for root in roots:
+        root = os.path.abspath(os.fspath(root))
+        if not os.path.lexists(root):
+            raise MediaError(root, "no such file or folder")
+        if not os.path.isdir(root):
+            info = _file_info(root, report)
+            if info and root not in seen_files and os.path.splitext(root)[1].lower() in IMAGE_EXTENSIONS:
+                seen_files.add(root)
+                yield info
+            continue
+        yield from _walk(root, root, exclude, include_hidden, report, seen_files, set())
+
+
+def _file_info(path: str, report) -> Optional[FileInfo]:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        report(path, _reason(path, exc))
+        return None
+    return FileInfo(path, st.st_size, st.st_mtime_ns)
+
+
+def _walk(root, folder, exclude, include_hidden, report, seen_files, visiting) -> Iterator[FileInfo]:
+    try:
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+        if key in visiting:
+            report(folder, "symlink loop")
+            return
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        report(folder, _reason(folder, exc))
+        return
+    visiting = visiting | {key}
+    for entry in entries:
+        if entry.name.startswith(".") and not include_hidden:
+            continue
+        path = os.path.join(folder, entry.name)
+        rel = os.path.relpath(path, root)
+        if exclude and _excluded(rel, entry.name, exclude):
+            continue
+        try:
+            is_dir = entry.is_dir()  # follows symlinks
+        except OSError as exc:
+            is_dir = False
+            if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                report(path, _reason(path, exc))
+                continue
+        if is_dir:
+            yield from _walk(root, path, exclude, include_hidden, report, seen_files, visiting)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and path not in seen_files:
+            seen_files.add(path)
+            info = _file_info(path, report)
+            if info:
+                yield info
+
+
+def quick_hash(path, chunk: int = 64 * 1024) -> str:
+    """Identity of a file's content for move detection: size + first and last 64 KiB (blake2b).
+    A cheap heuristic, not a fingerprint of every byte."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(fh.read(chunk))
+        if size > 2 * chunk:
+            fh.seek(-chunk, os.SEEK_END)
+        h.update(fh.read(chunk))
+    return h.hexdigest()

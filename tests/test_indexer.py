@@ -1,0 +1,183 @@
+"""Indexing a real folder of odd files: incremental rules, failures, crash safety, model mismatch."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from badfiles import make_photo_folder
+from mmsearch.config import ModelSpec
+from mmsearch.errors import ModelMismatchError, VectorIndexError
+from mmsearch.indexer import index_folders
+from mmsearch.store import IndexStore
+
+TINY = ModelSpec(model="mmsearch-tiny", pretrained=None)
+
+
+def _consistent(index_dir):
+    """Every catalog row once, and FAISS ids == catalog ids."""
+    store = IndexStore.open(index_dir)
+    ids, emb = store.catalog.embeddings(store.dim)
+    paths = [r[0] for r in store.catalog.conn.execute("SELECT path FROM images")]
+    assert len(paths) == len(set(paths))
+    v = store.image_vectors()
+    assert v.ntotal == len(ids)
+    if len(ids):
+        _, got = v.search(emb, 1)
+        assert list(got[:, 0]) == list(ids)  # each stored vector finds its own row id first
+    return store
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return make_photo_folder(tmp_path / "photos")
+
+
+def test_first_run_indexes_good_files_and_records_bad_ones(folder, tmp_path):
+    idx = tmp_path / "idx"
+    s = index_folders(idx, [folder.root], spec=TINY, batch_size=4)
+    store = _consistent(idx)
+    indexed = set(store.catalog.image_states())
+    visible_good = {str(p) for name, p in folder.good.items() if "/." not in str(p)}
+    assert visible_good <= indexed
+    assert not any("/.hidden/" in p for p in indexed)
+    assert not any(p.endswith(".txt") for p in indexed)
+    failed = {f["path"]: f["reason"] for f in store.catalog.failures()}
+    for name, p in folder.bad.items():
+        if os.path.isdir(p):
+            continue
+        if name == "unreadable" and os.geteuid() == 0:
+            continue  # root can read a chmod-000 file
+        assert str(p) in failed, name
+        assert failed[str(p)]
+    assert s.added == len(indexed) and s.failed == len(failed)
+    assert store.info()["images"] == len(indexed)
+
+
+def test_rerun_embeds_nothing_and_changes_are_exact(folder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folders(idx, [folder.root], spec=TINY, batch_size=4)
+    s = index_folders(idx, [folder.root])
+    assert (s.added, s.updated, s.moved, s.removed) == (0, 0, 0, 0) and s.unchanged > 0
+
+    store = IndexStore.open(idx)
+    before = store.catalog.image_states()
+    # change one file, move one, delete one
+    changed, moved, deleted = folder.good["rgb.jpg"], folder.good["img.bmp"], folder.good["img.webp"]
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(changed, quality=90)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    new_place = folder.root / "sub" / "renamed.bmp"
+    shutil.move(moved, new_place)
+    deleted.unlink()
+    s = index_folders(idx, [folder.root])
+    assert (s.added, s.updated, s.moved, s.removed) == (0, 1, 1, 1)
+    store = _consistent(idx)
+    after = store.catalog.image_states()
+    assert str(deleted) not in after and str(moved) not in after
+    assert after[str(new_place)][0] == before[str(moved)][0]  # same row id, embedding reused
+    assert after[str(changed)][0] == before[str(changed)][0]
+    assert store.image_vectors().ntotal == len(after)
+
+
+def test_failed_file_is_retried_when_it_changes(folder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folders(idx, [folder.root], spec=TINY)
+    bad = folder.bad["truncated.jpg"] if "truncated.jpg" in folder.bad else next(iter(folder.bad.values()))
+    s = index_folders(idx, [folder.root])
+    assert s.added == 0
+    Image.new("RGB", (40, 40), (200, 0, 200)).save(bad, format="JPEG")
+    s = index_folders(idx, [folder.root])
+    assert s.added == 1
+    store = IndexStore.open(idx)
+    assert str(bad) in store.catalog.image_states()
+    assert str(bad) not in {f["path"] for f in store.catalog.failures()}
+
+
+def test_exif_rotated_photo_embeds_like_the_physically_rotated_one(folder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folders(idx, [folder.good["rotated_tag.jpg"], folder.good["rotated_real.jpg"]], spec=TINY)
+    store = IndexStore.open(idx)
+    _, emb = store.catalog.embeddings(store.dim)
+    assert float(emb[0] @ emb[1]) > 0.995
+
+
+def test_conflicting_model_is_refused_and_nothing_changes(folder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folders(idx, [folder.good["rgb.jpg"]], spec=TINY)
+    db = (idx / "catalog.db").read_bytes()
+    with pytest.raises(ModelMismatchError) as err:
+        index_folders(idx, [folder.root], spec=ModelSpec(model="ViT-B-32", pretrained=None))
+    assert "mmsearch-tiny" in str(err.value) and "ViT-B-32" in str(err.value)
+    assert IndexStore.open(idx).catalog.count_images() == 1
+    with pytest.raises(VectorIndexError, match="reindex"):
+        index_folders(idx, [folder.root], factory="HNSW32")
+
+
+def test_missing_or_stale_faiss_file_is_rebuilt_from_the_catalog(folder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folders(idx, [folder.root], spec=TINY)
+    n = IndexStore.open(idx).catalog.count_images()
+    (idx / "vectors.faiss").unlink()
+    assert _consistent(idx).image_vectors().ntotal == n
+    (idx / "vectors.faiss").write_bytes(b"not faiss")
+    assert _consistent(idx).image_vectors().ntotal == n
+
+
+def test_reindex_changes_structure_without_reembedding(folder, tmp_path):
+    idx = tmp_path / "idx"
+    index_folders(idx, [folder.root], spec=TINY)
+    store = IndexStore.open(idx)
+    n = store.catalog.count_images()
+    assert store.reindex("HNSW16") == n
+    store = IndexStore.open(idx)
+    assert store.factory == "HNSW16"
+    # HNSW cannot remove in place: a deletion still leaves both stores consistent
+    folder.good["gray.jpg"].unlink()
+    s = index_folders(idx, [folder.root])
+    assert s.removed == 1
+    _consistent(idx)
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import sys
+    from mmsearch.config import ModelSpec
+    from mmsearch.indexer import index_folders
+    def progress(done, total, **kw):
+        if done:
+            print("BATCH", done, flush=True)
+    index_folders(sys.argv[1], [sys.argv[2]], spec=ModelSpec(model="mmsearch-tiny", pretrained=None),
+                  batch_size=8, progress=progress)
+""")
+
+
+def test_kill_9_mid_index_then_rerun_leaves_each_image_once(tmp_path):
+    photos = tmp_path / "many"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(160):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(photos / f"{i:03d}.png")
+    idx = tmp_path / "idx"
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, str(idx), str(photos)],
+                            stdout=subprocess.PIPE, text=True)
+    seen = 0
+    for line in proc.stdout:
+        if line.startswith("BATCH"):
+            seen = int(line.split()[1])
+            if seen >= 40:
+                break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < seen < 160
+    partial = IndexStore.open(idx).catalog.count_images()
+    assert 0 < partial < 160
+    s = index_folders(idx, [photos])
+    assert s.added == 160 - partial
+    store = _consistent(idx)
+    assert store.catalog.count_images() == 160

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from .config import ModelSpec, TINY_MODEL
 
 DEMO_IMAGES = 1500
-DEMO_TRAIN = dict(steps=600, batch_size=64, lr=1e-3)
+DEMO_TRAIN = dict(steps=300, batch_size=64, lr=1e-3)
 DEMO_SEED = 0
 
 

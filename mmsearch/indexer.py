@@ -185,9 +185,11 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
             pending.append((f, pool.submit(_decode, f, encoder.image_size, encoder.preprocess)))
             if len(pending) >= 2 * batch_size:
                 break
+        # a small first batch gets the encoder busy while the decoders fill the queue
+        size = min(batch_size, 8)
         while pending:
             batch = []
-            while pending and len(batch) < batch_size:
+            while pending and len(batch) < size:
                 f, fut = pending.popleft()
                 batch.append((f, fut.result()))
                 nxt = next(it, None)
@@ -200,6 +202,7 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
                 pixels = torch.stack([r[0] for _, r in good])
                 out = encoder.encode_image_tensor(pixels, token_grid=token_grid)
                 emb, toks = out if token_grid else (out, None)
+            size = batch_size
             _commit_batch(cat, plan, vectors, good, bad, emb, toks, summary)
             done += len(batch)
             if progress:

@@ -416,7 +416,7 @@ def train_reranker_cmd(data, checkpoint, steps, batch_size, lr, out, resume, pro
     from .rerank_train import train_reranker
 
     res = train_reranker(data, checkpoint, out, steps=steps, batch_size=batch_size, lr=lr, resume=resume,
-                         progress=progress)
+                         progress=progress, log=lambda line: (progress.close(), click.echo(line)))
     progress.close()
     click.echo(json.dumps(res, default=str))
 

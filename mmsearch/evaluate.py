@@ -1,0 +1,123 @@
+"""Embed a caption dataset, compute recall@k both ways (metrics.py), optionally with the fusion
+re-ranker and ANN fidelity, and write the report (JSON shape documented in the README)."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .datasets import CaptionDataset
+from .errors import MediaError
+from .media import load_image
+from .metrics import ann_overlap, image_to_text_ranks, reranked_ranks, summarize, text_to_image_ranks, topk
+
+
+def embed_dataset(encoder, ds: CaptionDataset, batch_size: int = 64, token_grid: Optional[int] = None,
+                  with_states: bool = False, progress: Optional[Callable] = None):
+    """(image_emb, text_emb, image_tokens or None, text_states or None)."""
+    embs, toks = [], []
+    for s in range(0, len(ds.images), batch_size):
+        imgs = []
+        for p in ds.images[s:s + batch_size]:
+            try:
+                imgs.append(load_image(p, min_size=encoder.image_size))
+            except MediaError:
+                raise
+        out = encoder.encode_images(imgs, token_grid=token_grid)
+        if token_grid:
+            embs.append(out[0])
+            toks.append(out[1].astype(np.float16))
+        else:
+            embs.append(out)
+        if progress:
+            progress(min(len(ds.images), s + batch_size), len(ds.images), stage="images")
+    texts, states = [], []
+    for s in range(0, len(ds.captions), 256):
+        chunk = ds.captions[s:s + 256]
+        if with_states:
+            e, st = encoder.encode_texts(chunk, return_states=True)
+            states.extend(st)
+        else:
+            e = encoder.encode_texts(chunk)
+        texts.append(e)
+        if progress:
+            progress(min(len(ds.captions), s + 256), len(ds.captions), stage="texts")
+    return (np.concatenate(embs), np.concatenate(texts), np.concatenate(toks) if toks else None,
+            states if with_states else None)
+
+
+def _rerank_block(reranker, ds, img, txt, toks, states, t2i, i2t, ks, k):
+    cap_img = ds.caption_image
+    cands, _ = topk(txt, img, k)
+    new = np.zeros(cands.shape, np.float32)
+    t = time.perf_counter()
+    for q in range(len(txt)):
+        new[q] = reranker.score_text_to_images(states[q], toks[cands[q]].astype(np.float32))
+    ms_t2i = (time.perf_counter() - t) * 1000 / max(1, len(txt))
+    t2i_r = reranked_ranks(t2i, cands, new, lambda q, c: cap_img[q] == c)
+    cands_i, _ = topk(img, txt, k)
+    new_i = np.zeros(cands_i.shape, np.float32)
+    t = time.perf_counter()
+    for q in range(len(img)):
+        new_i[q] = reranker.score_image_to_texts(toks[q].astype(np.float32), [states[c] for c in cands_i[q]])
+    ms_i2t = (time.perf_counter() - t) * 1000 / max(1, len(img))
+    i2t_r = reranked_ranks(i2t, cands_i, new_i, lambda q, c: cap_img[c] == q)
+    return {"text_to_image": summarize(t2i_r, ks), "image_to_text": summarize(i2t_r, ks), "rerank_k": k,
+            "ms_per_query": {"text_to_image": round(ms_t2i, 3), "image_to_text": round(ms_i2t, 3)}}
+
+
+def evaluate(encoder, ds: CaptionDataset, ks: Sequence[int] = (1, 5, 10), reranker=None, rerank_k: int = 32,
+             factory: Optional[str] = None, save_embeddings=None, batch_size: int = 64,
+             progress: Optional[Callable] = None) -> dict:
+    grid = reranker.token_grid if reranker is not None else None
+    img, txt, toks, states = embed_dataset(encoder, ds, batch_size, token_grid=grid,
+                                           with_states=reranker is not None, progress=progress)
+    t2i = text_to_image_ranks(txt, img, ds.caption_image)
+    i2t = image_to_text_ranks(img, txt, ds.caption_image)
+    report = {"text_to_image": summarize(t2i, ks), "image_to_text": summarize(i2t, ks),
+              "n_images": len(ds.images), "n_captions": len(ds.captions),
+              "model": dict(encoder.spec.to_dict(), arch=encoder.arch.split("@")[0], fingerprint=encoder.fingerprint),
+              "dataset": ds.source, "split": ds.split, "ks": list(ks)}
+    if reranker is not None:
+        report["reranked"] = _rerank_block(reranker, ds, img, txt, toks, states, t2i, i2t, ks, rerank_k)
+    if factory:
+        report["ann"] = _ann_fidelity(factory, img, txt, max(ks))
+    if save_embeddings:
+        np.savez(save_embeddings, image_ids=np.array(ds.images), caption_ids=np.arange(len(ds.captions)),
+                 captions=np.array(ds.captions), caption_image=ds.caption_image, image_emb=img, text_emb=txt)
+    return report
+
+
+def _ann_fidelity(factory: str, img: np.ndarray, txt: np.ndarray, k: int) -> dict:
+    from .vectors import VectorIndex
+
+    out = {"factory": factory, "k": k}
+    for name, queries, base in (("text_to_image", txt, img), ("image_to_text", img, txt)):
+        exact, _ = topk(queries, base, k)
+        index = VectorIndex.build(factory, base.shape[1], np.arange(len(base)), base)
+        _, approx = index.search(queries, k)
+        out[f"{name}_overlap@{k}"] = ann_overlap(exact, approx, k)
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    ks = report.get("ks", [1, 5, 10])
+    cols = [f"R@{k}" for k in ks] + ["mean_rank", "median_rank"]
+    lines = [f"{report['n_images']} images, {report['n_captions']} captions"
+             + (f" ({report['split']} split)" if report.get("split") else ""),
+             "", "| direction | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    blocks = [("", report)] + ([(" re-ranked", report["reranked"])] if "reranked" in report else [])
+    for label, block in blocks:
+        for d in ("text_to_image", "image_to_text"):
+            vals = [f"{100 * block[d][c]:.1f}" if c.startswith("R@") else f"{block[d][c]:.2f}" for c in cols]
+            lines.append(f"| {d.replace('_to_', '→')}{label} | " + " | ".join(vals) + " |")
+    if "reranked" in report:
+        ms = report["reranked"]["ms_per_query"]
+        lines.append(f"\nre-ranking top {report['reranked']['rerank_k']}: {ms['text_to_image']:.1f} ms/query "
+                     f"text→image, {ms['image_to_text']:.1f} ms/query image→text")
+    if "ann" in report:
+        a = report["ann"]
+        lines.append("\nANN fidelity of '{}': ".format(a["factory"]) + ", ".join(
+            f"{k} {v:.3f}" for k, v in a.items() if "overlap" in k))
+    return "\n".join(lines)

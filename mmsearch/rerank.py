@@ -1,0 +1,114 @@
+"""The fusion re-ranker: text token states cross-attend to one candidate's compact image tokens, and
+an image-text matching (ITM) head gives a match logit (BLIP/ALBEF-style, over frozen towers).
+
+Image tokens are cached at index time: the vision tower's class token plus its patch tokens
+average-pooled to a TOKEN_GRID x TOKEN_GRID grid, in float16. Learned position embeddings over that
+grid let the model read spatial relations ("left of") that a pooled embedding loses. Re-scoring K
+candidates is one small batched forward pass.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError
+
+TOKEN_GRID = 4
+RERANKER_FORMAT = "mmsearch-reranker"
+
+
+class FusionLayer(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, image, pad_mask):
+        h = self.ln1(x)
+        x = x + self.self_attn(h, h, h, key_padding_mask=pad_mask, need_weights=False)[0]
+        x = x + self.cross_attn(self.ln2(x), image, image, need_weights=False)[0]
+        return x + self.mlp(self.ln3(x))
+
+
+class FusionModel(nn.Module):
+    def __init__(self, text_width: int, vision_width: int, n_image_tokens: int, d: int = 128, layers: int = 2,
+                 heads: int = 4):
+        super().__init__()
+        self.config = dict(text_width=text_width, vision_width=vision_width, n_image_tokens=n_image_tokens, d=d,
+                           layers=layers, heads=heads)
+        self.text_in = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
+        self.image_in = nn.Sequential(nn.LayerNorm(vision_width), nn.Linear(vision_width, d))
+        self.image_pos = nn.Parameter(torch.randn(n_image_tokens, d) * 0.02)
+        self.layers = nn.ModuleList([FusionLayer(d, heads) for _ in range(layers)])
+        self.ln_out = nn.LayerNorm(d)
+        self.itm = nn.Linear(d, 1)
+
+    def forward(self, text: torch.Tensor, lengths: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """text [B,L,tw] (padded), lengths [B], image [B,T,vw] -> match logits [B]."""
+        pad = torch.arange(text.shape[1])[None, :] >= lengths[:, None]
+        x = self.text_in(text)
+        img = self.image_in(image) + self.image_pos
+        for layer in self.layers:
+            x = layer(x, img, pad)
+        x = self.ln_out(x).masked_fill(pad[..., None], 0.0)
+        pooled = x.sum(1) / lengths[:, None].clamp(min=1)
+        return self.itm(pooled).squeeze(-1)
+
+
+def pad_states(states: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in states])
+    out = torch.zeros(len(states), int(lengths.max()), states[0].shape[-1])
+    for i, s in enumerate(states):
+        out[i, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.float32))
+    return out, lengths
+
+
+class Reranker:
+    """A trained FusionModel with numpy in/out, as the query layer and evaluation use it."""
+
+    def __init__(self, model: FusionModel, encoder_fingerprint: str, token_grid: int = TOKEN_GRID,
+                 path: str = "", meta: dict | None = None):
+        self.model = model.eval()
+        self.encoder_fingerprint = encoder_fingerprint
+        self.token_grid = token_grid
+        self.path = path
+        self.meta = meta or {}
+
+    @classmethod
+    def load(cls, path) -> "Reranker":
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"re-ranker checkpoint not found: {path}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read re-ranker {path}: {exc.__class__.__name__}: {exc}") from exc
+        if not isinstance(ckpt, dict) or ckpt.get("format") != RERANKER_FORMAT:
+            raise CheckpointError(f"{path} is not an mmsearch re-ranker (made by `mmsearch train-reranker`)")
+        model = FusionModel(**ckpt["config"])
+        model.load_state_dict(ckpt["state_dict"])
+        return cls(model, ckpt["encoder_fingerprint"], ckpt.get("token_grid", TOKEN_GRID), str(os.path.abspath(path)),
+                   {k: ckpt.get(k) for k in ("encoder_arch", "train_args", "metrics")})
+
+    @torch.inference_mode()
+    def score_text_to_images(self, text_states: np.ndarray, image_tokens: np.ndarray) -> np.ndarray:
+        """One query's text states [L,tw] against K candidates' tokens [K,T,vw] -> logits [K]."""
+        k = len(image_tokens)
+        text = torch.as_tensor(np.asarray(text_states, dtype=np.float32))[None].expand(k, -1, -1)
+        lengths = torch.full((k,), text.shape[1])
+        image = torch.as_tensor(np.asarray(image_tokens, dtype=np.float32))
+        return self.model(text, lengths, image).numpy()
+
+    @torch.inference_mode()
+    def score_image_to_texts(self, image_tokens: np.ndarray, text_states: Sequence[np.ndarray]) -> np.ndarray:
+        """One query image's tokens [T,vw] against K candidate texts' states -> logits [K]."""
+        text, lengths = pad_states(text_states)
+        image = torch.as_tensor(np.asarray(image_tokens, dtype=np.float32))[None].expand(len(text_states), -1, -1)
+        return self.model(text, lengths, image).numpy()

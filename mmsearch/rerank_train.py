@@ -1,0 +1,173 @@
+"""Training the fusion re-ranker over a frozen dual encoder.
+
+ITM loss (binary cross-entropy) over positives and hard negatives: for every pair in a batch, a
+negative image and a negative caption are drawn from the batch with probability rising with the dual
+encoder's similarity (ALBEF), and, when the data provides attribute-swapped captions, the swapped
+caption and the swapped scene are added as negatives: exactly the pairs a dual encoder confuses.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ModelSpec
+from .datasets import CaptionDataset, load_dataset
+from .encoder import load_encoder
+from .errors import CheckpointError
+from .evaluate import embed_dataset
+from .rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_states
+from .train import lr_at, save_atomic
+
+
+class _Features:
+    """Frozen-tower features of a dataset split, plus the swap structure of its captions."""
+
+    def __init__(self, encoder, ds: CaptionDataset, progress=None):
+        self.ds = ds
+        self.img, self.txt, toks, self.states = embed_dataset(encoder, ds, token_grid=TOKEN_GRID, with_states=True,
+                                                              progress=progress)
+        self.toks = torch.as_tensor(toks.astype(np.float32))
+        negs = [n for n in ds.negatives if n]
+        self.neg_index, self.neg_states = {}, []
+        if negs:
+            uniq = sorted(set(negs))
+            _, st = encoder.encode_texts(uniq, return_states=True)
+            self.neg_index = {t: i for i, t in enumerate(uniq)}
+            self.neg_states = st
+        owner = {c: int(i) for c, i in zip(ds.captions, ds.caption_image)}
+        # the scene a swapped caption describes, when it is in this split
+        self.swap_image = [owner.get(n, -1) if n else -1 for n in ds.negatives]
+        self.by_image: list[list[int]] = [[] for _ in ds.images]
+        for c, i in enumerate(ds.caption_image):
+            self.by_image[int(i)].append(c)
+
+
+def _hard(sim: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """ALBEF: for each row, sample a column != the diagonal with probability softmax(sim)."""
+    w = F.softmax(sim.float() * 20.0, dim=1)
+    w.fill_diagonal_(0)
+    w = w + 1e-8
+    return torch.multinomial(w, 1, generator=gen).squeeze(1)
+
+
+def _batch(f: _Features, step: int, batch_size: int, seed: int):
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    n = len(f.ds.images)
+    imgs = torch.randperm(n, generator=gen)[:batch_size]
+    caps = torch.tensor([f.by_image[int(i)][int(torch.randint(len(f.by_image[int(i)]), (1,), generator=gen))]
+                         for i in imgs])
+    sim = torch.as_tensor(f.txt[caps] @ f.img[imgs].T)
+    neg_img = imgs[_hard(sim, gen)]  # for each caption, a confusable other image
+    neg_cap = caps[_hard(sim.T, gen)]  # for each image, a confusable other caption
+    texts, images, labels = [], [], []
+
+    def add(state, img_idx, label):
+        texts.append(state)
+        images.append(int(img_idx))
+        labels.append(label)
+
+    for j in range(len(imgs)):
+        c, i = int(caps[j]), int(imgs[j])
+        add(f.states[c], i, 1.0)
+        add(f.states[c], neg_img[j], 0.0)
+        add(f.states[int(neg_cap[j])], i, 0.0)
+        neg = f.ds.negatives[c]
+        if neg:  # the attribute-swapped caption is a negative for this image ...
+            add(f.neg_states[f.neg_index[neg]], i, 0.0)
+            if f.swap_image[c] >= 0:  # ... and the swapped scene a negative for this caption
+                add(f.states[c], f.swap_image[c], 0.0)
+    text, lengths = pad_states(texts)
+    return text, lengths, f.toks[images], torch.tensor(labels)
+
+
+@torch.inference_mode()
+def swap_accuracy(reranker_model: FusionModel, f: _Features) -> Optional[float]:
+    """Fraction of captions with a swapped scene whose true image outscores the swapped one."""
+    pairs = [(c, f.swap_image[c]) for c in range(len(f.ds.captions)) if f.swap_image[c] >= 0]
+    if not pairs:
+        return None
+    reranker_model.eval()
+    wins = 0
+    for c, s in pairs:
+        text, lengths = pad_states([f.states[c], f.states[c]])
+        logits = reranker_model(text, lengths, f.toks[[int(f.ds.caption_image[c]), s]])
+        wins += int(logits[0] > logits[1])
+    reranker_model.train()
+    return wins / len(pairs)
+
+
+def train_reranker(data, encoder_checkpoint, out, steps: int = 1500, batch_size: int = 64, lr: float = 5e-4,
+                   d: int = 128, layers: int = 2, heads: int = 4, resume=None, seed: int = 0,
+                   images_root=None, progress: Optional[Callable] = None,
+                   log: Optional[Callable[[str], None]] = None) -> dict:
+    log = log or (lambda line: None)
+    state = None
+    if resume:
+        state = torch.load(resume, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("format") != RERANKER_FORMAT or "resume" not in state:
+            raise CheckpointError(f"{resume} is not an interrupted re-ranker run")
+        args = state["train_args"]
+    else:
+        args = dict(data=str(data), encoder=str(encoder_checkpoint), steps=steps, batch_size=batch_size, lr=lr,
+                    d=d, layers=layers, heads=heads, seed=seed, images_root=str(images_root) if images_root else None)
+    encoder = load_encoder(ModelSpec(checkpoint=args["encoder"]))
+    train = _Features(encoder, load_dataset(data, split="train", images_root=images_root), progress)
+    try:
+        val = _Features(encoder, load_dataset(data, split="val", images_root=images_root))
+    except Exception:
+        val = None
+    torch.manual_seed(args["seed"])
+    model = FusionModel(encoder.text_width, encoder.vision_width, 1 + TOKEN_GRID ** 2, d=args["d"],
+                        layers=args["layers"], heads=args["heads"])
+    opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=0.05)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["resume"]["optimizer"])
+        start = state["resume"]["step"]
+        log(f"resuming at step {start}/{args['steps']}")
+    warmup = max(1, args["steps"] // 20)
+    metrics: dict = {}
+
+    def checkpoint(step: int, final: bool) -> None:
+        obj = {"format": RERANKER_FORMAT, "config": model.config, "state_dict": model.state_dict(),
+               "encoder_fingerprint": encoder.fingerprint, "encoder_arch": encoder.arch.split("@")[0],
+               "token_grid": TOKEN_GRID, "train_args": args, "metrics": metrics}
+        if not final:
+            obj["resume"] = {"step": step, "optimizer": opt.state_dict()}
+        save_atomic(obj, out)
+
+    t0, losses = time.perf_counter(), []
+    model.train()
+    every = max(50, args["steps"] // 5)
+    for step in range(start, args["steps"]):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args["steps"], args["lr"], warmup)
+        text, lengths, image, labels = _batch(train, step, args["batch_size"], args["seed"])
+        logits = model(text, lengths, image)
+        pos_weight = (labels == 0).sum() / labels.sum().clamp(min=1)  # balance the many negatives
+        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        done = step + 1
+        if progress:
+            progress(done, args["steps"], stage="train-reranker", loss=float(np.mean(losses[-20:])))
+        if done % every == 0 or done == args["steps"]:
+            acc = swap_accuracy(model, val) if val else None
+            log(f"step {done}/{args['steps']} loss {np.mean(losses[-every:]):.4f}"
+                + (f" | val true-vs-swap accuracy {acc:.3f}" if acc is not None else ""))
+            metrics = {"step": done, "loss": float(np.mean(losses[-every:])), "val_swap_accuracy": acc}
+            if done < args["steps"]:
+                checkpoint(done, final=False)
+    metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
+    checkpoint(args["steps"], final=True)
+    return {"checkpoint": str(out), **metrics}

@@ -39,13 +39,15 @@ class FusionLayer(nn.Module):
 
 class FusionModel(nn.Module):
     def __init__(self, text_width: int, vision_width: int, n_image_tokens: int, d: int = 128, layers: int = 2,
-                 heads: int = 4):
+                 heads: int = 4, max_text_len: int = 77):
         super().__init__()
         self.config = dict(text_width=text_width, vision_width=vision_width, n_image_tokens=n_image_tokens, d=d,
-                           layers=layers, heads=heads)
+                           layers=layers, heads=heads, max_text_len=max_text_len)
         self.text_in = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
         self.image_in = nn.Sequential(nn.LayerNorm(vision_width), nn.Linear(vision_width, d))
         self.image_pos = nn.Parameter(torch.randn(n_image_tokens, d) * 0.02)
+        # word order matters ("red ... left of ... blue"): make it explicit, not only implicit in the states
+        self.text_pos = nn.Parameter(torch.randn(max_text_len, d) * 0.02)
         self.layers = nn.ModuleList([FusionLayer(d, heads) for _ in range(layers)])
         self.ln_out = nn.LayerNorm(d)
         self.itm = nn.Linear(d, 1)
@@ -53,7 +55,7 @@ class FusionModel(nn.Module):
     def forward(self, text: torch.Tensor, lengths: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """text [B,L,tw] (padded), lengths [B], image [B,T,vw] -> match logits [B]."""
         pad = torch.arange(text.shape[1])[None, :] >= lengths[:, None]
-        x = self.text_in(text)
+        x = self.text_in(text) + self.text_pos[: text.shape[1]]
         img = self.image_in(image) + self.image_pos
         for layer in self.layers:
             x = layer(x, img, pad)

@@ -43,6 +43,12 @@ class _Features:
         owner = {c: int(i) for c, i in zip(ds.captions, ds.caption_image)}
         # the scene a swapped caption describes, when it is in this split
         self.swap_image = [owner.get(n, -1) if n else -1 for n in ds.negatives]
+        # everything padded once, so a batch is a few index operations
+        self.cap_states, self.cap_len = pad_states(self.states)
+        if self.neg_states:
+            self.neg_states_t, self.neg_len = pad_states(self.neg_states)
+        self.cap_neg = torch.tensor([self.neg_index[n] if n else -1 for n in ds.negatives])
+        self.swap_image_t = torch.tensor(self.swap_image)
         self.by_image: list[list[int]] = [[] for _ in ds.images]
         for c, i in enumerate(ds.caption_image):
             self.by_image[int(i)].append(c)
@@ -65,25 +71,29 @@ def _batch(f: _Features, step: int, batch_size: int, seed: int):
     sim = torch.as_tensor(f.txt[caps] @ f.img[imgs].T)
     neg_img = imgs[_hard(sim, gen)]  # for each caption, a confusable other image
     neg_cap = caps[_hard(sim.T, gen)]  # for each image, a confusable other caption
-    texts, images, labels = [], [], []
-
-    def add(state, img_idx, label):
-        texts.append(state)
-        images.append(int(img_idx))
-        labels.append(label)
-
-    for j in range(len(imgs)):
-        c, i = int(caps[j]), int(imgs[j])
-        add(f.states[c], i, 1.0)
-        add(f.states[c], neg_img[j], 0.0)
-        add(f.states[int(neg_cap[j])], i, 0.0)
-        neg = f.ds.negatives[c]
-        if neg:  # the attribute-swapped caption is a negative for this image ...
-            add(f.neg_states[f.neg_index[neg]], i, 0.0)
-            if f.swap_image[c] >= 0:  # ... and the swapped scene a negative for this caption
-                add(f.states[c], f.swap_image[c], 0.0)
-    text, lengths = pad_states(texts)
-    return text, lengths, f.toks[images], torch.tensor(labels)
+    L = f.cap_states.shape[1]
+    parts = [  # (caption rows into cap_states or neg_states, image ids, label)
+        (f.cap_states[caps], f.cap_len[caps], imgs, 1.0),
+        (f.cap_states[caps], f.cap_len[caps], neg_img, 0.0),
+        (f.cap_states[neg_cap], f.cap_len[neg_cap], imgs, 0.0),
+    ]
+    has_neg = f.cap_neg[caps] >= 0
+    if has_neg.any():  # the attribute-swapped caption is a negative for this image ...
+        rows = f.cap_neg[caps][has_neg]
+        st = torch.zeros(len(rows), L, f.cap_states.shape[2])
+        ln = f.neg_len[rows].clamp(max=L)
+        st[:, : min(L, f.neg_states_t.shape[1])] = f.neg_states_t[rows][:, :L]
+        parts.append((st, ln, imgs[has_neg], 0.0))
+        swap = f.swap_image_t[caps]
+        has_swap = swap >= 0  # ... and the swapped scene a negative for this caption
+        if has_swap.any():
+            parts.append((f.cap_states[caps][has_swap], f.cap_len[caps][has_swap], swap[has_swap], 0.0))
+    text = torch.cat([p[0] for p in parts])
+    lengths = torch.cat([p[1] for p in parts])
+    images = torch.cat([p[2] for p in parts])
+    labels = torch.cat([torch.full((len(p[2]),), p[3]) for p in parts])
+    keep = int(lengths.max())
+    return text[:, :keep], lengths, f.toks[images], labels
 
 
 @torch.inference_mode()
@@ -157,7 +167,7 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 1500, batch_size:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         done = step + 1
         if progress:
             progress(done, args["steps"], stage="train-reranker", loss=float(np.mean(losses[-20:])))

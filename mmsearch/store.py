@@ -122,8 +122,7 @@ class IndexStore:
         return self.encoder()
 
     def _fast_text(self):
-        path = self.dir / "text_tower.npz"
-        if not path.is_file():
+        if not (self.dir / "text_tower" / "meta.json").is_file():
             return None
         from .errors import MmsearchError
 

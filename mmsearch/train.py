@@ -155,7 +155,7 @@ def train_encoder(data, spec: ModelSpec, out, steps: Optional[int] = None, epoch
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         done = step + 1
         if progress:
             progress(done, n_steps, stage="train", loss=float(np.mean(losses[-20:])))

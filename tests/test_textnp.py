@@ -1,0 +1,61 @@
+"""The numpy text tower equals open_clip's tokenizer and torch text tower, and never imports torch."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mmsearch.config import ModelSpec
+from mmsearch.encoder import load_encoder
+from mmsearch.errors import CheckpointError
+from mmsearch.textnp import NumpyTextTower, export_text_tower
+
+TEXTS = ["a dog on a beach", "A RED Circle, left of a blue square!", "2:dog + beach - people",
+         "café déjà vu naïve", "fish &amp; chips", "emoji 🐶🏖️ time", "numbers 12345 and 3.14",
+         "don't won't it's", "   lots   of\tspaces\n", "x", "word " * 100]
+
+
+@pytest.fixture(scope="module", params=["mmsearch-tiny", "ViT-B-32"])
+def exported(request, tmp_path_factory):
+    enc = load_encoder(ModelSpec(model=request.param, pretrained=None))
+    d = tmp_path_factory.mktemp(request.param)
+    export_text_tower(enc, d)
+    return enc, NumpyTextTower.load(d), d
+
+
+def test_token_ids_equal_open_clip(exported):
+    enc, tower, _ = exported
+    ref = enc.tokenize(TEXTS).numpy()
+    for text, row in zip(TEXTS, ref):
+        ids = tower.tokenizer.encode(text)
+        assert ids == [int(t) for t in row[: len(ids)]] and not row[len(ids):].any(), text
+
+
+def test_embeddings_and_states_equal_torch(exported):
+    enc, tower, _ = exported
+    ref_emb, ref_states = enc.encode_texts(TEXTS, return_states=True)
+    emb, states = tower.encode(TEXTS)
+    assert np.abs(emb - ref_emb).max() < 1e-4
+    for a, b in zip(states, ref_states):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+
+
+def test_fresh_process_does_not_import_torch(exported):
+    _, _, d = exported
+    code = ("import sys; from mmsearch.textnp import NumpyTextTower; "
+            f"NumpyTextTower.load({str(d)!r}).encode(['a dog']); "
+            "print('torch' in sys.modules, 'open_clip' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_missing_or_damaged_tower_is_a_typed_error(tmp_path, exported):
+    with pytest.raises(CheckpointError):
+        NumpyTextTower.load(tmp_path)
+    _, _, d = exported
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(d, broken)
+    (broken / "text_tower" / "0.in_w.npy").write_bytes(b"junk")
+    with pytest.raises(CheckpointError):
+        NumpyTextTower.load(broken).encode(["a dog"])

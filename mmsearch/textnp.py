@@ -207,6 +207,13 @@ class NumpyTextTower:
 
     def encode(self, texts: Sequence[str]):
         """(L2-normalised embeddings [n,d], token states per text [len_i, width]) like Encoder.encode_texts."""
+        from threadpoolctl import threadpool_limits
+
+        # a query is a few tokens: BLAS threads only add hand-off cost, and spin badly when cores are busy
+        with threadpool_limits(1, user_api="blas"):
+            return self._encode(texts)
+
+    def _encode(self, texts: Sequence[str]):
         ids = [self.tokenizer.encode(t) for t in texts]
         L = max(len(i) for i in ids)
         tokens = np.zeros((len(ids), L), dtype=np.int64)

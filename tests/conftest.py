@@ -1,0 +1,28 @@
+"""Session fixtures: one synthetic dataset and one tiny model trained on it, shared by the suite."""
+import pytest
+
+from mmsearch.config import ModelSpec
+from mmsearch.datasets import synthesize
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, n=600, seed=0, size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(synth_dir, tmp_path_factory):
+    """(checkpoint path, training result) of a short run: the same command a user runs."""
+    from mmsearch.train import train_encoder
+
+    out = tmp_path_factory.mktemp("model") / "tiny.pt"
+    res = train_encoder(synth_dir / "captions.csv", ModelSpec(model="mmsearch-tiny", pretrained=None), out,
+                        steps=160, batch_size=48, lr=1e-3)
+    return out, res
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(trained):
+    return trained[0]

@@ -1,0 +1,88 @@
+"""metrics.py against a naive full-matrix reference (stable argsort), with ties and uneven captions."""
+import numpy as np
+import pytest
+
+from mmsearch.metrics import (ann_overlap, image_to_text_ranks, reranked_ranks, summarize, text_to_image_ranks,
+                              topk)
+
+
+def naive_ranks(scores, positives):
+    """rank of the first positive in a stable descending sort of each row."""
+    out = []
+    for row, pos in zip(scores, positives):
+        order = np.argsort(-row, kind="stable")
+        out.append(1 + min(int(np.where(order == p)[0][0]) for p in pos))
+    return np.array(out)
+
+
+def naive_recall(ranks, k):
+    return float(np.mean(np.asarray(ranks) <= k))
+
+
+@pytest.mark.parametrize("seed,quantise", [(0, False), (1, True), (2, True)])
+def test_against_naive_reference(seed, quantise):
+    rng = np.random.default_rng(seed)
+    n_img, d = 37, 8
+    counts = rng.integers(1, 6, n_img)  # different numbers of captions per image
+    cap_img = np.repeat(np.arange(n_img), counts)
+    img = rng.standard_normal((n_img, d)).astype(np.float32)
+    txt = rng.standard_normal((len(cap_img), d)).astype(np.float32)
+    if quantise:  # coarse values create many exact ties
+        img, txt = np.round(img), np.round(txt)
+    scores = txt @ img.T
+    t2i = text_to_image_ranks(txt, img, cap_img, chunk=7)
+    assert list(t2i) == list(naive_ranks(scores, [[c] for c in cap_img]))
+    i2t = image_to_text_ranks(img, txt, cap_img, chunk=5)
+    assert list(i2t) == list(naive_ranks(scores.T, [np.where(cap_img == i)[0] for i in range(n_img)]))
+    for k in (1, 5, 10):
+        assert summarize(t2i, [k])[f"R@{k}"] == naive_recall(naive_ranks(scores, [[c] for c in cap_img]), k)
+
+
+def test_chunk_size_does_not_change_results():
+    rng = np.random.default_rng(3)
+    img = rng.standard_normal((300, 16)).astype(np.float32)
+    txt = rng.standard_normal((1500, 16)).astype(np.float32)
+    cap_img = rng.integers(0, 300, 1500)
+    a = text_to_image_ranks(txt, img, cap_img, chunk=1)
+    b = text_to_image_ranks(txt, img, cap_img, chunk=4096)
+    assert (a == b).all()
+    assert (image_to_text_ranks(img, txt, cap_img, chunk=1) == image_to_text_ranks(img, txt, cap_img, chunk=999)).all()
+
+
+def test_hand_computed_values():
+    # 3 images, 5 captions; rows = captions, columns = images
+    scores = np.array([[0.9, 0.1, 0.0],   # cap0 -> img0: rank 1
+                       [0.2, 0.8, 0.5],   # cap1 -> img0: rank 3
+                       [0.1, 0.7, 0.3],   # cap2 -> img1: rank 1
+                       [0.4, 0.4, 0.9],   # cap3 -> img1: tie with img0 (lower index first): rank 3
+                       [0.5, 0.6, 0.2]], dtype=np.float32)  # cap4 -> img2: rank 3
+    cap_img = np.array([0, 0, 1, 1, 2])
+    # embeddings that reproduce the score matrix exactly: text = rows, image = identity
+    t2i = text_to_image_ranks(scores, np.eye(3, dtype=np.float32), cap_img)
+    assert list(t2i) == [1, 3, 1, 3, 3]
+    s = summarize(t2i, [1, 2, 3])
+    assert s == {"R@1": 0.4, "R@2": 0.4, "R@3": 1.0, "mean_rank": 2.2, "median_rank": 3.0}
+    # image->text, columns: img0 [.9 .2 .1 .4 .5] best own caption cap0 -> rank 1;
+    # img1 [.1 .8 .7 .4 .6] best own caption cap2 (.7) below cap1 (.8) -> rank 2;
+    # img2 [0 .5 .3 .9 .2] own caption cap4 (.2) below .9, .5, .3 -> rank 4
+    i2t = image_to_text_ranks(np.eye(3, dtype=np.float32), scores, cap_img)
+    assert list(i2t) == [1, 2, 4]
+    assert summarize(i2t, [1, 2])["R@2"] == pytest.approx(2 / 3)
+
+
+def test_reranking_only_reorders_the_top_k():
+    plain = np.array([3, 1, 9])
+    cands = np.array([[5, 6, 7], [1, 2, 3], [4, 5, 6]])
+    new = np.array([[0.1, 0.2, 0.9], [0.0, 0.5, 0.1], [1, 1, 1]], dtype=np.float32)
+    positive = {0: 7, 1: 1, 2: 99}
+    out = reranked_ranks(plain, cands, new, lambda q, c: positive[q] == c)
+    assert list(out) == [1, 3, 9]
+
+
+def test_topk_and_ann_overlap():
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((50, 8)).astype(np.float32)
+    ids, vals = topk(base[:5], base, 3)
+    assert (ids[:, 0] == np.arange(5)).all() and (np.diff(vals, axis=1) <= 0).all()
+    assert ann_overlap(ids, ids, 3) == 1.0
+    assert ann_overlap(ids, np.full_like(ids, -1), 3) == 0.0

@@ -32,6 +32,11 @@ class CaptionDataset:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def swap_images(self) -> np.ndarray:
+        """Per caption, the image its attribute-swapped negative describes in this split, else -1."""
+        owner = {c: int(i) for c, i in zip(self.captions, self.caption_image)}
+        return np.array([owner.get(n, -1) if n else -1 for n in self.negatives], dtype=np.int64)
+
     def subset(self, n_images: int) -> "CaptionDataset":
         keep = self.caption_image < n_images
         return CaptionDataset(self.images[:n_images], [c for c, k in zip(self.captions, keep) if k],

@@ -40,9 +40,7 @@ class _Features:
             _, st = encoder.encode_texts(uniq, return_states=True)
             self.neg_index = {t: i for i, t in enumerate(uniq)}
             self.neg_states = st
-        owner = {c: int(i) for c, i in zip(ds.captions, ds.caption_image)}
-        # the scene a swapped caption describes, when it is in this split
-        self.swap_image = [owner.get(n, -1) if n else -1 for n in ds.negatives]
+        self.swap_image = ds.swap_images().tolist()  # the swapped scene, when it is in this split
         # everything padded once, so a batch is a few index operations
         self.cap_states, self.cap_len = pad_states(self.states)
         if self.neg_states:

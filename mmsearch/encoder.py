@@ -4,6 +4,7 @@ Importing this module imports torch and open_clip (several seconds), so everythi
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -110,8 +111,36 @@ class Encoder:
         return self._fingerprint
 
     # ---- images -------------------------------------------------------------------------------
+    @property
+    def pil_transform(self):
+        """The model's eval transform up to (not including) ToTensor: PIL -> PIL. Cheap and thread-safe,
+        so decode workers run it; `pixels` finishes the batch. None when the transform cannot be split."""
+        return self._split[0]
+
+    @functools.cached_property
+    def _split(self):
+        return _split_transform(self.preprocess)
+
+    def pixels(self, images: Sequence) -> torch.Tensor:
+        """Images that went through `pil_transform` (PIL or HxWx3 uint8 arrays) -> normalised [B,3,H,W].
+
+        ToTensor + Normalize run once on the whole batch in the calling thread: run per image in
+        worker threads, each tiny op starts torch's OpenMP pool and they fight the encoder for the
+        cores (measured: 70 ms per image instead of 0.4 ms on 2 cores)."""
+        split = self._split
+        if split[0] is None:
+            return torch.stack([self.preprocess(im) for im in images])
+        batch = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        for t in split[1]:
+            x = t(x)
+        return x.contiguous()
+
     def preprocess_images(self, images: Sequence) -> torch.Tensor:
-        return torch.stack([self.preprocess(im) for im in images])
+        """PIL images -> the model's input batch; equal to stacking `self.preprocess(im)` (tested)."""
+        pil = self.pil_transform
+        return self.pixels([pil(im) for im in images]) if pil is not None else \
+            torch.stack([self.preprocess(im) for im in images])
 
     @torch.inference_mode()
     def encode_image_tensor(self, pixels: torch.Tensor, token_grid: Optional[int] = None):
@@ -194,6 +223,27 @@ class Encoder:
                 states.extend(st[j, : int(lengths[j])].float().numpy() for j in range(len(lengths)))
         emb = np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
         return (emb, states) if return_states else emb
+
+
+def _split_transform(preprocess):
+    """(PIL stage, tensor stages) of a torchvision Compose ending in ToTensor + Normalize; else (None, None)."""
+    from torchvision.transforms import Compose
+
+    steps = list(getattr(preprocess, "transforms", []))
+    names = [type(t).__name__ for t in steps]
+    for i, name in enumerate(names):
+        if name in ("ToTensor", "MaybeToTensor"):
+            if all(n == "Normalize" for n in names[i + 1:]):
+                return Compose(steps[:i] + [_RGB()]), steps[i + 1:]
+            break
+    return None, None
+
+
+class _RGB:
+    """Last PIL step of the split transform: ToTensor would make a grey image 1-channel; keep 3."""
+
+    def __call__(self, img):
+        return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _create(arch: str, pretrained: Optional[str]):

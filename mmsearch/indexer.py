@@ -111,16 +111,28 @@ def _safe_hash(path: str) -> Optional[str]:
         return None
 
 
-def _decode(info: scan.FileInfo, image_size: int, preprocess):
-    """Runs in a worker thread: open + draft-decode + preprocess. Returns a tensor or the MediaError."""
+def _decode(info: scan.FileInfo, image_size: int, pil_transform):
+    """Runs in a worker thread: open + draft-decode + the model's PIL-side transform (resize, crop).
+    Returns (pixels, original size, date, quick hash) or the MediaError."""
     try:
         img = media.load_image(info.path, min_size=image_size)
         orig = img.info.get("original_size", img.size)
-        return preprocess(img), orig, media.image_date(info.path), _safe_hash(info.path)
+        return pil_transform(img), orig, media.image_date(info.path), _safe_hash(info.path)
     except MediaError as exc:
         return exc
     except Exception as exc:  # one odd file must never stop a run
         return MediaError(info.path, f"cannot decode ({exc.__class__.__name__}: {exc})")
+
+
+def _worker_transform(encoder):
+    """What decode workers apply: the PIL half of the model's transform, or all of it when it cannot split."""
+    return encoder.pil_transform or encoder.preprocess
+
+
+def _batch_pixels(encoder, items) -> "torch.Tensor":
+    import torch
+
+    return encoder.pixels(items) if encoder.pil_transform is not None else torch.stack(items)
 
 
 def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, batch_size: int = 32,
@@ -169,10 +181,9 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
 
 def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexSummary, batch_size: int,
                workers: Optional[int], token_grid: Optional[int], progress: Progress) -> None:
-    import torch
-
     cat = store.catalog
     todo = plan.embed
+    prep = _worker_transform(encoder)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     done = 0
     if progress:
@@ -182,7 +193,7 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
         pending: deque = deque()
         it = iter(todo)
         for f in it:
-            pending.append((f, pool.submit(_decode, f, encoder.image_size, encoder.preprocess)))
+            pending.append((f, pool.submit(_decode, f, encoder.image_size, prep)))
             if len(pending) >= 2 * batch_size:
                 break
         # a small first batch gets the encoder busy while the decoders fill the queue
@@ -194,12 +205,12 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
                 batch.append((f, fut.result()))
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(_decode, nxt, encoder.image_size, encoder.preprocess)))
+                    pending.append((nxt, pool.submit(_decode, nxt, encoder.image_size, prep)))
             good = [(f, r) for f, r in batch if not isinstance(r, MediaError)]
             bad = [(f, r) for f, r in batch if isinstance(r, MediaError)]
             emb = toks = None
             if good:
-                pixels = torch.stack([r[0] for _, r in good])
+                pixels = _batch_pixels(encoder, [r[0] for _, r in good])
                 out = encoder.encode_image_tensor(pixels, token_grid=token_grid)
                 emb, toks = out if token_grid else (out, None)
             size = batch_size
@@ -238,23 +249,22 @@ def enable_reranker(index_dir, reranker_path, batch_size: int = 32, workers: Opt
                     progress: Progress = None) -> dict:
     """Configure a re-ranker on an existing index and back-fill its image tokens (one read per file)
     and the token states of the text corpus. Images that fail to decode are recorded as failures."""
-    import torch
-
     store = IndexStore.open(index_dir)
     store.configure_reranker(reranker_path)
     cat = store.catalog
     encoder = store.encoder()
     grid = store.token_grid()
+    prep = _worker_transform(encoder)
     todo = cat.ids_missing_tokens()
     filled = failed = 0
     with ThreadPoolExecutor(max_workers=workers or max(1, min(4, os.cpu_count() or 1))) as pool:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             infos = [scan.FileInfo(p, 0, 0) for _, p in chunk]
-            results = list(pool.map(lambda f: _decode(f, encoder.image_size, encoder.preprocess), infos))
+            results = list(pool.map(lambda f: _decode(f, encoder.image_size, prep), infos))
             good = [(i, r) for (i, _), r in zip(chunk, results) if not isinstance(r, MediaError)]
             if good:
-                _, toks = encoder.encode_image_tensor(torch.stack([r[0] for _, r in good]), token_grid=grid)
+                _, toks = encoder.encode_image_tensor(_batch_pixels(encoder, [r[0] for _, r in good]), token_grid=grid)
                 with cat.transaction():
                     for (image_id, _), t in zip(good, toks):
                         cat.set_tokens(image_id, t)

@@ -44,3 +44,16 @@ def test_embeddings_are_normalised_float32(encoder):
         assert m.dtype == np.float32 and np.allclose(np.linalg.norm(m, axis=1), 1.0, atol=1e-5)
     assert img.shape == (3, encoder.dim) and np.abs(img - plain).max() < 1e-5
     assert toks.shape == (3, 1 + 2 * 2, encoder.vision_width)
+
+
+def test_batched_preprocessing_equals_the_models_transform(encoder):
+    """Workers run only the PIL half; ToTensor + Normalize run once per batch. Same pixels as open_clip's."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 90), (300, 200))]
+    images.append(images[0].convert("L"))  # grey stays 3-channel
+    assert encoder.pil_transform is not None
+    ref = torch.stack([encoder.preprocess(im.convert("RGB")) for im in images])
+    assert torch.allclose(encoder.preprocess_images(images), ref, atol=1e-6)
+    assert torch.allclose(encoder.pixels([encoder.pil_transform(im) for im in images]), ref, atol=1e-6)

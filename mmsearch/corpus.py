@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from .datasets import iter_jsonl
 from .errors import DatasetError
 from .store import IndexStore
 
@@ -27,13 +27,7 @@ def read_texts(path, column: Optional[str] = None) -> list[str]:
             return [row.get(col) or "" for row in reader]
         if suffix in (".jsonl", ".ndjson"):
             out = []
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+            for n, obj in iter_jsonl(fh, path):
                 if isinstance(obj, str):
                     out.append(obj)
                     continue

@@ -133,15 +133,20 @@ def _csv_rows(path: Path):
                    row.get(neg) if neg else None)
 
 
+def iter_jsonl(fh, path) -> Iterable[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line; a bad line is a DatasetError naming it."""
+    for n, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+
+
 def _jsonl_rows(path: Path):
     with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+        for n, obj in iter_jsonl(fh, path):
             if not isinstance(obj, dict):
                 raise DatasetError(f"{path}:{n}: expected a JSON object")
             image = next((obj[k] for k in IMAGE_COLUMNS if k in obj), None)

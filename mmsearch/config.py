@@ -14,6 +14,10 @@ INDEX_ENV_VAR = "MMSEARCH_INDEX"
 DEFAULT_INDEX_DIR = Path("indexes") / "default"
 SCHEMA_VERSION = 1
 TINY_MODEL = "mmsearch-tiny"
+# Here, not in media.py, so the query path can tell an image path from text without importing PIL.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                              ".heic", ".heif"})
+HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 
 
 def default_index_dir() -> Path:

@@ -15,11 +15,9 @@ from typing import Optional
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
 from .errors import MediaError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
-                              ".heic", ".heif"})
-HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 DEFAULT_MAX_PIXELS = 200_000_000
 _heif_state: Optional[bool] = None
 

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .config import IMAGE_EXTENSIONS
 from .errors import EmptyIndexError, QueryError
-from .media import IMAGE_EXTENSIONS
 from .store import IndexStore
 
 DEFAULT_RERANK_K = 32

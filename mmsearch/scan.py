@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
+from .config import IMAGE_EXTENSIONS
 from .errors import MediaError
-from .media import IMAGE_EXTENSIONS
 
 OnError = Optional[Callable[[str, str], None]]
 

@@ -143,10 +143,12 @@ def test_every_command_has_help():
 
 
 def test_help_and_text_query_process_import_no_torch(setup):
+    """A text query loads only what it needs: no torch, open_clip, PIL or sqlite-utils (startup time)."""
     idx, _, _ = setup
+    heavy = "('torch', 'open_clip', 'PIL', 'sqlite_utils')"
     code = ("import sys; from mmsearch.cli import main; sys.argv=['mmsearch']+sys.argv[1:];\n"
             "try:\n    main()\nexcept SystemExit: pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', file=sys.stderr)")
+            f"print('TORCH' if any(m in sys.modules for m in {heavy}) else 'NOTORCH', file=sys.stderr)")
     res = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
     assert res.stderr.strip().endswith("NOTORCH")
     res = subprocess.run([sys.executable, "-c", code, "search", "a dog", "--index", str(idx), "--paths"],

@@ -119,6 +119,8 @@ class IndexStore:
             fast = self._fast_text()
             if fast is not None:
                 return fast
+            # missing or written by an older mmsearch: pay for torch once, and heal it for the next query
+            self.export_fast_text(self.encoder())
         return self.encoder()
 
     def _fast_text(self):
@@ -143,8 +145,8 @@ class IndexStore:
                 from .textnp import export_text_tower
 
                 export_text_tower(encoder, self.dir)
-            except (MmsearchError, ImportError):
-                pass  # architectures the numpy path cannot run fall back to torch at query time
+            except (MmsearchError, ImportError, OSError):
+                pass  # architectures the numpy path cannot run (or a read-only index) use torch at query time
 
     # ---- re-ranker ----------------------------------------------------------------------------
     def reranker_info(self) -> Optional[dict]:

@@ -1,7 +1,7 @@
 """The text tower in numpy, so a text query never imports torch or open_clip (2 s + 4.5 s here).
 
 At index time `export_text_tower` writes the weights of open_clip's CLIP text transformer as
-memory-mapped .npy files plus the BPE merges; at query time `NumpyTextTower` tokenises exactly as
+one memory-mapped float32 file (an offset table in meta.json) plus the BPE merges; at query time `NumpyTextTower` tokenises exactly as
 open_clip's SimpleTokenizer and runs the same pre-LN causal transformer over the real tokens only.
 tests/test_textnp.py proves token ids and embeddings equal open_clip's.
 """
@@ -20,7 +20,8 @@ import numpy as np
 from .errors import CheckpointError, UnknownModelError
 
 DIR_NAME = "text_tower"
-FORMAT = "mmsearch-text-tower-1"
+FORMAT = "mmsearch-text-tower-2"
+WEIGHTS = "weights.f32"
 
 
 # ---- tokenizer: a faithful copy of open_clip's SimpleTokenizer (clean='lower') --------------------
@@ -113,7 +114,7 @@ def _merges_from_open_clip() -> list[str]:
 
 # ---- export ---------------------------------------------------------------------------------------
 def export_text_tower(encoder, out_dir) -> Path:
-    """Write `out_dir/text_tower/` (weights as .npy, merges, meta). Runs at index time (torch loaded)."""
+    """Write `out_dir/text_tower/` (weights, merges, meta). Runs at index time (torch loaded)."""
     import torch
 
     m = encoder.model
@@ -144,12 +145,19 @@ def export_text_tower(encoder, out_dir) -> Path:
     tmp = Path(out_dir) / (DIR_NAME + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, t in arrays.items():
-        np.save(tmp / f"{name}.npy", np.ascontiguousarray(t.detach().float().numpy()))
+    # one file, one mmap: a fresh query process opens it once instead of ~150 .npy files
+    table, offset = {}, 0
+    with open(tmp / WEIGHTS, "wb") as fh:
+        for name, t in arrays.items():
+            a = np.ascontiguousarray(t.detach().float().numpy())
+            fh.write(a.tobytes())
+            table[name] = [offset, list(a.shape)]
+            offset += a.size
     (tmp / "merges.txt").write_text("\n".join(_merges_from_open_clip()), encoding="utf-8")
     meta = {"format": FORMAT, "fingerprint": encoder.fingerprint, "layers": len(blocks),
             "heads": blocks[0].attn.num_heads, "act": act, "eps": m.ln_final.eps,
-            "context_length": int(m.positional_embedding.shape[0]), "dim": encoder.dim}
+            "context_length": int(m.positional_embedding.shape[0]), "dim": encoder.dim, "arrays": table,
+            "floats": offset}
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -194,11 +202,16 @@ class NumpyTextTower:
         return cls(d, meta)
 
     def w(self, name: str) -> np.ndarray:
-        if name not in self._w:
+        if not self._w:
             try:
-                self._w[name] = np.load(self.dir / f"{name}.npy", mmap_mode="r")
+                flat = np.memmap(self.dir / WEIGHTS, dtype=np.float32, mode="r")
             except (OSError, ValueError) as exc:
-                raise CheckpointError(f"numpy text tower {self.dir} is damaged ({name}: {exc})") from exc
+                raise CheckpointError(f"numpy text tower {self.dir} is damaged ({exc})") from exc
+            if flat.size != self.meta["floats"]:
+                raise CheckpointError(f"numpy text tower {self.dir} is damaged ({WEIGHTS} holds {flat.size} "
+                                      f"floats, expected {self.meta['floats']})")
+            for key, (offset, shape) in self.meta["arrays"].items():
+                self._w[key] = flat[offset: offset + int(np.prod(shape))].reshape(shape)
         return self._w[name]
 
     @property
@@ -246,7 +259,7 @@ class NumpyTextTower:
         states = _layer_norm(x, self.w("ln_final_w"), self.w("ln_final_b"), eps).astype(np.float32)
         eot = [len(i) - 1 for i in ids]
         pooled = states[np.arange(len(ids)), eot] @ self.w("text_projection")
-        if (self.dir / "text_projection_b.npy").exists():
+        if "text_projection_b" in self.meta["arrays"]:
             pooled = pooled + self.w("text_projection_b")
         pooled = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
         return pooled.astype(np.float32), [states[r, : len(i)] for r, i in enumerate(ids)]

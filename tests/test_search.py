@@ -130,3 +130,19 @@ def test_errors_are_typed(indexed, tmp_path):
     index_folders(empty / "idx", [empty / "photos"], spec=TINY)
     with pytest.raises(EmptyIndexError):
         Index.open(empty / "idx").search("dog")
+
+
+def test_missing_numpy_text_tower_falls_back_to_torch_and_is_rebuilt(indexed, tmp_path):
+    import shutil
+
+    from mmsearch.store import _FastText
+
+    idx, _ = indexed
+    copy = tmp_path / "idx"
+    shutil.copytree(idx, copy)
+    fast_hits = [(h.id, round(h.score, 5)) for h in Searcher(IndexStore.open(copy)).search("a dog", k=5)]
+    shutil.rmtree(copy / "text_tower")
+    store = IndexStore.open(copy)
+    assert not isinstance(store.text_encoder(), _FastText)  # torch answers this time ...
+    assert [(h.id, round(h.score, 5)) for h in Searcher(store).search("a dog", k=5)] == fast_hits
+    assert isinstance(IndexStore.open(copy).text_encoder(), _FastText)  # ... and the next query is fast again

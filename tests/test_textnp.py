@@ -56,6 +56,6 @@ def test_missing_or_damaged_tower_is_a_typed_error(tmp_path, exported):
     import shutil
     broken = tmp_path / "broken"
     shutil.copytree(d, broken)
-    (broken / "text_tower" / "0.in_w.npy").write_bytes(b"junk")
+    (broken / "text_tower" / "weights.f32").write_bytes(b"junk")
     with pytest.raises(CheckpointError):
         NumpyTextTower.load(broken).encode(["a dog"])

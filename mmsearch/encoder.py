@@ -251,16 +251,35 @@ def _create(arch: str, pretrained: Optional[str]):
     # (an index built with it can be searched and extended later).
     import logging
 
-    root = logging.getLogger()
-    level = root.level
-    if pretrained is None:  # open_clip logs a warning for random weights; the CLI gives its own
-        root.setLevel(logging.ERROR)
+    # open_clip and huggingface_hub log warnings and errors (random weights, download retries) to
+    # the root logger; the library reports through typed errors instead, and the CLI prints once
+    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu")
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _weights_error(arch: str, pretrained: str, exc: Exception) -> WeightsUnavailableError:
+    """One line: what failed, why in a few words, and what to use instead."""
+    alternatives = ("Alternatives: --pretrained /path/to/weights.bin (a local file open_clip accepts), "
+                    "or --checkpoint FILE (a model trained by `mmsearch train`).")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if not _is_local_file(pretrained) and pretrained not in tags:
+        known = ", ".join(tags) if tags else "none"
+        return WeightsUnavailableError(f"unknown pretrained tag '{pretrained}' for model {arch} (known tags: "
+                                       f"{known}). {alternatives}")
+    text = " ".join(str(exc).split())
+    offline = any(w in text.lower() for w in ("connection", "internet", "resolve", "network", "hub"))
+    why = "no network connection, or the hub is unreachable" if offline else (text[:160] or type(exc).__name__)
+    return WeightsUnavailableError(f"cannot download pretrained weights '{pretrained}' for model {arch} ({why}). "
+                                   f"{alternatives}")
 
 
 def load_encoder(spec: ModelSpec) -> Encoder:
@@ -289,11 +308,7 @@ def load_encoder(spec: ModelSpec) -> Encoder:
         except Exception as exc:
             if spec.pretrained is None:
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise WeightsUnavailableError(
-                f"cannot load pretrained weights '{spec.pretrained}' for model {arch} ({first[:200]}). "
-                f"Alternatives: --pretrained /path/to/weights.bin (a local file open_clip accepts), "
-                f"or --checkpoint FILE (a model trained by `mmsearch train`).") from exc
+            raise _weights_error(arch, spec.pretrained, exc) from exc
         model_cfg = open_clip.get_model_config(arch)
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)

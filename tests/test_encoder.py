@@ -57,3 +57,25 @@ def test_batched_preprocessing_equals_the_models_transform(encoder):
     ref = torch.stack([encoder.preprocess(im.convert("RGB")) for im in images])
     assert torch.allclose(encoder.preprocess_images(images), ref, atol=1e-6)
     assert torch.allclose(encoder.pixels([encoder.pil_transform(im) for im in images]), ref, atol=1e-6)
+
+
+def test_unavailable_weights_are_one_clear_line(monkeypatch):
+    import open_clip
+
+    from mmsearch.errors import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError) as err:
+        load_encoder(ModelSpec(model="ViT-B-32", pretrained="laion2b_typo"))
+    msg = str(err.value)
+    assert "unknown pretrained tag 'laion2b_typo' for model ViT-B-32" in msg and "laion2b_s34b_b79k" in msg
+    assert "--checkpoint FILE" in msg and "\n" not in msg
+
+    def offline(*a, **kw):  # what open_clip raises when the hub cannot be reached
+        raise RuntimeError("Failed to download file (open_clip_pytorch_model.bin). Please check your connection")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    with pytest.raises(WeightsUnavailableError) as err:
+        load_encoder(ModelSpec(model="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    msg = str(err.value)
+    assert msg.startswith("cannot download pretrained weights 'laion2b_s34b_b79k' for model ViT-B-32 (no network")
+    assert "--pretrained /path/to/weights.bin" in msg and "\n" not in msg

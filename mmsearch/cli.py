@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, default_index_dir
+from .config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_MODEL, ModelSpec, default_index_dir,
+                     shipped_architectures)
 from .errors import MmsearchError
 
 
@@ -43,14 +44,16 @@ def index_option(f):
                         default=None, help="Index folder [default: $MMSEARCH_INDEX or ./indexes/default].")(f)
 
 
-def model_options(f):
-    f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="Weights trained by `mmsearch train` (architecture read from the file).")(f)
-    f = click.option("--pretrained", default=None,
-                     help=f"open_clip pretrained tag or local weights file; 'none' = random weights "
-                          f"[default: {DEFAULT_PRETRAINED}].")(f)
-    f = click.option("--model", default=None, help=f"open_clip architecture [default: {DEFAULT_MODEL}].")(f)
-    return f
+def model_options(f=None, *, default_model=DEFAULT_MODEL, default_pretrained=DEFAULT_PRETRAINED):
+    """--model/--pretrained/--checkpoint; the defaults only document what the command falls back to."""
+    def deco(f):
+        f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                         help="Weights trained by `mmsearch train` (architecture read from the file).")(f)
+        f = click.option("--pretrained", default=None,
+                         help=f"open_clip pretrained tag or local weights file; 'none' = random weights "
+                              f"[default: {default_pretrained}].")(f)
+        return click.option("--model", default=None, help=f"open_clip architecture [default: {default_model}].")(f)
+    return deco(f) if f is not None else deco
 
 
 def output_options(f):
@@ -59,16 +62,18 @@ def output_options(f):
     return f
 
 
-def _spec(model, pretrained, checkpoint, required=False):
-    """A ModelSpec from CLI options, or None when none were given (reuse the index's model)."""
+def _spec(model, pretrained, checkpoint, required=False, warn_random=True):
+    """A ModelSpec from CLI options, or None when none were given (reuse the index's model).
+    Without --pretrained, an open_clip model gets its default tag and one of ours starts random."""
     if not (model or pretrained or checkpoint):
         return ModelSpec() if required else None
     if checkpoint and pretrained:
         raise click.UsageError("--checkpoint and --pretrained are mutually exclusive")
-    spec = ModelSpec(model=model or DEFAULT_MODEL,
-                     pretrained=None if checkpoint else (pretrained if pretrained is not None else DEFAULT_PRETRAINED),
-                     checkpoint=checkpoint)
-    if spec.is_random:
+    model = model or DEFAULT_MODEL
+    if pretrained is None and not checkpoint:
+        pretrained = None if model in shipped_architectures() else DEFAULT_PRETRAINED
+    spec = ModelSpec(model=model, pretrained=None if checkpoint else pretrained, checkpoint=checkpoint)
+    if spec.is_random and warn_random:
         click.secho("warning: --pretrained none gives random weights; results are meaningless "
                     "(fine for tests and speed benchmarks)", fg="yellow", err=True)
     return spec
@@ -336,7 +341,8 @@ def synth(out, n, seed, size):
 
 @cli.command()
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
-@model_options
+@model_options(default_model=f"{TINY_MODEL}, from scratch",
+               default_pretrained=f"{DEFAULT_PRETRAINED} for {DEFAULT_MODEL}, none for {TINY_MODEL}")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (or use --epochs).")
 @click.option("--epochs", type=int, default=None, help="Passes over the training images.")
 @click.option("--batch-size", default=64, show_default=True, help="Image-caption pairs per step.")
@@ -354,7 +360,7 @@ def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, lr, lo
     """Train or fine-tune the dual encoder contrastively (InfoNCE) on a caption dataset."""
     from .train import train_encoder
 
-    spec = _spec(model, pretrained, checkpoint) or ModelSpec(model="mmsearch-tiny", pretrained=None)
+    spec = _spec(model, pretrained, checkpoint, warn_random=False) or ModelSpec(model=TINY_MODEL, pretrained=None)
     res = train_encoder(data, spec, out, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
                         lock_image=lock_image, lock_text=lock_text, resume=resume, images_root=images_root,
                         progress=progress, log=lambda line: (progress.close(), click.echo(line)))

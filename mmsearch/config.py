@@ -20,6 +20,14 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", 
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 
 
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+def shipped_architectures() -> set[str]:
+    """mmsearch's own architectures (JSON configs registered with open_clip); they have no pretrained tags."""
+    return {p.stem for p in MODEL_CONFIG_DIR.glob("*.json")}
+
+
 def default_index_dir() -> Path:
     """`$MMSEARCH_INDEX` if set, else ./indexes/default."""
     return Path(os.environ.get(INDEX_ENV_VAR) or DEFAULT_INDEX_DIR)

@@ -16,10 +16,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .config import ModelSpec
+from .config import MODEL_CONFIG_DIR, ModelSpec
 from .errors import CheckpointError, UnknownModelError, WeightsUnavailableError
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
 CHECKPOINT_FORMAT = "mmsearch-checkpoint"
 _registered = False
 
@@ -28,7 +27,7 @@ def register_model_configs() -> None:
     """Make our shipped architectures (model_configs/*.json) known to open_clip, the way it finds its own."""
     global _registered
     if not _registered:
-        open_clip.add_model_config(CONFIG_DIR)
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
         _registered = True
 
 

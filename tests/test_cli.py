@@ -155,3 +155,11 @@ def test_help_and_text_query_process_import_no_torch(setup):
                          capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip()
     assert res.stderr.strip().endswith("NOTORCH")
+
+
+def test_our_own_architecture_needs_no_pretrained_tag(setup, tmp_path):
+    _, photos, _ = setup
+    res = run("index", photos, "--index", tmp_path / "idx", "--model", "mmsearch-tiny", "--json")
+    assert json.loads(res.stdout.strip().splitlines()[-1])["added"] == 12
+    info = json.loads(run("info", "--index", tmp_path / "idx", "--json").stdout)
+    assert info["model"]["model"] == "mmsearch-tiny" and info["model"]["pretrained"] is None

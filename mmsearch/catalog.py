@@ -330,4 +330,5 @@ class Catalog:
         return cur.rowcount
 
     def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.dir.iterdir() if f.is_file())
+        """Everything the index keeps: catalog (+ WAL), vector caches and the exported text tower."""
+        return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())

@@ -68,7 +68,9 @@ def test_info_json_has_the_documented_keys(setup):
     for key in ("images", "failed", "vectors", "model", "dim", "factory", "bytes_on_disk"):
         assert key in data
     assert data["images"] == 12 and data["failed"] == 1 and data["vectors"] == 12 and data["dim"] == 128
-    assert data["model"]["model"] == "mmsearch-tiny" and data["bytes_on_disk"] > 0
+    on_disk = sum(f.stat().st_size for f in idx.rglob("*") if f.is_file())  # text tower included
+    assert data["model"]["model"] == "mmsearch-tiny" and data["bytes_on_disk"] == on_disk
+    assert (idx / "text_tower").is_dir() and on_disk > (idx / "catalog.db").stat().st_size + 1_000_000
     assert "images" in run("info", "--index", idx).output
 
 

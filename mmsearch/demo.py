@@ -19,6 +19,15 @@ def _test_rows(data_dir: Path) -> list[dict]:
         return [r for r in csv.DictReader(fh) if r["split"] == "test"]
 
 
+def _example_captions(rows: list[dict], n: int) -> list[str]:
+    """The first caption of n test images spread over the split: different scenes, not one swap pair."""
+    firsts: dict = {}
+    for r in rows:
+        firsts.setdefault(r["image"], r["caption"])
+    images = sorted(firsts)
+    return [firsts[images[i * len(images) // n]] for i in range(n)]
+
+
 def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, log: Callable[[str], None] = print,
              progress_factory=None) -> dict:
     from .datasets import load_dataset, synthesize
@@ -60,7 +69,7 @@ def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, log: Cal
     truth = {}
     for r in rows:
         truth.setdefault(r["caption"], str((data / r["image"]).resolve()))
-    for caption in list(truth)[:4]:
+    for caption in _example_captions(rows, 4):
         hits = searcher.search(caption, k=3)
         log(f'    "{caption}"')
         for h in hits:

@@ -390,6 +390,9 @@ def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, rerank
     from .encoder import load_encoder
     from .evaluate import evaluate, render_markdown
 
+    for target in (out_path, save_embeddings):  # before the work, not after it
+        if target:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(data, split=split, images_root=images_root)
     for line in ds.skipped[:10]:
         click.secho(f"skipped {line}", fg="yellow", err=True)

@@ -33,7 +33,7 @@ def one_line_error(res, message):
 def evaluated(synth_dir, tiny_checkpoint, tmp_path_factory):
     """One `eval --json --out --save-embeddings` run on the test split: (stdout report, out path, npz path)."""
     tmp = tmp_path_factory.mktemp("eval")
-    out, npz = tmp / "report.json", tmp / "emb.npz"
+    out, npz = tmp / "reports" / "report.json", tmp / "emb" / "emb.npz"  # folders made on demand
     res = run("eval", synth_dir / "captions.csv", "--checkpoint", tiny_checkpoint, "--json", "--out", out,
               "--save-embeddings", npz)
     return json.loads(res.stdout), out, npz

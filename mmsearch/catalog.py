@@ -268,6 +268,9 @@ class Catalog:
     def failure_states(self) -> dict[str, tuple]:
         return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT path, size, mtime_ns FROM failures")}
 
+    def failure_reasons(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT path, reason FROM failures"))
+
     def record_failure(self, path: str, size: Optional[int], mtime_ns: Optional[int], reason: str) -> None:
         self.db["failures"].upsert(dict(path=path, size=size, mtime_ns=mtime_ns, reason=reason,
                                         failed_at=time.time()), pk="path")

@@ -176,7 +176,7 @@ def index(paths, index_dir, model, pretrained, checkpoint, batch_size, workers, 
     s = summary
     if s.embedded == 0 and not (s.moved or s.removed):
         click.echo(f"nothing to embed: {s.unchanged} unchanged, {s.failed} failed")
-    rate = f" ({s.embedded / s.seconds:.1f} img/s)" if s.embedded and s.seconds else ""
+    rate = f" (embedding {s.embedded / s.embed_seconds:.1f} img/s)" if s.embedded and s.embed_seconds else ""
     click.echo(f"added {s.added}, updated {s.updated}, unchanged {s.unchanged}, moved {s.moved}, "
                f"removed {s.removed}, failed {s.failed} in {s.seconds:.1f}s{rate}")
 

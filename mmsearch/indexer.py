@@ -35,6 +35,7 @@ class IndexSummary:
     removed: int = 0
     failed: int = 0
     seconds: float = 0.0
+    embed_seconds: float = 0.0  # decoding + encoding only, without model loading
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
 
     @property
@@ -44,7 +45,7 @@ class IndexSummary:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["embedded"] = self.embedded
-        d["images_per_s"] = round(self.embedded / self.seconds, 2) if self.seconds else None
+        d["images_per_s"] = round(self.embedded / self.embed_seconds, 2) if self.embed_seconds else None
         return d
 
 
@@ -96,7 +97,12 @@ def _plan(cat: Catalog, roots: list[str], exclude, include_hidden: bool) -> _Pla
             del gone[hit[0]]
         else:
             embed.append(f)
+    # a walk failure already on record (same path, same reason) is not news: count it, don't repeat it
+    recorded = cat.failure_reasons()
+    known_scan = [(p, r) for p, r in scan_failures if recorded.get(p) == r]
+    known_failed += len(known_scan)
     scan_failed = {p for p, _ in scan_failures}
+    scan_failures = [f for f in scan_failures if f not in known_scan]
     state = {f.path: (f.size, f.mtime_ns) for f in files}
     stale_failures = [p for p in failed if _under(p, roots) and p not in scan_failed
                       and (p not in state or failed[p] != state[p])]
@@ -171,7 +177,9 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     if plan.embed:
         encoder = store.encoder()
         token_grid = store.token_grid()
+        started = time.perf_counter()
         _embed_all(store, encoder, plan, vectors, summary, batch_size, workers, token_grid, progress)
+        summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text(encoder)
     store.save_vectors(vectors)
     summary.failed = len(summary.failures) + plan.known_failed

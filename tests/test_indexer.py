@@ -64,8 +64,11 @@ def test_first_run_indexes_good_files_and_records_bad_ones(folder, tmp_path):
 def test_rerun_embeds_nothing_and_changes_are_exact(folder, tmp_path):
     idx = tmp_path / "idx"
     index_folders(idx, [folder.root], spec=TINY, batch_size=4)
+    first_failed = IndexStore.open(idx).catalog.count_failures()
     s = index_folders(idx, [folder.root])
     assert (s.added, s.updated, s.moved, s.removed) == (0, 0, 0, 0) and s.unchanged > 0
+    # known failures (decode errors and walk errors such as broken symlinks) are counted, not re-announced
+    assert s.failures == [] and s.failed == first_failed == len(folder.bad) + 1  # + the directory symlink loop
 
     store = IndexStore.open(idx)
     before = store.catalog.image_states()

@@ -124,8 +124,8 @@ class IndexStore:
         return self.encoder()
 
     def _fast_text(self):
-        if not (self.dir / "text_tower" / "meta.json").is_file():
-            return None
+        if os.environ.get("MMSEARCH_TORCH_TEXT") or not (self.dir / "text_tower" / "meta.json").is_file():
+            return None  # MMSEARCH_TORCH_TEXT=1 forces the torch text tower (debugging, benchmarks)
         from .errors import MmsearchError
 
         try:
@@ -140,7 +140,7 @@ class IndexStore:
         """Write the numpy text tower next to the index so text queries skip torch (best effort)."""
         from .errors import MmsearchError
 
-        if self._fast_text() is None:
+        if self._fast_text() is None and not os.environ.get("MMSEARCH_TORCH_TEXT"):
             try:
                 from .textnp import export_text_tower
 

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 HERE = Path(__file__).parent
+# as `mmsearch index` does (cli._yielding_openmp); both measurements below run under the same policy
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def make_photos(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:

@@ -138,6 +138,15 @@ def _date(value):
     return d.timestamp()
 
 
+def _yielding_openmp():
+    """Indexing runs decode threads next to torch's OpenMP pool; spinning OpenMP workers starve them.
+    Measured on 2 busy cores: 1.6x more images/s with passive waiting. Must precede `import torch`;
+    a user's own OMP_WAIT_POLICY wins."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _emit_json(obj):
     click.echo(json.dumps(obj, ensure_ascii=False))
 
@@ -160,6 +169,7 @@ def index(paths, index_dir, model, pretrained, checkpoint, batch_size, workers, 
           reranker, as_json, progress):
     """Index image folders (or files): new and changed files are embedded, moved ones reuse their
     embedding, deleted ones are removed. Re-running on an unchanged folder embeds nothing."""
+    _yielding_openmp()
     from .indexer import index_folders
 
     summary = index_folders(_index_dir(index_dir), paths, spec=_spec(model, pretrained, checkpoint),
@@ -441,6 +451,7 @@ def rerank():
 @with_bar("tokens")
 def rerank_enable(file, index_dir, progress):
     """Use re-ranker FILE for this index; back-fills image tokens (one read per image)."""
+    _yielding_openmp()
     from .indexer import enable_reranker
 
     res = enable_reranker(_index_dir(index_dir), file, progress=progress)

@@ -17,9 +17,17 @@ def trained(synth_dir, tmp_path_factory):
     """(checkpoint path, training result) of a short run: the same command a user runs."""
     from mmsearch.train import train_encoder
 
+    import torch
+
     out = tmp_path_factory.mktemp("model") / "tiny.pt"
-    res = train_encoder(synth_dir / "captions.csv", ModelSpec(model="mmsearch-tiny", pretrained=None), out,
-                        steps=160, batch_size=48, lr=1e-3)
+    # one thread: on a shared CI core, two spinning OpenMP threads made these 160 steps ~7x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = train_encoder(synth_dir / "captions.csv", ModelSpec(model="mmsearch-tiny", pretrained=None), out,
+                            steps=160, batch_size=48, lr=1e-3)
+    finally:
+        torch.set_num_threads(threads)
     return out, res
 
 

@@ -150,7 +150,7 @@ def main(argv=None):
     print(f"\ntrue vs swapped scene (gallery of 2), R@1: dual encoder {100 * ts['plain']:.1f}, "
           f"re-ranked {100 * ts['re-ranked']:.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {args.out}")
 
 

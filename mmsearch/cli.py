@@ -341,11 +341,13 @@ def texts_remove(ids, index_dir, like):
 @click.option("--n", default=1000, show_default=True, help="Number of images.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
 @click.option("--size", default=64, show_default=True, help="Image side in pixels.")
-def synth(out, n, seed, size):
+@click.option("--relational", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of scenes drawn as colour-swap pairs (what a re-ranker learns from).")
+def synth(out, n, seed, size, relational):
     """Write a synthetic captioned dataset: OUT/images/*.png and OUT/captions.csv (train/val/test)."""
     from .datasets import synthesize
 
-    summary = synthesize(out, n=n, seed=seed, size=size)
+    summary = synthesize(out, n=n, seed=seed, size=size, relational=relational)
     click.echo(json.dumps(summary, default=str))
 
 

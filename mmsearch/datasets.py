@@ -215,7 +215,7 @@ def load_dataset(path, split: Optional[str] = None, images_root=None, verify_ima
         raise DatasetError(f"{path}: malformed dataset ({exc.__class__.__name__}: {exc})") from exc
 
 
-def synthesize(out, n: int = 1000, seed: int = 0, size: int = 64, progress=None) -> dict:
+def synthesize(out, n: int = 1000, seed: int = 0, size: int = 64, relational: float = 0.5, progress=None) -> dict:
     from .synth import synthesize as _synth
 
-    return _synth(out, n=n, seed=seed, size=size, progress=progress)
+    return _synth(out, n=n, seed=seed, size=size, relational=relational, progress=progress)

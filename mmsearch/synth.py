@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .errors import DatasetError
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
            "purple": (140, 40, 170), "orange": (250, 140, 0), "white": (250, 250, 250), "black": (10, 10, 10)}
 BACKGROUNDS = {"gray": (128, 128, 128), "beige": (215, 200, 160), "teal": (0, 120, 120)}
@@ -71,8 +73,14 @@ def _triple_captions(objs, vertical):
             f"three shapes {order}: " + ", ".join(f"{c} {s}" for c, s, *_ in objs)]
 
 
-def synthesize(out, n: int = 1000, seed: int = 0, size: int = 64, progress=None) -> dict:
-    """Write OUT/images/*.png and OUT/captions.csv (image,caption,split,negative). Same seed, same bytes."""
+def synthesize(out, n: int = 1000, seed: int = 0, size: int = 64, relational: float = 0.5, progress=None) -> dict:
+    """Write OUT/images/*.png and OUT/captions.csv (image,caption,split,negative). Same seed, same bytes.
+
+    `relational` is the share of scenes drawn as swap pairs; the rest are split evenly between one-object
+    and three-object scenes.
+    """
+    if not 0.0 <= relational <= 1.0:
+        raise DatasetError(f"relational must be between 0 and 1, got {relational}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -101,7 +109,7 @@ def synthesize(out, n: int = 1000, seed: int = 0, size: int = 64, progress=None)
         attempts += 1
         kind = rng.random()
         bg = rng.choice(list(BACKGROUNDS))
-        if kind < 0.5 and n - i >= 2:  # relational swap pair
+        if kind < relational and n - i >= 2:  # relational swap pair
             ca, cb = rng.sample(list(COLOURS), 2)
             sa, sb = rng.sample(SHAPES, 2)
             vertical = rng.random() < 0.4
@@ -120,7 +128,7 @@ def synthesize(out, n: int = 1000, seed: int = 0, size: int = 64, progress=None)
             caps_b = _pair_captions(rng, (cb, sa), (ca, sb), vertical)
             emit([(ca, sa, pa, ra), (cb, sb, pb, rb)], bg, caps_a, caps_b, split)
             emit([(cb, sa, pa, ra), (ca, sb, pb, rb)], bg, caps_b, caps_a, split)
-        elif kind < 0.75:  # one object
+        elif kind < relational + (1 - relational) / 2:  # one object
             c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
             pos, big = rng.choice(list(POSITIONS)), rng.random() < 0.5
             key = ("one", c, s, pos, big, bg)

@@ -124,6 +124,21 @@ def test_synth_swap_pairs_share_split_and_describe_each_other(synth_dir):
         assert sorted(r["caption"].split()) == sorted(r["negative"].split())  # same words, different scene
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_synth_relational_share_sets_how_many_scenes_are_swap_pairs(tmp_path, share):
+    synthesize(tmp_path, n=100, seed=3, relational=share)
+    rows = list(csv.DictReader(open(tmp_path / "captions.csv")))
+    in_pairs = {r["image"] for r in rows if r["negative"]}
+    assert len({r["image"] for r in rows}) == 100
+    assert len(in_pairs) == 100 * share
+
+
+def test_synth_rejects_a_share_outside_0_1(tmp_path):
+    with pytest.raises(DatasetError, match="relational"):
+        synthesize(tmp_path, n=10, relational=1.5)
+    assert not (tmp_path / "captions.csv").exists()
+
+
 def test_synth_test_captions_identify_one_image(synth_dir):
     ds = load_dataset(synth_dir / "captions.csv", split="test")
     assert len(ds.images) >= 40

@@ -425,9 +425,9 @@ def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, rerank
 @cli.command("train-reranker")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="The dual encoder (frozen).")
-@click.option("--steps", default=1500, show_default=True, help="Optimiser steps.")
+@click.option("--steps", default=2000, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", default=64, show_default=True, help="Positive pairs per step.")
-@click.option("--lr", default=5e-4, show_default=True, type=float, help="Peak learning rate.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate.")
 @click.option("--out", type=click.Path(dir_okay=False), default="reranker.pt", show_default=True,
               help="Re-ranker checkpoint to write.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a killed run.")

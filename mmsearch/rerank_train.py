@@ -110,7 +110,7 @@ def swap_accuracy(reranker_model: FusionModel, f: _Features) -> Optional[float]:
     return wins / len(pairs)
 
 
-def train_reranker(data, encoder_checkpoint, out, steps: int = 1500, batch_size: int = 64, lr: float = 5e-4,
+def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
                    d: int = 128, layers: int = 2, heads: int = 4, resume=None, seed: int = 0,
                    images_root=None, progress: Optional[Callable] = None,
                    log: Optional[Callable[[str], None]] = None) -> dict:

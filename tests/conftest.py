@@ -1,8 +1,23 @@
 """Session fixtures: one synthetic dataset and one tiny model trained on it, shared by the suite."""
+import contextlib
+
 import pytest
 
 from mmsearch.config import ModelSpec
 from mmsearch.datasets import synthesize
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Train fixtures on one thread: on a shared CI core, two spinning OpenMP threads were ~7x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -17,17 +32,10 @@ def trained(synth_dir, tmp_path_factory):
     """(checkpoint path, training result) of a short run: the same command a user runs."""
     from mmsearch.train import train_encoder
 
-    import torch
-
     out = tmp_path_factory.mktemp("model") / "tiny.pt"
-    # one thread: on a shared CI core, two spinning OpenMP threads made these 160 steps ~7x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         res = train_encoder(synth_dir / "captions.csv", ModelSpec(model="mmsearch-tiny", pretrained=None), out,
                             steps=160, batch_size=48, lr=1e-3)
-    finally:
-        torch.set_num_threads(threads)
     return out, res
 
 

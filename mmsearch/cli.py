@@ -207,7 +207,9 @@ def index(paths, index_dir, model, pretrained, checkpoint, batch_size, workers, 
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below X.")
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank with the fusion model [default: on when configured].")
 @click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores.")
-@click.option("--alpha", default=0.0, show_default=True, help="Blend of embedding similarity into the re-ranked score.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the blend the re-ranker "
+                   "was fitted to on validation data].")
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
            rerank, rerank_k, alpha):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
@@ -390,12 +392,14 @@ def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, lr, lo
 @click.option("--rerank", "reranker", type=click.Path(dir_okay=False), default=None,
               help="Re-ranker checkpoint: also report re-ranked metrics.")
 @click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores per query.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the re-ranker's fitted blend].")
 @click.option("--factory", default=None, help="Also report ANN fidelity of this FAISS factory vs exact search.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 @click.option("--save-embeddings", type=click.Path(dir_okay=False), default=None, help="Write embeddings (.npz).")
 @with_bar("eval")
-def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, reranker, rerank_k, factory, as_json,
+def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, reranker, rerank_k, alpha, factory, as_json,
              out_path, save_embeddings, progress):
     """Recall@k for text->image and image->text, computed as CLIP_benchmark does."""
     from .datasets import load_dataset
@@ -414,8 +418,8 @@ def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, rerank
         from .rerank import Reranker
 
         rr = Reranker.load(reranker)
-    report = evaluate(encoder, ds, ks=tuple(ks) or (1, 5, 10), reranker=rr, rerank_k=rerank_k, factory=factory,
-                      save_embeddings=save_embeddings, progress=progress)
+    report = evaluate(encoder, ds, ks=tuple(ks) or (1, 5, 10), reranker=rr, rerank_k=rerank_k, alpha=alpha,
+                      factory=factory, save_embeddings=save_embeddings, progress=progress)
     progress.close()
     if out_path:
         Path(out_path).write_text(json.dumps(report, indent=2))
@@ -476,9 +480,10 @@ def rerank_disable(index_dir):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True,
               help="Folder for the demo's data, model and index.")
 @click.option("--n", default=None, type=int, help="Synthetic images [default: the demo's size].")
-@click.option("--steps", default=None, type=int, help="Training steps [default: the demo's budget].")
-def demo(out, n, steps):
-    """Offline end-to-end demo: synthesise data, train mmsearch-tiny, index, query, report recall@k."""
+@click.option("--steps", default=None, type=int, help="Encoder training steps [default: the demo's budget].")
+@click.option("--reranker-steps", default=None, type=int, help="Re-ranker training steps [default: the demo's budget].")
+def demo(out, n, steps, reranker_steps):
+    """Offline end-to-end demo: synthesise data, train mmsearch-tiny and its re-ranker, index, query, recall@k."""
     from .demo import run_demo
 
-    run_demo(out, n=n, steps=steps, log=click.echo, progress_factory=_Bar)
+    run_demo(out, n=n, steps=steps, reranker_steps=reranker_steps, log=click.echo, progress_factory=_Bar)

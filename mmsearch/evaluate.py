@@ -11,6 +11,7 @@ from .datasets import CaptionDataset
 from .errors import MediaError
 from .media import load_image
 from .metrics import ann_overlap, image_to_text_ranks, reranked_ranks, summarize, text_to_image_ranks, topk
+from .blend import DIRECTIONS, blend
 
 
 def embed_dataset(encoder, ds: CaptionDataset, batch_size: int = 64, token_grid: Optional[int] = None,
@@ -47,28 +48,59 @@ def embed_dataset(encoder, ds: CaptionDataset, batch_size: int = 64, token_grid:
             states if with_states else None)
 
 
-def _rerank_block(reranker, ds, img, txt, toks, states, t2i, i2t, ks, k):
+def rerank_candidates(reranker, ds: CaptionDataset, img, txt, toks, states, k: int) -> dict:
+    """Per direction: plain ranks, the top-k candidates by similarity, their similarities and ITM logits
+    [n,k], and the re-ranker's ms per query. Blending them is cheap, so alpha can be chosen afterwards."""
     cap_img = ds.caption_image
-    cands, _ = topk(txt, img, k)
-    new = np.zeros(cands.shape, np.float32)
-    t = time.perf_counter()
-    for q in range(len(txt)):
-        new[q] = reranker.score_text_to_images(states[q], toks[cands[q]].astype(np.float32))
-    ms_t2i = (time.perf_counter() - t) * 1000 / max(1, len(txt))
-    t2i_r = reranked_ranks(t2i, cands, new, lambda q, c: cap_img[q] == c)
-    cands_i, _ = topk(img, txt, k)
-    new_i = np.zeros(cands_i.shape, np.float32)
-    t = time.perf_counter()
-    for q in range(len(img)):
-        new_i[q] = reranker.score_image_to_texts(toks[q].astype(np.float32), [states[c] for c in cands_i[q]])
-    ms_i2t = (time.perf_counter() - t) * 1000 / max(1, len(img))
-    i2t_r = reranked_ranks(i2t, cands_i, new_i, lambda q, c: cap_img[c] == q)
-    return {"text_to_image": summarize(t2i_r, ks), "image_to_text": summarize(i2t_r, ks), "rerank_k": k,
-            "ms_per_query": {"text_to_image": round(ms_t2i, 3), "image_to_text": round(ms_i2t, 3)}}
+    toks = toks.astype(np.float32)
+    out = {}
+    for d, queries, gallery in (("text_to_image", txt, img), ("image_to_text", img, txt)):
+        cands, sims = topk(queries, gallery, k)
+        logits = np.zeros(cands.shape, np.float32)
+        t = time.perf_counter()
+        for q in range(len(queries)):
+            logits[q] = (reranker.score_text_to_images(states[q], toks[cands[q]]) if d == "text_to_image" else
+                         reranker.score_image_to_texts(toks[q], [states[c] for c in cands[q]]))
+        ms = (time.perf_counter() - t) * 1000 / max(1, len(queries))
+        plain = (text_to_image_ranks(txt, img, cap_img) if d == "text_to_image" else
+                 image_to_text_ranks(img, txt, cap_img))
+        is_pos = ((lambda q, c: cap_img[q] == c) if d == "text_to_image" else (lambda q, c: cap_img[c] == q))
+        out[d] = dict(plain=plain, cands=cands, sims=sims, logits=logits, ms=ms, is_positive=is_pos)
+    return out
+
+
+def reranked(c: dict, alpha: float) -> np.ndarray:
+    """Ranks after re-ranking one direction's candidates (from rerank_candidates) by the blended score."""
+    return reranked_ranks(c["plain"], c["cands"], blend(c["logits"], c["sims"], alpha), c["is_positive"])
+
+
+ALPHA_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
+
+
+def fit_alpha(cands: dict) -> dict:
+    """Per direction, the blend with the best R@1 (then mean rank; then less similarity) on these
+    candidates, normally the validation split's. alpha 1 is the dual encoder's own order, so a fitted
+    blend is never worse than the dual encoder on the data it was fitted on: a weak re-ranker leans on
+    the similarity instead of overriding it."""
+    out = {}
+    for d, c in cands.items():
+        def key(a):
+            r = reranked(c, a)
+            r = r[r > 0]
+            return (-(r <= 1).mean(), r.mean(), a)
+        out[d] = min(ALPHA_GRID, key=key)
+    return out
+
+
+def _rerank_block(reranker, ds, img, txt, toks, states, ks, k, alpha: Optional[dict] = None) -> dict:
+    cands = rerank_candidates(reranker, ds, img, txt, toks, states, k)
+    alpha = {d: reranker.alpha[d] if alpha is None or alpha.get(d) is None else alpha[d] for d in cands}
+    return {**{d: summarize(reranked(c, alpha[d]), ks) for d, c in cands.items()}, "rerank_k": k, "alpha": alpha,
+            "ms_per_query": {d: round(c["ms"], 3) for d, c in cands.items()}}
 
 
 def evaluate(encoder, ds: CaptionDataset, ks: Sequence[int] = (1, 5, 10), reranker=None, rerank_k: int = 32,
-             factory: Optional[str] = None, save_embeddings=None, batch_size: int = 64,
+             alpha: Optional[float] = None, factory: Optional[str] = None, save_embeddings=None, batch_size: int = 64,
              progress: Optional[Callable] = None) -> dict:
     grid = reranker.token_grid if reranker is not None else None
     img, txt, toks, states = embed_dataset(encoder, ds, batch_size, token_grid=grid,
@@ -80,7 +112,8 @@ def evaluate(encoder, ds: CaptionDataset, ks: Sequence[int] = (1, 5, 10), rerank
               "model": dict(encoder.spec.to_dict(), arch=encoder.arch.split("@")[0], fingerprint=encoder.fingerprint),
               "dataset": ds.source, "split": ds.split, "ks": list(ks)}
     if reranker is not None:
-        report["reranked"] = _rerank_block(reranker, ds, img, txt, toks, states, t2i, i2t, ks, rerank_k)
+        report["reranked"] = _rerank_block(reranker, ds, img, txt, toks, states, ks, rerank_k,
+                                           None if alpha is None else dict.fromkeys(DIRECTIONS, alpha))
     if factory:
         report["ann"] = _ann_fidelity(factory, img, txt, max(ks))
     if save_embeddings:
@@ -115,8 +148,10 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {d.replace('_to_', '→')}{label} | " + " | ".join(vals) + " |")
     if "reranked" in report:
         ms = report["reranked"]["ms_per_query"]
+        a = report["reranked"]["alpha"]
         lines.append(f"\nre-ranking top {report['reranked']['rerank_k']}: {ms['text_to_image']:.1f} ms/query "
-                     f"text→image, {ms['image_to_text']:.1f} ms/query image→text")
+                     f"text→image, {ms['image_to_text']:.1f} ms/query image→text; score blend alpha "
+                     f"{a['text_to_image']:g} / {a['image_to_text']:g}")
     if "ann" in report:
         a = report["ann"]
         lines.append("\nANN fidelity of '{}': ".format(a["factory"]) + ", ".join(

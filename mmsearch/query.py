@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .blend import blend
 from .config import IMAGE_EXTENSIONS
 from .errors import EmptyIndexError, QueryError
 from .store import IndexStore
@@ -129,8 +130,9 @@ class Searcher:
     def search(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
-               rerank_k: int = DEFAULT_RERANK_K, alpha: float = 0.0) -> list[Hit]:
-        """Top-k images. rerank=None re-ranks when the index has a re-ranker and the query is one text."""
+               rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None) -> list[Hit]:
+        """Top-k images. rerank=None re-ranks when the index has a re-ranker and the query is one text;
+        alpha=None blends the re-ranker's score with the similarity as fitted when it was trained."""
         terms = parse_query(query, images)
         cat = self.store.catalog
         if cat.count_images() == 0:
@@ -155,7 +157,7 @@ class Searcher:
         itm = {}
         if rerank and pairs:
             itm = self._rerank_images(states, [i for i, _ in pairs])
-        hits = _order(pairs, itm, alpha)
+        hits = _order(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)
         rows = cat.rows([i for i, *_ in hits[:k]])
         out = []
         for i, final, sim, logit in hits:
@@ -179,7 +181,8 @@ class Searcher:
 
     # ---- image -> text, text -> text ----------------------------------------------------------
     def search_texts(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
-                     rerank: Optional[bool] = None, rerank_k: int = DEFAULT_RERANK_K, alpha: float = 0.0) -> list[dict]:
+                     rerank: Optional[bool] = None, rerank_k: int = DEFAULT_RERANK_K,
+                     alpha: Optional[float] = None) -> list[dict]:
         terms = parse_query(query, images)
         cat = self.store.catalog
         if cat.count_texts() == 0:
@@ -196,10 +199,13 @@ class Searcher:
         scores, ids = self.store.text_vectors().search(np.asarray(vec, np.float32)[None, :], depth)
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         itm = self._rerank_texts(qtoks, [i for i, _ in pairs]) if rerank and pairs else {}
-        hits = _order(pairs, itm, alpha)[:k]
+        hits = _order(pairs, itm, self._alpha(alpha, "image_to_text") if itm else 0.0)[:k]
         texts = {r["id"]: r["text"] for r in cat.text_rows([i for i, *_ in hits])}
         return [dict(rank=n + 1, score=final, text=texts[i], id=i, similarity=sim, itm=logit)
                 for n, (i, final, sim, logit) in enumerate(hits) if i in texts]
+
+    def _alpha(self, alpha: Optional[float], direction: str) -> float:
+        return self.store.reranker().alpha[direction] if alpha is None else alpha
 
     def _rerank_texts(self, image_tokens: np.ndarray, ids: list[int]) -> dict[int, float]:
         states = self.store.catalog.text_states(ids, int(self.store.meta["text_width"]))
@@ -214,14 +220,13 @@ class Searcher:
 
 def _order(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
     """[(id, final, similarity, itm)] best first. With a re-ranker the final score is the ITM
-    probability, optionally blended with the embedding similarity: (1-alpha)*p + alpha*sim."""
+    probability blended with the embedding similarity (blend.py)."""
     if not itm:
         return [(i, s, s, None) for i, s in pairs]
     scored = []
     for i, s in pairs:
         if i in itm:
-            p = 1.0 / (1.0 + np.exp(-itm[i]))
-            scored.append((i, (1 - alpha) * p + alpha * s, s, itm[i]))
+            scored.append((i, float(blend(itm[i], s, alpha)), s, itm[i]))
         else:  # no cached tokens: rank after every re-scored candidate
             scored.append((i, s - 10.0, s, None))
     return sorted(scored, key=lambda t: -t[1])

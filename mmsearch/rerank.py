@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .blend import DIRECTIONS
 from .errors import CheckpointError
 
 TOKEN_GRID = 4
@@ -79,12 +80,14 @@ class Reranker:
     """A trained FusionModel with numpy in/out, as the query layer and evaluation use it."""
 
     def __init__(self, model: FusionModel, encoder_fingerprint: str, token_grid: int = TOKEN_GRID,
-                 path: str = "", meta: dict | None = None):
+                 path: str = "", meta: dict | None = None, alpha: dict | None = None):
         self.model = model.eval()
         self.encoder_fingerprint = encoder_fingerprint
         self.token_grid = token_grid
         self.path = path
         self.meta = meta or {}
+        # default blend per direction, fitted on validation data by train-reranker (0: the ITM score alone)
+        self.alpha = {d: float((alpha or {}).get(d, 0.0)) for d in DIRECTIONS}
 
     @classmethod
     def load(cls, path) -> "Reranker":
@@ -100,7 +103,7 @@ class Reranker:
         model = FusionModel(**ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
         return cls(model, ckpt["encoder_fingerprint"], ckpt.get("token_grid", TOKEN_GRID), str(os.path.abspath(path)),
-                   {k: ckpt.get(k) for k in ("encoder_arch", "train_args", "metrics")})
+                   {k: ckpt.get(k) for k in ("encoder_arch", "train_args", "metrics")}, ckpt.get("alpha"))
 
     @torch.inference_mode()
     def score_text_to_images(self, text_states: np.ndarray, image_tokens: np.ndarray) -> np.ndarray:

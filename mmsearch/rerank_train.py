@@ -4,6 +4,9 @@ ITM loss (binary cross-entropy) over positives and hard negatives: for every pai
 negative image and a negative caption are drawn from the batch with probability rising with the dual
 encoder's similarity (ALBEF), and, when the data provides attribute-swapped captions, the swapped
 caption and the swapped scene are added as negatives: exactly the pairs a dual encoder confuses.
+
+After training, the blend of ITM probability and similarity is fitted per direction on the validation
+split (evaluate.fit_alpha) and stored in the checkpoint as the default for search and eval.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from .config import ModelSpec
 from .datasets import CaptionDataset, load_dataset
 from .encoder import load_encoder
 from .errors import CheckpointError
-from .evaluate import embed_dataset
+from .evaluate import embed_dataset, fit_alpha, rerank_candidates, reranked
+from .query import DEFAULT_RERANK_K
 from .rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_states
 from .train import lr_at, save_atomic
 
@@ -94,6 +98,17 @@ def _batch(f: _Features, step: int, batch_size: int, seed: int):
     return text[:, :keep], lengths, f.toks[images], labels
 
 
+def _fit_blend(reranker: Reranker, val: _Features, log: Callable[[str], None]) -> dict:
+    """Fit the score blend on the validation split and log what it buys over either score alone."""
+    cands = rerank_candidates(reranker, val.ds, val.img, val.txt, val.toks.numpy(), val.states, DEFAULT_RERANK_K)
+    alpha = fit_alpha(cands)
+    for d, c in cands.items():
+        r1 = {a: 100 * float((lambda r: (r[r > 0] <= 1).mean())(reranked(c, a))) for a in (0.0, alpha[d], 1.0)}
+        log(f"val {d.replace('_to_', '->')} R@1: dual encoder {r1[1.0]:.1f}, ITM alone {r1[0.0]:.1f}, "
+            f"fitted blend alpha {alpha[d]:g} {r1[alpha[d]]:.1f}")
+    return alpha
+
+
 @torch.inference_mode()
 def swap_accuracy(reranker_model: FusionModel, f: _Features) -> Optional[float]:
     """Fraction of captions with a swapped scene whose true image outscores the swapped one."""
@@ -142,11 +157,12 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
         log(f"resuming at step {start}/{args['steps']}")
     warmup = max(1, args["steps"] // 20)
     metrics: dict = {}
+    alpha: Optional[dict] = None
 
     def checkpoint(step: int, final: bool) -> None:
         obj = {"format": RERANKER_FORMAT, "config": model.config, "state_dict": model.state_dict(),
                "encoder_fingerprint": encoder.fingerprint, "encoder_arch": encoder.arch.split("@")[0],
-               "token_grid": TOKEN_GRID, "train_args": args, "metrics": metrics}
+               "token_grid": TOKEN_GRID, "train_args": args, "metrics": metrics, "alpha": alpha}
         if not final:
             obj["resume"] = {"step": step, "optimizer": opt.state_dict()}
         save_atomic(obj, out)
@@ -177,5 +193,8 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
             if done < args["steps"]:
                 checkpoint(done, final=False)
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
+    if val is not None:
+        alpha = _fit_blend(Reranker(model, encoder.fingerprint), val, log)
+        metrics["alpha"] = alpha
     checkpoint(args["steps"], final=True)
     return {"checkpoint": str(out), **metrics}

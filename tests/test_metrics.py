@@ -1,7 +1,10 @@
-"""metrics.py against a naive full-matrix reference (stable argsort), with ties and uneven captions."""
+"""metrics.py against a naive full-matrix reference (stable argsort), with ties and uneven captions; the
+re-ranked score blend and its fitting against a by-hand reference."""
 import numpy as np
 import pytest
 
+from mmsearch.blend import blend
+from mmsearch.evaluate import ALPHA_GRID, fit_alpha, reranked
 from mmsearch.metrics import (ann_overlap, image_to_text_ranks, reranked_ranks, summarize, text_to_image_ranks,
                               topk)
 
@@ -86,3 +89,41 @@ def test_topk_and_ann_overlap():
     assert (ids[:, 0] == np.arange(5)).all() and (np.diff(vals, axis=1) <= 0).all()
     assert ann_overlap(ids, ids, 3) == 1.0
     assert ann_overlap(ids, np.full_like(ids, -1), 3) == 0.0
+
+
+def _one_direction(rng, n, k, informative_sims, informative_itm):
+    """A text->image candidate block (as evaluate.rerank_candidates makes it) for n queries whose own
+    image is candidate 0..k-1 at random; either score can carry the answer or be noise."""
+    own = rng.integers(0, k, n)
+    cands = np.tile(np.arange(k), (n, 1))
+    hit = cands == own[:, None]
+    sims = rng.uniform(0.8, 0.9, (n, k)) + (0.05 * hit if informative_sims else 0)
+    logits = rng.normal(0, 2, (n, k)) + (6.0 * hit if informative_itm else 0)
+    plain = 1 + np.argsort(np.argsort(-sims, axis=1, kind="stable"), axis=1, kind="stable")[hit]
+    return dict(plain=plain, cands=cands, sims=sims.astype(np.float32), logits=logits.astype(np.float32), ms=0.0,
+                is_positive=lambda q, c: own[q] == c)
+
+
+def _r1_by_hand(c, alpha):
+    """Naive reference: blend, sort each query's candidates, is the positive first?"""
+    p = 1 / (1 + np.exp(-c["logits"].astype(np.float64)))
+    score = (1 - alpha) * p + alpha * c["sims"].astype(np.float64)
+    return np.mean([c["is_positive"](q, int(c["cands"][q, np.argmax(score[q])])) for q in range(len(score))])
+
+
+@pytest.mark.parametrize("sims_informative, itm_informative", [(True, False), (False, True), (True, True)])
+def test_fit_alpha_picks_the_grid_point_with_the_best_r1_and_never_loses_to_either_score(sims_informative,
+                                                                                          itm_informative):
+    rng = np.random.default_rng(11)
+    c = _one_direction(rng, 300, 16, sims_informative, itm_informative)
+    alpha = fit_alpha({"text_to_image": c})["text_to_image"]
+    assert alpha in ALPHA_GRID
+    best = max(_r1_by_hand(c, a) for a in ALPHA_GRID)
+    assert _r1_by_hand(c, alpha) == pytest.approx(best)
+    assert _r1_by_hand(c, alpha) >= max(_r1_by_hand(c, 0.0), _r1_by_hand(c, 1.0))
+    assert (reranked(c, alpha) <= 1).mean() == pytest.approx(best)
+    if not itm_informative:  # a useless re-ranker must not override the dual encoder
+        assert alpha >= 0.9
+    if not sims_informative:  # nor a useless similarity the re-ranker
+        assert alpha <= 0.5
+    assert blend(c["logits"], c["sims"], 1.0) == pytest.approx(c["sims"].astype(np.float64))

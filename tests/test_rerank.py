@@ -255,7 +255,7 @@ def test_reranking_never_returns_a_filtered_out_image(rr_index, filters):
     for rerank_k in (4, 32):
         hits = searcher.search(q, k=rerank_k, rerank_k=rerank_k, **kw)
         assert {h.id for h in hits} <= allowed and len(hits) == min(rerank_k, len(allowed))
-        # naive reference: brute-force top K among the allowed ids, ordered by the ITM probability
+        # naive reference: brute-force top K among the allowed ids, ordered by the blended score
         vec, states = searcher.embed(parse_query(q), want_states=True)
         ids, emb = store.catalog.embeddings(store.dim)
         sims = emb @ vec
@@ -263,7 +263,10 @@ def test_reranking_never_returns_a_filtered_out_image(rr_index, filters):
         top = order[:rerank_k]
         toks = store.catalog.tokens(top, store.token_shape())
         logits = store.reranker().score_text_to_images(states, np.stack([toks[i] for i in top]))
-        assert [h.id for h in hits] == [top[j] for j in np.argsort(-logits, kind="stable")]
+        a = store.reranker().alpha["text_to_image"]
+        sim_of = dict(zip(ids.tolist(), sims.tolist()))
+        score = (1 - a) / (1 + np.exp(-logits.astype(np.float64))) + a * np.array([sim_of[i] for i in top])
+        assert [h.id for h in hits] == [top[j] for j in np.argsort(-score, kind="stable")]
         np.testing.assert_allclose(sorted(h.itm for h in hits), sorted(logits), rtol=1e-5, atol=1e-5)
 
 
@@ -313,16 +316,23 @@ def test_search_json_reports_both_scores_and_no_rerank_is_brute_force(rr_index):
     forced = [json.loads(x) for x in run("search", q, "--index", idx, "-k", 6, "--json", "--rerank").output.splitlines()]
     assert default == forced  # on by default when configured
     assert len(default) == 6
+    a = Reranker.load(IndexStore.open(idx).reranker_info()["path"]).alpha["text_to_image"]  # fitted at training
     for h in default:
         assert isinstance(h["similarity"], float) and isinstance(h["itm"], float)
-        assert h["score"] == pytest.approx(1 / (1 + np.exp(-h["itm"])), abs=1e-6)  # alpha 0: the ITM probability
+        assert h["score"] == pytest.approx((1 - a) / (1 + np.exp(-h["itm"])) + a * h["similarity"], abs=1e-6)
     assert [h["rank"] for h in default] == list(range(1, 7))
-    assert all(a["itm"] >= b["itm"] for a, b in zip(default, default[1:]))
+    assert all(x["score"] >= y["score"] for x, y in zip(default, default[1:]))
 
+    itm_only = [json.loads(x) for x in
+                run("search", q, "--index", idx, "-k", 6, "--json", "--alpha", 0).output.splitlines()]
+    for h in itm_only:
+        assert h["score"] == pytest.approx(1 / (1 + np.exp(-h["itm"])), abs=1e-6)  # alpha 0: the ITM probability
+    assert all(x["itm"] >= y["itm"] for x, y in zip(itm_only, itm_only[1:]))
     blended = [json.loads(x) for x in
                run("search", q, "--index", idx, "-k", 6, "--json", "--alpha", 0.5).output.splitlines()]
     for h in blended:
         assert h["score"] == pytest.approx(0.5 / (1 + np.exp(-h["itm"])) + 0.5 * h["similarity"], abs=1e-6)
+    assert run("search", q, "--index", idx, "--alpha", 1.5, ok=False).exit_code != 0
 
     plain = [json.loads(x) for x in
              run("search", q, "--index", idx, "-k", 6, "--json", "--no-rerank").output.splitlines()]
@@ -372,5 +382,11 @@ def test_eval_rerank_json_has_a_reranked_block_of_the_same_shape(synth_dir, tiny
                          reranker_file[0], "--rerank-k", 1, "-k", 1, "-k", 5, "-k", 16, "--json").output)
     for d in ("text_to_image", "image_to_text"):
         assert one["reranked"][d] == one[d] == report[d]
+    # the blend defaults to the one fitted on validation data at training; --alpha 1 is the plain order
+    assert report["reranked"]["alpha"] == Reranker.load(reranker_file[0]).alpha == reranker_file[1]["alpha"]
+    sim_only = json.loads(run("eval", synth_dir / "captions.csv", "--checkpoint", tiny_checkpoint, "--rerank",
+                              reranker_file[0], "--alpha", 1, "-k", 1, "-k", 5, "-k", 16, "--json").output)
+    for d in ("text_to_image", "image_to_text"):
+        assert sim_only["reranked"][d] == sim_only[d]
     table = run("eval", synth_dir / "captions.csv", "--checkpoint", tiny_checkpoint, "--rerank", reranker_file[0]).output
     assert "text→image re-ranked" in table and "re-ranking top 32" in table

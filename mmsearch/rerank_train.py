@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .config import ModelSpec
 from .datasets import CaptionDataset, load_dataset
 from .encoder import load_encoder
-from .errors import CheckpointError
+from .errors import CheckpointError, DatasetError
 from .evaluate import embed_dataset, fit_alpha, rerank_candidates, reranked
 from .query import DEFAULT_RERANK_K
 from .rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_states
@@ -143,8 +143,9 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
     train = _Features(encoder, load_dataset(data, split="train", images_root=images_root), progress)
     try:
         val = _Features(encoder, load_dataset(data, split="val", images_root=images_root))
-    except Exception:
+    except DatasetError:  # no validation split: train without validation metrics or a fitted blend
         val = None
+        log("no 'val' split: no validation metrics, and the score blend stays at the ITM score (alpha 0)")
     torch.manual_seed(args["seed"])
     model = FusionModel(encoder.text_width, encoder.vision_width, 1 + TOKEN_GRID ** 2, d=args["d"],
                         layers=args["layers"], heads=args["heads"])

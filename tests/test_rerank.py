@@ -280,6 +280,26 @@ def test_checkpoint_is_one_self_describing_file(reranker_file, encoder):
     assert "resume" not in ckpt and res["checkpoint"] == str(path)
 
 
+def test_checkpoint_carries_the_blend_fitted_on_validation(reranker_file):
+    alpha = reranker_file[1]["alpha"]
+    assert set(alpha) == {"text_to_image", "image_to_text"} and all(0 <= a <= 1 for a in alpha.values())
+    assert Reranker.load(reranker_file[0]).alpha == alpha
+
+
+def test_training_without_a_val_split_keeps_the_itm_score_and_says_so(synth_dir, tiny_checkpoint, tmp_path):
+    rows = (synth_dir / "captions.csv").read_text().splitlines()
+    no_val = tmp_path / "captions.csv"
+    no_val.write_text("\n".join([rows[0]] + [r for r in rows[1:] if ",val," not in r]) + "\n")
+    assert len(no_val.read_text().splitlines()) < len(rows)  # there was a val split to drop
+    lines = []
+    with one_torch_thread():
+        res = train_reranker(no_val, tiny_checkpoint, tmp_path / "rr.pt", steps=4, batch_size=8,
+                             images_root=synth_dir, log=lines.append)
+    assert any("no 'val' split" in line for line in lines)
+    assert "alpha" not in res
+    assert Reranker.load(tmp_path / "rr.pt").alpha == {"text_to_image": 0.0, "image_to_text": 0.0}
+
+
 def test_a_model_trained_on_swapped_pairs_prefers_the_true_scene_on_held_out_pairs(swap_data, reranker_file,
                                                                                    encoder):
     train = load_dataset(swap_data / "captions.csv", split="train")

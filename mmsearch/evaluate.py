@@ -7,11 +7,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .blend import blend
 from .datasets import CaptionDataset
 from .errors import MediaError
 from .media import load_image
 from .metrics import ann_overlap, image_to_text_ranks, reranked_ranks, summarize, text_to_image_ranks, topk
-from .blend import DIRECTIONS, blend
 
 
 def embed_dataset(encoder, ds: CaptionDataset, batch_size: int = 64, token_grid: Optional[int] = None,
@@ -48,24 +48,30 @@ def embed_dataset(encoder, ds: CaptionDataset, batch_size: int = 64, token_grid:
             states if with_states else None)
 
 
-def rerank_candidates(reranker, ds: CaptionDataset, img, txt, toks, states, k: int) -> dict:
-    """Per direction: plain ranks, the top-k candidates by similarity, their similarities and ITM logits
-    [n,k], and the re-ranker's ms per query. Blending them is cheap, so alpha can be chosen afterwards."""
+def rerank_candidates(reranker, ds: CaptionDataset, img, txt, toks, states, k: int,
+                      plain: Optional[dict] = None) -> dict:
+    """Per direction: plain ranks (`plain` if the caller has them), the top-k candidates by similarity,
+    their similarities and ITM logits [n,k], and the re-ranker's ms per query. Blending them is cheap,
+    so alpha can be chosen afterwards."""
     cap_img = ds.caption_image
     toks = toks.astype(np.float32)
+    plain = plain or {"text_to_image": text_to_image_ranks(txt, img, cap_img),
+                      "image_to_text": image_to_text_ranks(img, txt, cap_img)}
+    directions = {  # queries, gallery, ITM of query q against candidates c, is c a positive of q
+        "text_to_image": (txt, img, lambda q, c: reranker.score_text_to_images(states[q], toks[c]),
+                          lambda q, c: cap_img[q] == c),
+        "image_to_text": (img, txt, lambda q, c: reranker.score_image_to_texts(toks[q], [states[i] for i in c]),
+                          lambda q, c: cap_img[c] == q),
+    }
     out = {}
-    for d, queries, gallery in (("text_to_image", txt, img), ("image_to_text", img, txt)):
+    for d, (queries, gallery, score, is_positive) in directions.items():
         cands, sims = topk(queries, gallery, k)
         logits = np.zeros(cands.shape, np.float32)
         t = time.perf_counter()
         for q in range(len(queries)):
-            logits[q] = (reranker.score_text_to_images(states[q], toks[cands[q]]) if d == "text_to_image" else
-                         reranker.score_image_to_texts(toks[q], [states[c] for c in cands[q]]))
+            logits[q] = score(q, cands[q])
         ms = (time.perf_counter() - t) * 1000 / max(1, len(queries))
-        plain = (text_to_image_ranks(txt, img, cap_img) if d == "text_to_image" else
-                 image_to_text_ranks(img, txt, cap_img))
-        is_pos = ((lambda q, c: cap_img[q] == c) if d == "text_to_image" else (lambda q, c: cap_img[c] == q))
-        out[d] = dict(plain=plain, cands=cands, sims=sims, logits=logits, ms=ms, is_positive=is_pos)
+        out[d] = dict(plain=plain[d], cands=cands, sims=sims, logits=logits, ms=ms, is_positive=is_positive)
     return out
 
 
@@ -85,18 +91,17 @@ def fit_alpha(cands: dict) -> dict:
     out = {}
     for d, c in cands.items():
         def key(a):
-            r = reranked(c, a)
-            r = r[r > 0]
-            return (-(r <= 1).mean(), r.mean(), a)
+            m = summarize(reranked(c, a), (1,))
+            return (-m["R@1"], m["mean_rank"], a)
         out[d] = min(ALPHA_GRID, key=key)
     return out
 
 
-def _rerank_block(reranker, ds, img, txt, toks, states, ks, k, alpha: Optional[dict] = None) -> dict:
-    cands = rerank_candidates(reranker, ds, img, txt, toks, states, k)
-    alpha = {d: reranker.alpha[d] if alpha is None or alpha.get(d) is None else alpha[d] for d in cands}
-    return {**{d: summarize(reranked(c, alpha[d]), ks) for d, c in cands.items()}, "rerank_k": k, "alpha": alpha,
-            "ms_per_query": {d: round(c["ms"], 3) for d, c in cands.items()}}
+def _rerank_block(reranker, ds, img, txt, toks, states, plain: dict, ks, k, alpha: Optional[float]) -> dict:
+    cands = rerank_candidates(reranker, ds, img, txt, toks, states, k, plain)
+    alpha_of = {d: reranker.alpha[d] if alpha is None else alpha for d in cands}
+    return {**{d: summarize(reranked(c, alpha_of[d]), ks) for d, c in cands.items()}, "rerank_k": k,
+            "alpha": alpha_of, "ms_per_query": {d: round(c["ms"], 3) for d, c in cands.items()}}
 
 
 def evaluate(encoder, ds: CaptionDataset, ks: Sequence[int] = (1, 5, 10), reranker=None, rerank_k: int = 32,
@@ -112,8 +117,8 @@ def evaluate(encoder, ds: CaptionDataset, ks: Sequence[int] = (1, 5, 10), rerank
               "model": dict(encoder.spec.to_dict(), arch=encoder.arch.split("@")[0], fingerprint=encoder.fingerprint),
               "dataset": ds.source, "split": ds.split, "ks": list(ks)}
     if reranker is not None:
-        report["reranked"] = _rerank_block(reranker, ds, img, txt, toks, states, ks, rerank_k,
-                                           None if alpha is None else dict.fromkeys(DIRECTIONS, alpha))
+        report["reranked"] = _rerank_block(reranker, ds, img, txt, toks, states,
+                                           {"text_to_image": t2i, "image_to_text": i2t}, ks, rerank_k, alpha)
     if factory:
         report["ann"] = _ann_fidelity(factory, img, txt, max(ks))
     if save_embeddings:

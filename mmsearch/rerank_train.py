@@ -24,6 +24,7 @@ from .datasets import CaptionDataset, load_dataset
 from .encoder import load_encoder
 from .errors import CheckpointError, DatasetError
 from .evaluate import embed_dataset, fit_alpha, rerank_candidates, reranked
+from .metrics import summarize
 from .query import DEFAULT_RERANK_K
 from .rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_states
 from .train import lr_at, save_atomic
@@ -103,7 +104,7 @@ def _fit_blend(reranker: Reranker, val: _Features, log: Callable[[str], None]) -
     cands = rerank_candidates(reranker, val.ds, val.img, val.txt, val.toks.numpy(), val.states, DEFAULT_RERANK_K)
     alpha = fit_alpha(cands)
     for d, c in cands.items():
-        r1 = {a: 100 * float((lambda r: (r[r > 0] <= 1).mean())(reranked(c, a))) for a in (0.0, alpha[d], 1.0)}
+        r1 = {a: 100 * summarize(reranked(c, a), (1,))["R@1"] for a in (0.0, alpha[d], 1.0)}
         log(f"val {d.replace('_to_', '->')} R@1: dual encoder {r1[1.0]:.1f}, ITM alone {r1[0.0]:.1f}, "
             f"fitted blend alpha {alpha[d]:g} {r1[alpha[d]]:.1f}")
     return alpha

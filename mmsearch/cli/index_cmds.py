@@ -1,0 +1,130 @@
+"""Commands that build and inspect an index: index, info, errors, reindex, rerank."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import ModelSpec
+from .app import cli
+from .options import emit_json, index_dir_of, index_option, model_options, model_spec, with_bar, yielding_openmp
+
+
+# ---- index -------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@index_option
+@model_options
+@click.option("--batch-size", default=32, show_default=True, help="Images per encoder batch.")
+@click.option("--workers", default=None, type=int, help="Decoding threads [default: CPU count, max 4].")
+@click.option("--exclude", multiple=True, help="Glob of paths to skip (repeatable), e.g. '*/thumbs/*'.")
+@click.option("--hidden", is_flag=True, help="Also index hidden files and folders.")
+@click.option("--factory", default=None, help="FAISS factory string for a new index [default: Flat].")
+@click.option("--reranker", type=click.Path(dir_okay=False), default=None,
+              help="Re-ranker checkpoint: store its image tokens while indexing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@with_bar("embed")
+def index(paths, index_dir, model, pretrained, checkpoint, batch_size, workers, exclude, hidden, factory,
+          reranker, as_json, progress):
+    """Index image folders (or files): new and changed files are embedded, moved ones reuse their
+    embedding, deleted ones are removed. Re-running on an unchanged folder embeds nothing."""
+    yielding_openmp()
+    from ..indexer import index_folders
+
+    summary = index_folders(index_dir_of(index_dir), paths, spec=model_spec(model, pretrained, checkpoint),
+                            batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden,
+                            factory=factory, reranker=reranker, progress=progress)
+    progress.close()
+    if as_json:
+        emit_json(summary.to_dict())
+        return
+    for path, reason in summary.failures[:20]:
+        click.secho(f"failed: {path}: {reason}", fg="red", err=True)
+    if len(summary.failures) > 20:
+        click.secho(f"... and {len(summary.failures) - 20} more (see `mmsearch errors`)", fg="red", err=True)
+    s = summary
+    if s.embedded == 0 and not (s.moved or s.removed):
+        click.echo(f"nothing to embed: {s.unchanged} unchanged, {s.failed} failed")
+    rate = f" (embedding {s.embedded / s.embed_seconds:.1f} img/s)" if s.embedded and s.embed_seconds else ""
+    click.echo(f"added {s.added}, updated {s.updated}, unchanged {s.unchanged}, moved {s.moved}, "
+               f"removed {s.removed}, failed {s.failed} in {s.seconds:.1f}s{rate}")
+
+
+
+# ---- inspection --------------------------------------------------------------------------------
+@cli.command()
+@index_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def info(index_dir, as_json):
+    """Show what an index holds: images, failures, vectors, model, dim, factory, size on disk."""
+    from ..store import IndexStore
+
+    data = IndexStore.open(index_dir_of(index_dir)).info()
+    if as_json:
+        return emit_json(data)
+    m = data["model"]
+    rows = [("index", data["index"]), ("images", data["images"]), ("failed", data["failed"]),
+            ("vectors", data["vectors"]), ("texts", data["texts"]),
+            ("model", ModelSpec.from_dict(m).describe()), ("fingerprint", m["fingerprint"]), ("dim", data["dim"]),
+            ("factory", data["factory"]),
+            ("reranker", data["reranker"]["path"] if data["reranker"] else "none"),
+            ("rerank bytes/image", data["rerank_bytes_per_image"]),
+            ("bytes on disk", f"{data['bytes_on_disk']:,}")]
+    for name, value in rows:
+        click.echo(f"{name:<19}{value}")
+
+
+@cli.command()
+@index_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def errors(index_dir, as_json):
+    """List files that could not be indexed, with the reason. They are retried when they change."""
+    from ..store import IndexStore
+
+    rows = IndexStore.open(index_dir_of(index_dir)).catalog.failures()
+    for r in rows:
+        emit_json(r) if as_json else click.echo(f"{r['path']}\t{r['reason']}")
+    if not rows and not as_json:
+        click.echo("no failures", err=True)
+
+
+@cli.command()
+@index_option
+@click.option("--factory", required=True, help="FAISS factory string, e.g. Flat, HNSW32, 'IVF1024,SQ8'.")
+def reindex(index_dir, factory):
+    """Rebuild the vector index with another FAISS structure from stored embeddings (no re-embedding)."""
+    from ..store import IndexStore
+
+    n = IndexStore.open(index_dir_of(index_dir)).reindex(factory)
+    click.echo(f"rebuilt vector index '{factory}' with {n} vectors")
+
+
+@cli.group()
+def rerank():
+    """Configure the fusion re-ranker of an index."""
+
+
+@rerank.command("enable")
+@click.argument("file", type=click.Path(dir_okay=False))
+@index_option
+@with_bar("tokens")
+def rerank_enable(file, index_dir, progress):
+    """Use re-ranker FILE for this index; back-fills image tokens (one read per image)."""
+    yielding_openmp()
+    from ..indexer import enable_reranker
+
+    res = enable_reranker(index_dir_of(index_dir), file, progress=progress)
+    progress.close()
+    click.echo(f"re-ranker enabled: tokens for {res['images']} images ({res['failed']} unreadable), "
+               f"states for {res['texts']} texts")
+
+
+@rerank.command("disable")
+@index_option
+def rerank_disable(index_dir):
+    """Stop re-ranking by default (cached tokens are kept)."""
+    from ..store import IndexStore
+
+    IndexStore.open(index_dir_of(index_dir)).disable_reranker()
+    click.echo("re-ranker disabled")
+

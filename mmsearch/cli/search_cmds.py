@@ -1,0 +1,92 @@
+"""Commands that query an index: search, and the text corpus for image->text."""
+from __future__ import annotations
+
+import click
+
+from .app import cli
+from .options import emit_json, index_dir_of, index_option, output_options, parse_date, render_hits, with_bar
+
+
+# ---- search ------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("query", required=False)
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="Query image (repeatable); inside or outside the index.")
+@click.option("--texts", "over_texts", is_flag=True, help="Search the text corpus instead of the images.")
+@index_option
+@click.option("-k", "k", default=10, show_default=True, help="Number of results.")
+@output_options
+@click.option("--under", type=click.Path(file_okay=False), help="Only images under this folder.")
+@click.option("--ext", "exts", help="Only these extensions, comma-separated, e.g. jpg,png.")
+@click.option("--after", help="Only images taken on/after DATE (EXIF date, else file mtime).")
+@click.option("--before", help="Only images taken before DATE.")
+@click.option("--min-score", type=float, default=None, help="Drop results scoring below X.")
+@click.option("--rerank/--no-rerank", default=None, help="Re-rank with the fusion model [default: on when configured].")
+@click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the blend the re-ranker "
+                   "was fitted to on validation data].")
+def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
+           rerank, rerank_k, alpha):
+    """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
+    from ..query import Searcher
+    from ..store import IndexStore
+
+    searcher = Searcher(IndexStore.open(index_dir_of(index_dir)))
+    if over_texts:
+        hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
+        return render_hits(hits, as_json, as_paths, key="text")
+    hits = searcher.search(query, images, k=k, under=under, exts=exts.split(",") if exts else None,
+                           after=parse_date(after), before=parse_date(before), min_score=min_score, rerank=rerank,
+                           rerank_k=rerank_k, alpha=alpha)
+    render_hits([h.to_dict() for h in hits], as_json, as_paths, key="path")
+
+
+
+# ---- texts -------------------------------------------------------------------------------------
+@cli.group()
+def texts():
+    """Manage the text corpus searched by `search --texts` (image->text)."""
+
+
+@texts.command("add")
+@click.argument("file", type=click.Path(dir_okay=False))
+@index_option
+@click.option("--column", default=None, help="Text column of a CSV/TSV/JSONL file [default: text or caption].")
+@with_bar("texts", unit="text")
+def texts_add(file, index_dir, column, progress):
+    """Embed the texts of FILE (one per line, or a CSV/JSONL text column); duplicates are stored once."""
+    from ..corpus import add_texts, read_texts
+    from ..store import IndexStore
+
+    res = add_texts(IndexStore.open(index_dir_of(index_dir)), read_texts(file, column), progress=progress)
+    progress.close()
+    click.echo(f"added {res['added']} texts ({res['skipped']} duplicates or empty); corpus holds {res['texts']}")
+
+
+@texts.command("list")
+@index_option
+@click.option("--like", default=None, help="Only texts containing this substring.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def texts_list(index_dir, like, as_json):
+    """List the corpus (id and text)."""
+    from ..store import IndexStore
+
+    for r in IndexStore.open(index_dir_of(index_dir)).catalog.text_rows(like=like):
+        emit_json(r) if as_json else click.echo(f"{r['id']}\t{r['text']}")
+
+
+@texts.command("remove")
+@click.argument("ids", nargs=-1, type=int)
+@index_option
+@click.option("--like", default=None, help="Remove every text containing this substring.")
+def texts_remove(ids, index_dir, like):
+    """Remove texts by id (see `texts list`) or by substring."""
+    from ..corpus import remove_texts
+    from ..store import IndexStore
+
+    if not ids and not like:
+        raise click.UsageError("give text ids or --like")
+    n = remove_texts(IndexStore.open(index_dir_of(index_dir)), ids, like)
+    click.echo(f"removed {n} texts")
+

@@ -64,7 +64,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        flat = t.detach().reshape(-1)[:1024].to(torch.float32).contiguous().numpy()
+        flat = t.detach().reshape(-1)[:1024].to("cpu", torch.float32).contiguous().numpy()
         h.update(flat.tobytes())
     return h.hexdigest()[:16]
 
@@ -85,6 +85,7 @@ class Encoder:
     tokenizer: object
     model_cfg: dict
     checkpoint: Optional[dict] = field(default=None, repr=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def dim(self) -> int:
@@ -147,9 +148,10 @@ class Encoder:
         [B, 1+G*G, vision_width] float32 (class token + patch tokens average-pooled to a GxG grid)."""
         self.model.eval()
         visual = self.model.visual
+        pixels = pixels.to(self.device, non_blocking=True)
         if token_grid is None:
             emb = self.model.encode_image(pixels)
-            return F.normalize(emb.float(), dim=-1).numpy()
+            return F.normalize(emb.float(), dim=-1).cpu().numpy()
         was = getattr(visual, "output_tokens", False)
         visual.output_tokens = True
         try:
@@ -167,7 +169,7 @@ class Encoder:
         grid = tokens.transpose(1, 2).reshape(b, w, g, g)
         grid = F.adaptive_avg_pool2d(grid, token_grid).reshape(b, w, -1).transpose(1, 2)
         toks = torch.cat([cls[:, None, :], grid], dim=1)
-        return F.normalize(pooled.float(), dim=-1).numpy(), toks.float().numpy()
+        return F.normalize(pooled.float(), dim=-1).cpu().numpy(), toks.float().cpu().numpy()
 
     def encode_images(self, images: Sequence, token_grid: Optional[int] = None):
         """PIL images -> embeddings (and tokens, see encode_image_tensor)."""
@@ -175,7 +177,7 @@ class Encoder:
 
     # ---- texts --------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts))
+        return self.tokenizer(list(texts)).to(self.device)
 
     def _can_truncate(self) -> bool:
         m = self.model
@@ -215,11 +217,11 @@ class Encoder:
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenize(texts[i:i + batch_size])
             pooled, st, lengths = self.text_forward(tokens, truncate=truncate)
-            outs.append(F.normalize(pooled.float(), dim=-1).numpy())
+            outs.append(F.normalize(pooled.float(), dim=-1).cpu().numpy())
             if return_states:
                 if st is None:
                     raise UnknownModelError(f"{self.arch}: token states are only available for CLIP-style text towers")
-                states.extend(st[j, : int(lengths[j])].float().numpy() for j in range(len(lengths)))
+                states.extend(st[j, : int(lengths[j])].float().cpu().numpy() for j in range(len(lengths)))
         emb = np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
         return (emb, states) if return_states else emb
 
@@ -281,8 +283,13 @@ def _weights_error(arch: str, pretrained: str, exc: Exception) -> WeightsUnavail
                                    f"{alternatives}")
 
 
-def load_encoder(spec: ModelSpec) -> Encoder:
-    """Build the model, its transforms and its tokenizer from one spec (so they cannot drift apart)."""
+def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
+    """Build the model, its transforms and its tokenizer from one spec (so they cannot drift apart).
+    `device`: a torch.device or a name for mmsearch.devices.resolve_device ('auto', 'cuda:1', ...);
+    the weights' fingerprint and every returned array are the same on any device."""
+    from .devices import resolve_device
+
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     register_model_configs()
     ckpt = None
     if spec.checkpoint:
@@ -311,5 +318,10 @@ def load_encoder(spec: ModelSpec) -> Encoder:
         model_cfg = open_clip.get_model_config(arch)
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
-    return Encoder(spec=spec, arch=arch, model=model, preprocess=preprocess, preprocess_train=preprocess_train,
-                   tokenizer=tokenizer, model_cfg=model_cfg, checkpoint=ckpt)
+    enc = Encoder(spec=spec, arch=arch, model=model, preprocess=preprocess, preprocess_train=preprocess_train,
+                  tokenizer=tokenizer, model_cfg=model_cfg, checkpoint=ckpt)
+    enc.fingerprint  # computed on the CPU copy, before the move
+    enc.device = device
+    if device.type != "cpu":
+        model.to(device)
+    return enc

@@ -52,3 +52,7 @@ class VectorIndexError(MmsearchError):
 
 class UnknownModelError(MmsearchError):
     """No architecture of that name is known to open_clip or to mmsearch."""
+
+
+class DeviceError(MmsearchError):
+    """The requested torch device does not exist on this machine."""

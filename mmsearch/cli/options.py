@@ -28,6 +28,12 @@ def model_options(f=None, *, default_model=DEFAULT_MODEL, default_pretrained=DEF
     return deco(f) if f is not None else deco
 
 
+def device_option(f):
+    """--device for every command that runs a torch model; resolved (and refused) by mmsearch.devices."""
+    return click.option("--device", default="auto", show_default=True,
+                        help="Torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")(f)
+
+
 def output_options(f):
     f = click.option("--paths", "as_paths", is_flag=True, help="Bare paths, one per line (for pipes).")(f)
     f = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")(f)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import MODEL_CONFIG_DIR, ModelSpec
 from .errors import CheckpointError, UnknownModelError, WeightsUnavailableError
+from .safeload import safe_torch_load
 
 CHECKPOINT_FORMAT = "mmsearch-checkpoint"
 _registered = False
@@ -32,14 +33,10 @@ def register_model_configs() -> None:
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
-    """Read an mmsearch checkpoint (weights + architecture config + training args + metrics)."""
+    """Read an mmsearch checkpoint (weights + architecture config + training args + metrics).
+    Weights-only unpickling (mmsearch.safeload): a file carrying a code payload is refused unrun."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many kinds for a corrupt file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+    ckpt = safe_torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an mmsearch checkpoint (made by `mmsearch train`)")
     return ckpt

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .blend import DIRECTIONS
 from .errors import CheckpointError
+from .safeload import safe_torch_load
 
 TOKEN_GRID = 4
 RERANKER_FORMAT = "mmsearch-reranker"
@@ -92,12 +93,7 @@ class Reranker:
     @classmethod
     def load(cls, path) -> "Reranker":
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"re-ranker checkpoint not found: {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read re-ranker {path}: {exc.__class__.__name__}: {exc}") from exc
+        ckpt = safe_torch_load(path, "re-ranker")
         if not isinstance(ckpt, dict) or ckpt.get("format") != RERANKER_FORMAT:
             raise CheckpointError(f"{path} is not an mmsearch re-ranker (made by `mmsearch train-reranker`)")
         model = FusionModel(**ckpt["config"])

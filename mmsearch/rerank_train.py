@@ -27,6 +27,7 @@ from .evaluate import embed_dataset, fit_alpha, rerank_candidates, reranked
 from .metrics import summarize
 from .query import DEFAULT_RERANK_K
 from .rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_states
+from .safeload import safe_torch_load
 from .train import lr_at, save_atomic
 
 
@@ -133,7 +134,7 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
     log = log or (lambda line: None)
     state = None
     if resume:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        state = safe_torch_load(resume, "re-ranker resume file")
         if not isinstance(state, dict) or state.get("format") != RERANKER_FORMAT or "resume" not in state:
             raise CheckpointError(f"{resume} is not an interrupted re-ranker run")
         args = state["train_args"]

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import MODEL_CONFIG_DIR, ModelSpec
-from .errors import CheckpointError, UnknownModelError, WeightsUnavailableError
+from .errors import CheckpointError, MissingExtraError, UnknownModelError, WeightsUnavailableError
+from .models import check_requirements
 from .safeload import safe_torch_load
 
 CHECKPOINT_FORMAT = "mmsearch-checkpoint"
@@ -95,11 +96,19 @@ class Encoder:
 
     @property
     def text_width(self) -> int:
-        return int(self.model_cfg["text_cfg"].get("width", 512))
+        t = self.model_cfg["text_cfg"]
+        if "width" in t:
+            return int(t["width"])
+        hf = getattr(getattr(self.model, "text", None), "config", None)  # a Hugging Face text tower
+        return int(getattr(hf, "hidden_size", None) or getattr(hf, "d_model", None) or 512)
 
     @property
     def vision_width(self) -> int:
-        return int(self.model_cfg["vision_cfg"].get("width", 768))
+        v = self.model_cfg["vision_cfg"]
+        if "width" in v:
+            return int(v["width"])
+        trunk = getattr(self.model.visual, "trunk", None)  # a timm image tower
+        return int(getattr(trunk, "num_features", None) or 768)
 
     @property
     def fingerprint(self) -> str:
@@ -149,6 +158,9 @@ class Encoder:
         if token_grid is None:
             emb = self.model.encode_image(pixels)
             return F.normalize(emb.float(), dim=-1).cpu().numpy()
+        if not all(hasattr(visual, a) for a in ("_embeds", "transformer", "_pool")):
+            raise UnknownModelError(f"{self.arch}: the re-ranker's image tokens need open_clip's own ViT image "
+                                    f"tower; this model's is {type(visual).__name__}")
         was = getattr(visual, "output_tokens", False)
         visual.output_tokens = True
         try:
@@ -258,7 +270,9 @@ def _create(arch: str, pretrained: Optional[str]):
     try:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu")
+            # random means random: no Hugging Face text-tower weights download behind `--pretrained none`
+            extra = {} if pretrained else {"pretrained_hf": False}
+            return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu", **extra)
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -280,6 +294,44 @@ def _weights_error(arch: str, pretrained: str, exc: Exception) -> WeightsUnavail
                                    f"{alternatives}")
 
 
+def _hub_unreachable(exc: Exception) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, OSError) or any(w in text for w in ("huggingface", "hub", "connect", "offline", "internet"))
+
+
+def _hub_files_error(arch: str, what: str, repo: str) -> WeightsUnavailableError:
+    from huggingface_hub import constants
+
+    return WeightsUnavailableError(
+        f"model {arch}: its {what} '{repo}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
+        f"cannot be reached. Run once with a network to fill the cache; offline it then works (HF_HUB_OFFLINE=1).")
+
+
+def _tokenizer(arch: str, cfg: dict):
+    """open_clip's tokenizer for `arch`; hub files missing offline become one line, not a traceback."""
+    try:
+        return open_clip.get_tokenizer(arch)
+    except ImportError as exc:  # a tokenizer package the requirement table does not know about
+        raise MissingExtraError(f"model {arch}: its tokenizer needs '{exc.name or exc}', which is not installed: "
+                                f"pip install 'mmsearch[siglip]'") from exc
+    except Exception as exc:
+        repo = cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+        if repo and _hub_unreachable(exc):
+            raise _hub_files_error(arch, "tokenizer", repo) from exc
+        raise UnknownModelError(f"model {arch}: cannot build its tokenizer ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+
+
+def _build_error(arch: str, cfg: dict, exc: Exception):
+    """Random-weight builds fail for two reasons worth a sentence: a text tower whose config lives on the
+    hub (multilingual models), or an architecture this open_clip/timm cannot build."""
+    repo = cfg.get("text_cfg", {}).get("hf_model_name")
+    if repo and _hub_unreachable(exc):
+        return _hub_files_error(arch, "text tower config", repo)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UnknownModelError(f"model {arch} cannot be built here ({type(exc).__name__}: {first[:200]})")
+
+
 def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
     """Build the model, its transforms and its tokenizer from one spec (so they cannot drift apart).
     `device`: a torch.device or a name for mmsearch.devices.resolve_device ('auto', 'cuda:1', ...);
@@ -291,8 +343,13 @@ def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
     ckpt = None
     if spec.checkpoint:
         ckpt = load_checkpoint_file(spec.checkpoint)
+        check_requirements(ckpt["arch"], ckpt["model_cfg"])
         arch = _register_checkpoint_arch(ckpt)
-        model, preprocess_train, preprocess = _create(arch, None)
+        tokenizer = _tokenizer(arch, ckpt["model_cfg"])
+        try:
+            model, preprocess_train, preprocess = _create(arch, None)
+        except Exception as exc:
+            raise _build_error(ckpt["arch"], ckpt["model_cfg"], exc) from exc
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
@@ -306,15 +363,16 @@ def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
             raise UnknownModelError(
                 f"unknown model '{arch}'" + (f"; similar: {', '.join(close)}" if close else "")
                 + ". `python -c 'import open_clip; print(open_clip.list_models())'` lists them all.")
+        model_cfg = open_clip.get_model_config(arch)
+        check_requirements(arch, model_cfg)
+        tokenizer = _tokenizer(arch, model_cfg)  # before the slow build: a missing tokenizer fails in a second
         try:
             model, preprocess_train, preprocess = _create(arch, spec.pretrained)
         except Exception as exc:
             if spec.pretrained is None:
-                raise
+                raise _build_error(arch, model_cfg, exc) from exc
             raise _weights_error(arch, spec.pretrained, exc) from exc
-        model_cfg = open_clip.get_model_config(arch)
     model.eval()
-    tokenizer = open_clip.get_tokenizer(arch)
     enc = Encoder(spec=spec, arch=arch, model=model, preprocess=preprocess, preprocess_train=preprocess_train,
                   tokenizer=tokenizer, model_cfg=model_cfg, checkpoint=ckpt)
     enc.fingerprint  # computed on the CPU copy, before the move

@@ -56,3 +56,7 @@ class UnknownModelError(MmsearchError):
 
 class DeviceError(MmsearchError):
     """The requested torch device does not exist on this machine."""
+
+
+class MissingExtraError(MmsearchError):
+    """A model family needs an optional dependency (an extra such as mmsearch[siglip]) that is not installed."""

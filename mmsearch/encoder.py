@@ -188,6 +188,11 @@ class Encoder:
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)
 
+    @functools.cached_property
+    def _pad_id(self) -> int:
+        hf = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        return int(getattr(hf, "pad_token_id", None) or 0)
+
     def _can_truncate(self) -> bool:
         m = self.model
         return all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")) \
@@ -200,10 +205,19 @@ class Encoder:
         text tower. With a causal mask and argmax pooling on the EOT token this gives the same result
         as the padded forward, 2-3x faster for short queries (tests/test_encoder.py proves equality)."""
         m = self.model
-        lengths = (tokens != 0).sum(dim=1)
+        lengths = (tokens != self._pad_id).sum(dim=1)
         if not self._can_truncate():
-            pooled = m.encode_text(tokens)
-            return pooled, None, lengths
+            text = getattr(m, "text", None)
+            if text is not None and hasattr(text, "output_tokens") and hasattr(text, "token_embedding"):
+                # open_clip's TextTransformer in a CustomTextCLIP (MobileCLIP, SigLIP): one padded forward
+                # that also returns the token states the re-ranker reads
+                was, text.output_tokens = text.output_tokens, True
+                try:
+                    pooled, states = text(tokens)
+                finally:
+                    text.output_tokens = was
+                return pooled, states, lengths
+            return m.encode_text(tokens), None, lengths
         L = int(lengths.max()) if truncate else tokens.shape[1]
         tokens = tokens[:, :L]
         cast = m.transformer.get_cast_dtype()

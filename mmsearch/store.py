@@ -6,6 +6,7 @@ tower only; torch and open_clip load when something must be embedded by the real
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 from typing import Optional
 
@@ -55,6 +56,7 @@ class IndexStore:
         self.meta = catalog.meta()
         self._encoder = None
         self._reranker = None
+        self.notices: list[str] = []  # one-line notes for the CLI to show (e.g. a torch fallback)
 
     # ---- opening ------------------------------------------------------------------------------
     @classmethod
@@ -119,6 +121,11 @@ class IndexStore:
             fast = self._fast_text()
             if fast is not None:
                 return fast
+            known = self.meta.get("text_path") or {}
+            if known.get("fingerprint") == self.meta["fingerprint"] and known.get("path") == "torch":
+                self.notices.append(f"note: text queries of {self.meta.get('arch')} run on torch, "
+                                    f"slower to start ({known.get('reason')})")
+                return self.encoder()
             # missing or written by an older mmsearch: pay for torch once, and heal it for the next query
             self.export_fast_text(self.encoder())
         return self.encoder()
@@ -145,8 +152,23 @@ class IndexStore:
                 from .textnp import export_text_tower
 
                 export_text_tower(encoder, self.dir)
-            except (MmsearchError, ImportError, OSError):
-                pass  # architectures the numpy path cannot run (or a read-only index) use torch at query time
+                self._record_text_path("numpy", None)
+            except (MmsearchError, ImportError) as exc:
+                # architectures the numpy path cannot run use torch at query time; say why once, in the meta
+                self._record_text_path("torch", str(exc).split(": ", 1)[-1])
+            except OSError:
+                pass  # a read-only index: torch at query time
+
+    def _record_text_path(self, path: str, reason) -> None:
+        record = {"path": path, "reason": reason, "fingerprint": self.meta["fingerprint"]}
+        if self.meta.get("text_path") == record:
+            return
+        try:
+            with self.catalog.transaction():
+                self.catalog.set_meta(text_path=record)
+            self.meta["text_path"] = record
+        except (OSError, sqlite3.Error):  # a read-only catalog keeps answering; the record is an optimisation
+            pass
 
     # ---- re-ranker ----------------------------------------------------------------------------
     def reranker_info(self) -> Optional[dict]:

@@ -1,9 +1,15 @@
 """The text tower in numpy, so a text query never imports torch or open_clip (2 s + 4.5 s here).
 
-At index time `export_text_tower` writes the weights of open_clip's CLIP text transformer as
-one memory-mapped float32 file (an offset table in meta.json) plus the BPE merges; at query time `NumpyTextTower` tokenises exactly as
-open_clip's SimpleTokenizer and runs the same pre-LN causal transformer over the real tokens only.
-tests/test_textnp.py proves token ids and embeddings equal open_clip's.
+At index time `export_text_tower` writes the weights of open_clip's text transformer as one
+memory-mapped float32 file (an offset table in meta.json) plus the tokenizer; at query time
+`NumpyTextTower` tokenises exactly as open_clip and runs the same pre-LN transformer.
+
+Families: CLIP (causal, EOT pooling: runs over the real tokens only), MobileCLIP (bidirectional, so
+the padded context is run as torch does), SigLIP / SigLIP 2 (bidirectional, last-token pooling, a
+Hugging Face tokenizer run by the `tokenizers` package, which needs no torch). Hugging Face text
+towers (XLM-R, NLLB) are not exported: `text_path_for_config` says so and the store falls back to
+torch with a notice. The export checks itself: the numpy embedding of probe texts must equal
+torch's, or nothing is written (tests/test_textnp.py, tests/test_families.py).
 """
 from __future__ import annotations
 
@@ -103,6 +109,61 @@ class BPETokenizer:
         return ids
 
 
+def _canonicalize(text: str) -> str:
+    # open_clip's canonicalize_text (from big_vision): no punctuation, lower case, single spaces
+    import string
+
+    text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
+    return " ".join(text.split()).strip()
+
+
+def _hf_clean(text: str, mode: str) -> str:
+    """open_clip's HFTokenizer cleaning: ftfy + html unescape + strip, then whitespace/lower/canonicalize."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if mode == "canonicalize":
+        return _canonicalize(text)
+    text = " ".join(text.split()).strip()
+    return text.lower() if mode == "lower" else text
+
+
+class HFTokenizer:
+    """open_clip's HFTokenizer (standard mode) on the `tokenizers` package: same ids, no torch, no transformers."""
+
+    def __init__(self, tokenizer_json: str, context_length: int, clean: str, pad_id: int,
+                 strip_sep_id: int | None):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.tok.no_padding()
+        self.tok.enable_truncation(max_length=context_length)
+        self.context_length, self.clean, self.pad_id, self.strip_sep_id = context_length, clean, pad_id, strip_sep_id
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(_hf_clean(text, self.clean)).ids
+        if self.strip_sep_id is not None:
+            ids = [0 if i == self.strip_sep_id else i for i in ids]
+        return ids
+
+
+_CLEAN_NAMES = {"_clean_canonicalize": "canonicalize", "_clean_lower": "lower", "_clean_whitespace": "whitespace"}
+
+
+def text_path_for_config(cfg: dict) -> tuple[str, str | None]:
+    """('numpy', None) when a text query of this open_clip config can run without torch, else
+    ('torch', why). The export's probe check has the last word; this is what `mmsearch models` shows."""
+    t = cfg.get("text_cfg", {})
+    if t.get("hf_model_name"):
+        return "torch", f"Hugging Face text tower ({t['hf_model_name']})"
+    if "multimodal_cfg" in cfg or t.get("embed_cls"):
+        return "torch", "CoCa text tower"
+    if t.get("pool_type", "argmax") not in ("argmax", "last", "first") or t.get("ls_init_value") \
+            or t.get("tokenizer_mode") or t.get("block_type") or t.get("use_pad_mask"):
+        return "torch", "text tower variant without a numpy port"
+    return "numpy", None
+
+
 def _merges_from_open_clip() -> list[str]:
     import gzip
 
@@ -113,19 +174,46 @@ def _merges_from_open_clip() -> list[str]:
 
 
 # ---- export ---------------------------------------------------------------------------------------
+def _text_module(model):
+    """CLIP keeps its text tower's parts on the model itself; CustomTextCLIP (SigLIP, MobileCLIP) in .text."""
+    text = getattr(model, "text", None)
+    return text if text is not None and hasattr(text, "token_embedding") else model
+
+
+def _tokenizer_meta(encoder) -> dict:
+    tok = encoder.tokenizer
+    kind = type(tok).__name__
+    if kind == "SimpleTokenizer":
+        return {"tokenizer": "bpe"}
+    backend = getattr(getattr(tok, "tokenizer", None), "backend_tokenizer", None)
+    clean = _CLEAN_NAMES.get(getattr(getattr(tok, "clean_fn", None), "__name__", ""))
+    if kind != "HFTokenizer" or backend is None or clean is None or getattr(tok, "tokenizer_mode", ""):
+        raise UnknownModelError(f"{encoder.arch}: its tokenizer ({kind}) has no numpy port")
+    hf = tok.tokenizer
+    return {"tokenizer": "hf", "clean": clean, "pad_id": int(hf.pad_token_id or 0),
+            "strip_sep_id": int(hf.sep_token_id) if tok.strip_sep_token and hf.sep_token_id is not None else None,
+            "tokenizer_json": backend.to_str()}
+
+
 def export_text_tower(encoder, out_dir) -> Path:
-    """Write `out_dir/text_tower/` (weights, merges, meta). Runs at index time (torch loaded)."""
+    """Write `out_dir/text_tower/` (weights, tokenizer, meta). Runs at index time (torch loaded).
+    Raises UnknownModelError (nothing written) for a tower the numpy path cannot run exactly."""
     import torch
 
-    m = encoder.model
+    path, why = text_path_for_config(encoder.model_cfg)
+    if path != "numpy":
+        raise UnknownModelError(f"{encoder.arch}: the numpy text path does not run a {why}")
+    m = _text_module(encoder.model)
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
-    if not all(hasattr(m, a) for a in needed) or getattr(m, "text_pool_type", "argmax") != "argmax" \
-            or type(encoder.tokenizer).__name__ != "SimpleTokenizer":
-        raise UnknownModelError(f"{encoder.arch}: the numpy text path supports CLIP-style text towers only")
+    pool = getattr(m, "text_pool_type", None) or getattr(m, "pool_type", "argmax")
+    if not all(hasattr(m, a) for a in needed) or pool not in ("argmax", "last", "first") \
+            or getattr(m, "cls_emb", None) is not None or getattr(m, "use_pad_mask", False):
+        raise UnknownModelError(f"{encoder.arch}: the numpy text path supports open_clip's own text transformer only")
+    tok_meta = _tokenizer_meta(encoder)
     blocks = m.transformer.resblocks
-    act = "quick_gelu" if type(blocks[0].mlp.gelu).__name__ == "QuickGELU" else "gelu"
-    if act == "gelu" and getattr(blocks[0].mlp.gelu, "approximate", "none") != "none":
-        raise UnknownModelError(f"{encoder.arch}: tanh-approximate GELU is not supported by the numpy text path")
+    gelu = blocks[0].mlp.gelu
+    act = "quick_gelu" if type(gelu).__name__ == "QuickGELU" else \
+        "gelu_tanh" if getattr(gelu, "approximate", "none") == "tanh" else "gelu"
     arrays = {"token_embedding": m.token_embedding.weight, "positional_embedding": m.positional_embedding,
               "ln_final_w": m.ln_final.weight, "ln_final_b": m.ln_final.bias}
     proj = m.text_projection
@@ -153,15 +241,36 @@ def export_text_tower(encoder, out_dir) -> Path:
             fh.write(a.tobytes())
             table[name] = [offset, list(a.shape)]
             offset += a.size
-    (tmp / "merges.txt").write_text("\n".join(_merges_from_open_clip()), encoding="utf-8")
+    tok_json = tok_meta.pop("tokenizer_json", None)
+    if tok_json is not None:
+        (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+    else:
+        (tmp / "merges.txt").write_text("\n".join(_merges_from_open_clip()), encoding="utf-8")
     meta = {"format": FORMAT, "fingerprint": encoder.fingerprint, "layers": len(blocks),
             "heads": blocks[0].attn.num_heads, "act": act, "eps": m.ln_final.eps,
             "context_length": int(m.positional_embedding.shape[0]), "dim": encoder.dim, "arrays": table,
-            "floats": offset}
+            "floats": offset, "causal": m.attn_mask is not None, "pool": pool, **tok_meta}
     (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        _probe(encoder, NumpyTextTower(tmp, meta))
+    except UnknownModelError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+PROBES = ["a photo of a dog", "A RED Circle, left of a blue square!", "café déjà vu", "x", "word " * 80]
+
+
+def _probe(encoder, tower) -> None:
+    """The numpy tower must give torch's embeddings on probe texts, or it is not written at all."""
+    ref = encoder.encode_texts(PROBES)
+    emb, _ = tower.encode(PROBES)
+    err = float(np.abs(emb - ref).max())
+    if not err < 1e-4:
+        raise UnknownModelError(f"{encoder.arch}: the numpy text path differs from torch ({err:.2g}); not used")
 
 
 # ---- forward --------------------------------------------------------------------------------------
@@ -215,10 +324,15 @@ class NumpyTextTower:
         return self._w[name]
 
     @property
-    def tokenizer(self) -> BPETokenizer:
+    def tokenizer(self):
         if self._tok is None:
-            merges = (self.dir / "merges.txt").read_text(encoding="utf-8").split("\n")
-            self._tok = BPETokenizer(merges, self.context_length)
+            if self.meta.get("tokenizer", "bpe") == "hf":
+                self._tok = HFTokenizer((self.dir / "tokenizer.json").read_text(encoding="utf-8"),
+                                        self.context_length, self.meta["clean"], self.meta["pad_id"],
+                                        self.meta.get("strip_sep_id"))
+            else:
+                merges = (self.dir / "merges.txt").read_text(encoding="utf-8").split("\n")
+                self._tok = BPETokenizer(merges, self.context_length)
         return self._tok
 
     def encode(self, texts: Sequence[str]):
@@ -231,13 +345,15 @@ class NumpyTextTower:
 
     def _encode(self, texts: Sequence[str]):
         ids = [self.tokenizer.encode(t) for t in texts]
-        L = max(len(i) for i in ids)
-        tokens = np.zeros((len(ids), L), dtype=np.int64)
+        causal = self.meta.get("causal", True)
+        # causal attention: padding after a text's EOT cannot influence its real tokens, so only the real
+        # tokens run; a bidirectional tower attends to the padding, so the whole context runs, as in torch
+        L = max(len(i) for i in ids) if causal else self.context_length
+        tokens = np.full((len(ids), L), self.meta.get("pad_id", 0), dtype=np.int64)
         for r, i in enumerate(ids):
             tokens[r, : len(i)] = i
         x = np.asarray(self.w("token_embedding"))[tokens] + self.w("positional_embedding")[:L]
-        # causal attention: padding after a text's EOT cannot influence its real tokens
-        mask = np.triu(np.full((L, L), -np.inf, dtype=np.float32), 1)
+        mask = np.triu(np.full((L, L), -np.inf, dtype=np.float32), 1) if causal else np.zeros((L, L), np.float32)
         H, eps = self.meta["heads"], self.meta["eps"]
         for i in range(self.meta["layers"]):
             g = lambda n: self.w(f"{i}.{n}")
@@ -253,12 +369,15 @@ class NumpyTextTower:
             h = _layer_norm(x, g("ln2_w"), g("ln2_b"), eps) @ g("fc_w") + g("fc_b")
             if self.meta["act"] == "quick_gelu":
                 h = h / (1.0 + np.exp(-1.702 * h))
+            elif self.meta["act"] == "gelu_tanh":
+                h = 0.5 * h * (1.0 + np.tanh(0.7978845608028654 * (h + 0.044715 * h ** 3)))
             else:
                 h = 0.5 * h * (1.0 + _erf(h / np.sqrt(2.0)))
             x = x + h @ g("proj_w") + g("proj_b")
         states = _layer_norm(x, self.w("ln_final_w"), self.w("ln_final_b"), eps).astype(np.float32)
-        eot = [len(i) - 1 for i in ids]
-        pooled = states[np.arange(len(ids)), eot] @ self.w("text_projection")
+        pool = self.meta.get("pool", "argmax")
+        at = tokens.argmax(axis=1) if pool == "argmax" else np.full(len(ids), L - 1 if pool == "last" else 0)
+        pooled = states[np.arange(len(ids)), at] @ self.w("text_projection")
         if "text_projection_b" in self.meta["arrays"]:
             pooled = pooled + self.w("text_projection_b")
         pooled = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)

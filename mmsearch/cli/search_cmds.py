@@ -35,11 +35,13 @@ def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, ex
     searcher = Searcher(IndexStore.open(index_dir_of(index_dir)))
     if over_texts:
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
-        return render_hits(hits, as_json, as_paths, key="text")
-    hits = searcher.search(query, images, k=k, under=under, exts=exts.split(",") if exts else None,
-                           after=parse_date(after), before=parse_date(before), min_score=min_score, rerank=rerank,
-                           rerank_k=rerank_k, alpha=alpha)
-    render_hits([h.to_dict() for h in hits], as_json, as_paths, key="path")
+    else:
+        hits = [h.to_dict() for h in searcher.search(
+            query, images, k=k, under=under, exts=exts.split(",") if exts else None, after=parse_date(after),
+            before=parse_date(before), min_score=min_score, rerank=rerank, rerank_k=rerank_k, alpha=alpha)]
+    for note in dict.fromkeys(searcher.store.notices):  # e.g. a family whose text queries need torch
+        click.secho(note, fg="yellow", err=True)
+    render_hits(hits, as_json, as_paths, key="text" if over_texts else "path")
 
 
 

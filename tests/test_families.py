@@ -18,6 +18,7 @@ from mmsearch.evaluate import evaluate
 from mmsearch.indexer import index_folders
 from mmsearch.query import Searcher
 from mmsearch.store import IndexStore
+from conftest import one_torch_thread
 from hf_fixture import build_hf_cache
 
 # the smallest member of each family (random weights; building is most of the cost)
@@ -72,10 +73,19 @@ def one_build(monkeypatch):
     return built
 
 
+TRICKY = ["A RED Circle, left of a blue square!", "café déjà vu naïve", "fish &amp; chips", "red_circle",
+          "   lots   of\tspaces\n", "x", "word " * 100]
+
+
 @pytest.mark.parametrize("model", FAMILIES)
 def test_family_end_to_end(model, hf_offline, small_set, one_build, tmp_path):
     folder, ds = small_set
     spec = ModelSpec(model=model, pretrained=None)
+    with one_torch_thread():
+        _end_to_end(model, spec, folder, ds, one_build, tmp_path)
+
+
+def _end_to_end(model, spec, folder, ds, one_build, tmp_path):
     summary = index_folders(tmp_path / "idx", [folder], spec=spec, batch_size=N_IMAGES)
     assert summary.added == N_IMAGES and summary.failed == 0
     enc = one_build[spec]
@@ -86,6 +96,11 @@ def test_family_end_to_end(model, hf_offline, small_set, one_build, tmp_path):
     assert store.meta["text_path"]["path"] == path
     assert type(store.text_encoder()).__name__ == ("Encoder" if path == "torch" else "_FastText")
     assert bool(store.notices) == (path == "torch")  # the one-line notice the CLI prints
+    if path == "numpy":  # the torch-free tokenizer gives open_clip's ids, padding aside
+        tok = store.text_encoder().tower.tokenizer
+        for text, row in zip(TRICKY, enc.tokenize(TRICKY).tolist()):
+            ids = tok.encode(text)
+            assert ids == row[:len(ids)] and set(row[len(ids):]) <= {enc._pad_id}, text
 
     # text query (numpy or torch) == the naive reference: the torch encoder's text embedding against every stored image
     query = ds.captions[0]

@@ -6,3 +6,4 @@ modules (torch, open_clip, faiss, web and cluster stacks) are imported inside co
 """
 from .app import cli, main  # noqa: F401
 from . import index_cmds, search_cmds, train_cmds  # noqa: F401,E402  (registers the commands)
+from . import models_cmds  # noqa: F401,E402

@@ -13,7 +13,7 @@ import mmsearch.encoder as encoder_mod
 from mmsearch.cli import cli
 from mmsearch.config import ModelSpec
 from mmsearch.datasets import load_dataset
-from mmsearch.errors import MissingExtraError, WeightsUnavailableError
+from mmsearch.errors import MissingExtraError, UnknownModelError, WeightsUnavailableError
 from mmsearch.evaluate import evaluate
 from mmsearch.indexer import index_folders
 from mmsearch.query import Searcher
@@ -117,6 +117,13 @@ def _end_to_end(model, spec, folder, ds, one_build, tmp_path):
     # image query: an indexed image finds itself first, with cosine 1
     hits = searcher.search(images=[ds.images[1]], k=2)
     assert hits[0].path == ds.images[1] and hits[0].score == pytest.approx(1.0, abs=1e-4)
+
+    # the re-ranker's image tokens need open_clip's own ViT tower: other towers say so in one line
+    if not hasattr(enc.model.visual, "_embeds"):
+        from mmsearch.media import load_image
+
+        with pytest.raises(UnknownModelError, match="re-ranker's image tokens"):
+            enc.encode_images([load_image(ds.images[0])], token_grid=4)
 
     # eval: both directions, ranks over the 4 images
     report = evaluate(enc, ds, ks=(1, 5))

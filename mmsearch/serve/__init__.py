@@ -13,7 +13,7 @@ class ServeUnavailableError(MmsearchError):
 
 
 def require_web_stack() -> None:
-    for name in ("fastapi", "uvicorn", "multipart"):
+    for name in ("fastapi", "uvicorn", "python_multipart"):
         try:
             __import__(name)
         except ImportError:

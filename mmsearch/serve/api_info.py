@@ -1,6 +1,8 @@
 """Index information and a health check."""
 from __future__ import annotations
 
+import sys
+
 from fastapi import APIRouter, Request
 
 from .. import __version__
@@ -24,4 +26,5 @@ def info(request: Request):
 def health(request: Request):
     """Liveness: answers as soon as the server is up, without loading any model."""
     st = state(request)
-    return {"status": "ok", "images": st.store.catalog.count_images(), "generation": st.store.catalog.generation()}
+    return {"status": "ok", "images": st.store.catalog.count_images(), "generation": st.store.catalog.generation(),
+            "torch_loaded": "torch" in sys.modules}  # torch loads only to embed an upload

@@ -23,13 +23,13 @@ from .thumbs import ThumbCache
 class ServingStore(IndexStore):
     """An IndexStore for a long-running, multi-threaded reader."""
 
-    REBUILD_EVERY_S = 2.0  # while an indexer commits batch after batch, rebuild at most this often
+    REBUILD_EVERY_S = 2.0  # while an indexer commits batch after batch, rebuild from the catalog at most this often
 
     def __init__(self, directory: Path, catalog: Catalog):
         super().__init__(directory, catalog)
         self._vectors = None
         self._vectors_gen: Optional[int] = None
-        self._vectors_at = 0.0
+        self._rebuilt_at = 0.0
         self._lock = threading.RLock()
 
     @classmethod
@@ -38,17 +38,21 @@ class ServingStore(IndexStore):
 
     def image_vectors(self):
         gen = self.catalog.generation()
-        current = self._vectors
-        if current is not None and (gen == self._vectors_gen or time.monotonic() - self._vectors_at < self.REBUILD_EVERY_S):
-            return current  # rows deleted meanwhile are dropped when hits are hydrated from the catalog
+        if self._vectors is not None and gen == self._vectors_gen:
+            return self._vectors
         with self._lock:
-            if self._vectors is not None and self._vectors_gen == gen:
+            if self._vectors is not None and gen == self._vectors_gen:
                 return self._vectors
             from ..vectors import VectorIndex
 
-            index = VectorIndex.load(self.dir / IMAGE_VECTORS, gen) or self._build_image_vectors()
+            index = VectorIndex.load(self.dir / IMAGE_VECTORS, gen)  # the indexer saves it when a run ends
+            if index is None:  # mid-run: rebuild from the catalog, at most every REBUILD_EVERY_S
+                if self._vectors is not None and time.monotonic() - self._rebuilt_at < self.REBUILD_EVERY_S:
+                    return self._vectors  # rows deleted meanwhile are dropped when hits are hydrated
+                index = self._build_image_vectors()
+                self._rebuilt_at = time.monotonic()
             self.meta = self.catalog.meta()  # a re-ranker may have been enabled since
-            self._vectors, self._vectors_gen, self._vectors_at = index, gen, time.monotonic()
+            self._vectors, self._vectors_gen = index, gen
             return index
 
     def encoder(self):

@@ -1,9 +1,6 @@
 """`mmsearch serve` through FastAPI's TestClient: every endpoint's JSON, every error, the security rules."""
-import csv
 import io
-import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -13,26 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi", reason="pip install 'mmsearch[serve]'")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient  # the dev extra installs the serve extra: a missing one fails, never skips
 
-from mmsearch.config import ModelSpec  # noqa: E402
-from mmsearch.corpus import add_texts  # noqa: E402
-from mmsearch.indexer import index_folders  # noqa: E402
-from mmsearch.query import Searcher, parse_query  # noqa: E402
-from mmsearch.serve import create_app  # noqa: E402
-from mmsearch.store import IndexStore  # noqa: E402
+from mmsearch.indexer import index_folders
+from mmsearch.query import Searcher, parse_query
+from mmsearch.serve import create_app
+from mmsearch.store import IndexStore
+from serve_fixtures import build_served_index, exif_rotated_jpeg
 
 HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "name", "thumbnail"}
 LOCAL = "http://127.0.0.1"
-
-
-def _exif_rotated_jpeg(path):
-    """A 60x30 landscape JPEG whose EXIF orientation (6 = rotate 90 CW) makes it 30x60 portrait."""
-    img = Image.new("RGB", (60, 30), (200, 30, 30))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    img.save(path, "JPEG", exif=exif.tobytes())
 
 
 def _png_header(width, height):
@@ -46,21 +33,7 @@ def _png_header(width, height):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, synth_dir, tiny_checkpoint):
     """An index of 24 synthetic PNGs, 6 JPEGs in a subfolder, one EXIF-rotated JPEG, and a text corpus."""
-    root = tmp_path_factory.mktemp("serve")
-    photos = root / "photos"
-    (photos / "sub").mkdir(parents=True)
-    names = sorted(os.listdir(synth_dir / "images"))[:30]
-    for n in names[:24]:
-        shutil.copy(synth_dir / "images" / n, photos / n)
-    for n in names[24:]:
-        Image.open(synth_dir / "images" / n).convert("RGB").save(photos / "sub" / (n[:-4] + ".jpg"), quality=95)
-    _exif_rotated_jpeg(photos / "rotated.jpg")
-    idx = root / "idx"
-    index_folders(idx, [photos], spec=ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint)))
-    with open(synth_dir / "captions.csv") as fh:
-        captions = [r["caption"] for r in csv.DictReader(fh)][:80]
-    add_texts(IndexStore.open(idx), captions)
-    return idx, photos
+    return build_served_index(tmp_path_factory.mktemp("serve"), synth_dir, tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +182,7 @@ def test_thumbnail_is_webp_upright_cached_and_remade_when_the_file_changes(clien
     new = Image.open(io.BytesIO(client.get(f"/api/images/{target}/thumb").content)).convert("RGB")
     assert new.size[0] > new.size[1] and new.getpixel((5, 5))[2] > 150
     assert len(list((idx / "thumbs").rglob(f"{target}-256-*.webp"))) == 1
-    _exif_rotated_jpeg(photos / "rotated.jpg")
+    exif_rotated_jpeg(photos / "rotated.jpg")
 
 
 # ---- errors ---------------------------------------------------------------------------------------------

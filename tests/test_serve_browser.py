@@ -120,6 +120,8 @@ def test_search_detail_more_like_this_upload_and_back(browser, server, tmp_path)
     chosen = first_text[2]
     assert page.text_content("#d-path") == chosen["path"]
     if SCREENSHOT:
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(200)
         page.screenshot(path=SCREENSHOT)
     page.click("#d-like")
     page.wait_for_function("id => new URL(location).searchParams.get('id') === String(id)", arg=chosen["id"])

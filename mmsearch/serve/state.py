@@ -37,19 +37,15 @@ class ServingStore(IndexStore):
         return cls(Path(directory), Catalog.open(directory, readonly=True, threads=True))
 
     def image_vectors(self):
+        _single_threaded_faiss()
         gen = self.catalog.generation()
         if self._vectors is not None and gen == self._vectors_gen:
             return self._vectors
         with self._lock:
             if self._vectors is not None and gen == self._vectors_gen:
                 return self._vectors
-            import faiss
-
             from ..vectors import VectorIndex
 
-            # one query is one small search: OpenMP threads only add hand-off cost, and on busy cores they
-            # spin (measured at 100k x 128: 115 ms -> 8.6 ms under load). Concurrent requests use the cores.
-            faiss.omp_set_num_threads(1)
             index = VectorIndex.load(self.dir / IMAGE_VECTORS, gen)  # the indexer saves it when a run ends
             if index is None:  # mid-run: rebuild from the catalog, at most every REBUILD_EVERY_S
                 if self._vectors is not None and time.monotonic() - self._rebuilt_at < self.REBUILD_EVERY_S:
@@ -69,6 +65,20 @@ class ServingStore(IndexStore):
             return super().text_encoder()
 
 
+_thread = threading.local()
+
+
+def _single_threaded_faiss() -> None:
+    """One query is one small search: OpenMP threads only add hand-off cost, and on busy cores they spin
+    (measured at 100k x 128: 115 ms -> 8.6 ms under load); concurrent requests use the cores instead.
+    The OpenMP setting is per thread, so each worker thread sets it once."""
+    if not getattr(_thread, "faiss_single", False):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        _thread.faiss_single = True
+
+
 def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -82,6 +92,7 @@ class ServeState:
         self.max_upload_bytes = max_upload_bytes
         self.embed_lock = threading.Lock()  # uploads embed one at a time: bounded CPU and memory
         self._folders: tuple = (None, [])
+        self._roots: tuple = (None, [])
 
     # ---- rows and files -------------------------------------------------------------------------
     def row(self, image_id: int) -> dict:
@@ -91,7 +102,10 @@ class ServeState:
         return row
 
     def roots(self) -> list[str]:
-        return list(self.store.catalog.meta().get("roots") or [])
+        gen = self.store.catalog.generation()
+        if self._roots[0] != gen:  # the indexer records new roots in the same run that bumps the generation
+            self._roots = (gen, list(self.store.catalog.meta().get("roots") or []))
+        return self._roots[1]
 
     def servable_path(self, row: dict) -> str:
         """The stored path of a row, if it may be read: it still exists as a regular file and, with

@@ -217,6 +217,7 @@ async function openDetail(hit, card) {
   $("d-texts").replaceChildren();
   panel.hidden = false;
   panel.dataset.id = hit.id;
+  document.body.classList.add("with-detail");
   $("close").focus();
   try {
     const [meta, texts] = await Promise.all([api(`/api/images/${hit.id}`), api(`/api/images/${hit.id}/texts?k=5`)]);
@@ -249,6 +250,7 @@ function closeDetail() {
   if (panel.hidden) return;
   panel.hidden = true;
   panel.dataset.id = "";
+  document.body.classList.remove("with-detail");
   document.querySelectorAll(".card.selected").forEach((c) => c.classList.remove("selected"));
   if (lastFocus && document.body.contains(lastFocus)) lastFocus.focus();
 }

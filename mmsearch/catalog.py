@@ -87,9 +87,9 @@ class Catalog:
         return (Path(directory) / CATALOG_NAME).is_file()
 
     @classmethod
-    def _connect(cls, path: Path, readonly: bool) -> sqlite3.Connection:
-        if readonly:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    def _connect(cls, path: Path, readonly: bool, threads: bool = False) -> sqlite3.Connection:
+        if readonly:  # threads: one read-only connection shared by a server's worker threads (SQLite serialises)
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=not threads)
         else:
             conn = sqlite3.connect(str(path), timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -108,14 +108,14 @@ class Catalog:
         return cat
 
     @classmethod
-    def open(cls, directory, readonly: bool = False) -> "Catalog":
+    def open(cls, directory, readonly: bool = False, threads: bool = False) -> "Catalog":
         directory = Path(directory)
         path = directory / CATALOG_NAME
         if not path.is_file():
             raise IndexNotFoundError(
                 f"no index at {directory} (run `mmsearch index FOLDER --index {directory}` first)")
         try:
-            conn = cls._connect(path, readonly=readonly)
+            conn = cls._connect(path, readonly=readonly, threads=threads and readonly)
             rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
             raise IndexVersionError(f"{path} is not an mmsearch catalog ({exc})") from exc

@@ -29,6 +29,7 @@ class Term:
     weight: float
     text: Optional[str] = None
     image: Optional[str] = None
+    image_id: Optional[int] = None  # an indexed image by catalog id: its stored embedding, no file read
 
 
 @dataclass
@@ -51,8 +52,10 @@ def _is_image_path(s: str) -> bool:
     return os.path.splitext(s)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(s)
 
 
-def parse_query(query: Optional[str], images: Sequence[str] = ()) -> list[Term]:
-    """'2:dog + beach - people' -> [Term(2,'dog'), Term(1,'beach'), Term(-1,'people')]; --image files add terms."""
+def parse_query(query: Optional[str], images: Sequence[str] = (), ids: Sequence[int] = (),
+                paths: bool = True) -> list[Term]:
+    """'2:dog + beach - people' -> [Term(2,'dog'), Term(1,'beach'), Term(-1,'people')]; --image files and
+    indexed image ids add terms. paths=False reads every term as text (a server never opens a named path)."""
     terms: list[Term] = []
     if query and query.strip():
         parts = _SPLIT.split(" " + query.strip())
@@ -71,11 +74,13 @@ def parse_query(query: Optional[str], images: Sequence[str] = ()) -> list[Term]:
                 weight, body = float(m.group(1)), m.group(2)
             if sign == "-":
                 weight = -weight
-            terms.append(Term(weight, image=os.path.abspath(body)) if _is_image_path(body) else Term(weight, text=body))
+            is_path = paths and _is_image_path(body)
+            terms.append(Term(weight, image=os.path.abspath(body)) if is_path else Term(weight, text=body))
     for path in images:
         if not os.path.isfile(path):
             raise QueryError(f"query image not found: {path}")
         terms.append(Term(1.0, image=os.path.abspath(path)))
+    terms += [Term(1.0, image_id=int(i)) for i in ids]
     if not terms:
         raise QueryError("empty query: give text, an image file, or --image FILE")
     return terms
@@ -84,13 +89,20 @@ def parse_query(query: Optional[str], images: Sequence[str] = ()) -> list[Term]:
 class Searcher:
     """Answers queries against one index. Keeps models loaded between queries (API and benchmarks)."""
 
-    def __init__(self, store: IndexStore):
+    def __init__(self, store: IndexStore, allow_paths: bool = True):
         self.store = store
+        self.allow_paths = allow_paths  # False: query text never names a file (the web server)
 
     # ---- embedding a query --------------------------------------------------------------------
-    def _image_embedding(self, path: str, token_grid: Optional[int] = None):
+    def _image_embedding(self, path: Optional[str], token_grid: Optional[int] = None, image_id: Optional[int] = None):
         cat = self.store.catalog
-        image_id = cat.id_for_path(path)
+        if image_id is None:
+            image_id = cat.id_for_path(path)
+        else:
+            row = cat.rows([image_id]).get(image_id)
+            if row is None:
+                raise QueryError(f"no image with id {image_id} in the index")
+            path = row["path"]
         if image_id is not None and token_grid is None:
             return cat.embeddings(self.store.dim, [image_id])[1][0], None
         if image_id is not None:
@@ -99,7 +111,7 @@ class Searcher:
                 return cat.embeddings(self.store.dim, [image_id])[1][0], toks.astype(np.float32)
         from .media import load_image
 
-        enc = self.store.encoder()
+        enc = self.store.image_embedder()
         img = load_image(path, min_size=enc.image_size)
         out = enc.encode_images([img], token_grid=token_grid)
         return (out[0][0], out[1][0]) if token_grid else (out[0], None)
@@ -119,8 +131,8 @@ class Searcher:
             for t, e in zip(texts, emb):
                 vec += t.weight * e
         for t in terms:
-            if t.image is not None:
-                vec += t.weight * self._image_embedding(t.image)[0]
+            if t.image is not None or t.image_id is not None:
+                vec += t.weight * self._image_embedding(t.image, image_id=t.image_id)[0]
         norm = float(np.linalg.norm(vec))
         if norm < 1e-8:
             raise QueryError("the query terms cancel out; nothing to search for")
@@ -130,10 +142,12 @@ class Searcher:
     def search(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
-               rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None) -> list[Hit]:
-        """Top-k images. rerank=None re-ranks when the index has a re-ranker and the query is one text;
-        alpha=None blends the re-ranker's score with the similarity as fitted when it was trained."""
-        terms = parse_query(query, images)
+               rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
+               offset: int = 0) -> list[Hit]:
+        """Hits offset+1 .. offset+k. rerank=None re-ranks when the index has a re-ranker and the query is one
+        text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
+        Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap."""
+        terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if cat.count_images() == 0:
             raise EmptyIndexError(f"index {self.store.dir} holds no images yet (run `mmsearch index FOLDER`)")
@@ -151,13 +165,13 @@ class Searcher:
                                                 after, before), dtype=np.int64)
             if len(allowed) == 0:
                 return []
-        depth = max(k, rerank_k) if rerank else k
-        scores, ids = self.store.image_vectors().search(vec[None, :], depth, allowed_ids=allowed)
-        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        depth = max(offset + k, rerank_k) if rerank else offset + k
+        scores, found = self.store.image_vectors().search(vec[None, :], depth, allowed_ids=allowed)
+        pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
         itm = {}
         if rerank and pairs:
-            itm = self._rerank_images(states, [i for i, _ in pairs])
-        hits = _order(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)
+            itm = self._rerank_images(states, [i for i, _ in pairs[:max(k, rerank_k)]])
+        hits = _order(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)[offset:]
         rows = cat.rows([i for i, *_ in hits[:k]])
         out = []
         for i, final, sim, logit in hits:
@@ -168,7 +182,7 @@ class Searcher:
             r = rows.get(i)
             if r is None:
                 continue  # removed by a concurrent indexing run
-            out.append(Hit(len(out) + 1, final, r["path"], i, sim, logit, r["taken_at"], r["width"], r["height"]))
+            out.append(Hit(offset + len(out) + 1, final, r["path"], i, sim, logit, r["taken_at"], r["width"], r["height"]))
         return out
 
     def _rerank_images(self, states: np.ndarray, ids: list[int]) -> dict[int, float]:
@@ -182,17 +196,17 @@ class Searcher:
     # ---- image -> text, text -> text ----------------------------------------------------------
     def search_texts(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                      rerank: Optional[bool] = None, rerank_k: int = DEFAULT_RERANK_K,
-                     alpha: Optional[float] = None) -> list[dict]:
-        terms = parse_query(query, images)
+                     alpha: Optional[float] = None, ids: Sequence[int] = ()) -> list[dict]:
+        terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if cat.count_texts() == 0:
             raise EmptyIndexError(f"index {self.store.dir} holds no texts (run `mmsearch texts add FILE`)")
-        single_image = len(terms) == 1 and terms[0].image is not None
+        single_image = len(terms) == 1 and (terms[0].image is not None or terms[0].image_id is not None)
         if rerank is None:
             rerank = self.store.reranker_info() is not None and single_image
         rerank = bool(rerank and single_image and self.store.reranker_info() is not None)
         if rerank:
-            vec, qtoks = self._image_embedding(terms[0].image, token_grid=self.store.token_grid())
+            vec, qtoks = self._image_embedding(terms[0].image, self.store.token_grid(), terms[0].image_id)
         else:
             vec, qtoks = self.embed(terms)[0], None
         depth = max(k, rerank_k) if rerank else k

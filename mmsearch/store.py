@@ -57,6 +57,8 @@ class IndexStore:
         self._encoder = None
         self._reranker = None
         self.notices: list[str] = []  # one-line notes for the CLI to show (e.g. a torch fallback)
+        self._fast = None
+        self.device = "cpu"  # torch device for embedding queries (a name for mmsearch.devices)
 
     # ---- opening ------------------------------------------------------------------------------
     @classmethod
@@ -107,13 +109,19 @@ class IndexStore:
         if self._encoder is None:
             from .encoder import load_encoder
 
-            enc = load_encoder(self.spec)
+            enc = load_encoder(self.spec, device=self.device)
             if enc.fingerprint != self.meta["fingerprint"]:
                 raise ModelMismatchError(
                     f"the weights of {self.spec.describe()} differ from those index {self.dir} was built with "
                     f"(fingerprint {enc.fingerprint} != {self.meta['fingerprint']}); re-index into a new folder")
             self._encoder = enc
         return self._encoder
+
+    def image_embedder(self):
+        """What embeds an image that is not in the index (a query image, an upload): something with
+        .image_size and .encode_images(pil_images, token_grid=None). Today the torch encoder; the one
+        place a torch-free image tower can take over."""
+        return self.encoder()
 
     def text_encoder(self):
         """Something with .encode_texts(texts, return_states=...): the numpy tower when exported, else torch."""
@@ -133,6 +141,8 @@ class IndexStore:
     def _fast_text(self):
         if os.environ.get("MMSEARCH_TORCH_TEXT") or not (self.dir / "text_tower" / "meta.json").is_file():
             return None  # MMSEARCH_TORCH_TEXT=1 forces the torch text tower (debugging, benchmarks)
+        if self._fast is not None:
+            return self._fast  # loaded once per store: a server answers many queries
         from .errors import MmsearchError
 
         try:
@@ -141,7 +151,10 @@ class IndexStore:
             tower = NumpyTextTower.load(self.dir)
         except (MmsearchError, ImportError):
             return None
-        return _FastText(tower) if tower.fingerprint == self.meta["fingerprint"] else None
+        if tower.fingerprint != self.meta["fingerprint"]:
+            return None
+        self._fast = _FastText(tower)
+        return self._fast
 
     def export_fast_text(self, encoder) -> None:
         """Write the numpy text tower next to the index so text queries skip torch (best effort)."""

@@ -337,10 +337,8 @@ class NumpyTextTower:
 
     def encode(self, texts: Sequence[str]):
         """(L2-normalised embeddings [n,d], token states per text [len_i, width]) like Encoder.encode_texts."""
-        from threadpoolctl import threadpool_limits
-
         # a query is a few tokens: BLAS threads only add hand-off cost, and spin badly when cores are busy
-        with threadpool_limits(1, user_api="blas"):
+        with _blas_controller().limit(limits=1, user_api="blas"):
             return self._encode(texts)
 
     def _encode(self, texts: Sequence[str]):
@@ -382,3 +380,12 @@ class NumpyTextTower:
             pooled = pooled + self.w("text_projection_b")
         pooled = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
         return pooled.astype(np.float32), [states[r, : len(i)] for r, i in enumerate(ids)]
+
+
+@functools.lru_cache()
+def _blas_controller():
+    """Found once: threadpool_limits() re-scans every loaded library per call (38 ms per query in a server
+    that has faiss and torch loaded)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()

@@ -1,0 +1,51 @@
+"""Per-image routes: metadata, thumbnail, original file. Always by catalog id, never by path."""
+from __future__ import annotations
+
+import mimetypes
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import FileResponse, Response
+
+from ..errors import MediaError
+from .api_search import state
+from .errors import ApiError
+from .params import MAX_ID
+
+router = APIRouter(prefix="/api/images", tags=["images"])
+ImageId = Path(..., ge=0, lt=MAX_ID, description="Catalog id (from a search hit).")
+
+
+@router.get("/{image_id}")
+def image_meta(request: Request, image_id: int = ImageId):
+    """Path, size, dates, pixel size, and the URLs of the thumbnail and the file."""
+    st = state(request)
+    return st.describe(st.row(image_id))
+
+
+@router.get("/{image_id}/thumb", response_class=Response, responses={200: {"content": {"image/webp": {}}}})
+def image_thumb(request: Request, image_id: int = ImageId,
+                size: int = Query(256, ge=16, le=1024, description="Longest side (snapped to 128, 256 or 512).")):
+    """A WebP thumbnail, EXIF orientation applied; cached in the index folder, remade when the file changes."""
+    st = state(request)
+    path = st.servable_path(st.row(image_id))
+    try:
+        data = st.thumbs.get(image_id, path, size)
+    except MediaError as exc:
+        raise ApiError(422, f"image {image_id}: {exc.reason}") from None
+    except FileNotFoundError:
+        raise ApiError(410, f"image {image_id} is gone from disk") from None
+    # the URL the API hands out carries the file's mtime (v=...), so a cached copy is never stale
+    cache = "private, max-age=31536000, immutable" if request.query_params.get("v") else "no-cache"
+    return Response(data, media_type="image/webp", headers={"Cache-Control": cache})
+
+
+@router.get("/{image_id}/file", response_class=FileResponse)
+def image_file(request: Request, image_id: int = ImageId):
+    """The original file, while it is still inside an indexed folder."""
+    st = state(request)
+    path = st.servable_path(st.row(image_id))
+    kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    if not kind.startswith("image/") or kind == "image/svg+xml":
+        kind = "application/octet-stream"  # never let a browser run what it was handed as a photo
+    return FileResponse(path, media_type=kind, headers={"Cache-Control": "no-cache"},
+                        content_disposition_type="inline")

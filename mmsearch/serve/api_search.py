@@ -1,0 +1,72 @@
+"""Search routes: images by text / weighted terms / indexed ids / an upload, and image -> text."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
+
+from .errors import ApiError
+from .params import MAX_ID, SearchParams, search_params
+from .state import ServeState, thumb_url
+from .uploads import upload_file
+
+router = APIRouter(prefix="/api", tags=["search"])
+
+
+def state(request: Request) -> ServeState:
+    return request.app.state.mm
+
+
+@router.get("/search")
+def search(request: Request, p: SearchParams = Depends(search_params)):
+    """Images for a text query, weighted terms, indexed image ids (`id=`), or a mix of them."""
+    return run_search(state(request), p)
+
+
+@router.post("/search")
+def search_upload(request: Request, image: UploadFile = File(..., description="The query image."),
+                  p: SearchParams = Depends(search_params)):
+    """Images like an uploaded image (multipart field `image`), plus any q/id terms of the query string."""
+    st = state(request)
+    with upload_file(image, st.max_upload_bytes) as path, st.embed_lock:
+        return run_search(st, p, images=[path], upload=True)
+
+
+def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), upload: bool = False) -> dict:
+    if not (p.q or p.ids or images):
+        raise ApiError(400, "empty query: give q (text or weighted terms), id (an indexed image) or upload an image")
+    started = time.perf_counter()
+    hits = st.searcher.search(p.q, images, k=p.k, under=p.folder, exts=p.exts, after=p.after, before=p.before,
+                              rerank=p.rerank, rerank_k=p.rerank_k, ids=p.ids, offset=p.offset)
+    rows = st.store.catalog.rows([h.id for h in hits])
+    out = [dict(h.to_dict(), name=os.path.basename(h.path), thumbnail=thumb_url(rows[h.id]))
+           for h in hits if h.id in rows]
+    return {"query": dict(p.echo(), upload=upload), "hits": out, "more": len(hits) == p.k,
+            "reranked": any(h.itm is not None for h in hits),
+            "took_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+@router.get("/images/{image_id}/texts")
+def image_texts(request: Request, image_id: int = Path(..., ge=0, lt=MAX_ID),
+                k: int = Query(5, ge=1, le=50, description="Number of texts.")):
+    """The closest texts of the corpus (`mmsearch texts add`) for an indexed image."""
+    st = state(request)
+    st.row(image_id)
+    return texts_reply(st, k, ids=[image_id])
+
+
+@router.post("/texts")
+def upload_texts(request: Request, image: UploadFile = File(..., description="The query image."),
+                 k: int = Query(5, ge=1, le=50, description="Number of texts.")):
+    """The closest texts of the corpus for an uploaded image."""
+    st = state(request)
+    with upload_file(image, st.max_upload_bytes) as path, st.embed_lock:
+        return texts_reply(st, k, images=[path])
+
+
+def texts_reply(st: ServeState, k: int, ids: Sequence[int] = (), images: Sequence[str] = ()) -> dict:
+    corpus = st.store.catalog.count_texts()
+    texts = st.searcher.search_texts(None, images, k=k, ids=ids) if corpus else []
+    return {"texts": texts, "corpus": corpus}

@@ -1,0 +1,70 @@
+"""The app factory: one index, its routes, the page, and the guard in front of them."""
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Iterable, Optional
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from .. import __version__
+from . import api_images, api_info, api_search
+from .errors import install_handlers, log
+from .guard import Guard, default_allowed_hosts
+from .state import ServeState
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+# the page loads nothing from elsewhere and runs no inline script: say so to the browser
+CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+def build_app(index_dir, token: Optional[str] = None, allowed_hosts: Optional[Iterable[str]] = None,
+              bind: str = "127.0.0.1", cors_origins: Iterable[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+              device: str = "cpu", warm: bool = True) -> FastAPI:
+    """allowed_hosts: added to the loopback names (and this machine's names for a non-loopback `bind`); "*" turns
+    the Host check off.
+    token: required on every /api call when set. cors_origins: none unless asked for. warm: load the
+    vectors and the text tower in the background after start-up, so the first query is fast too."""
+    st = ServeState(index_dir, device=device, max_upload_bytes=max_upload_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if warm:
+            threading.Thread(target=_warm, args=(st,), daemon=True).start()
+        yield
+
+    app = FastAPI(title="mmsearch", version=__version__, lifespan=lifespan,
+                  description="Search an mmsearch index by text, weighted terms, image id or uploaded image.")
+    app.state.mm = st
+    install_handlers(app)
+    for module in (api_search, api_images, api_info):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization"])
+    extra = list(allowed_hosts or ())
+    hosts = None if "*" in extra else default_allowed_hosts(bind, extra)  # "*": no Host check, explicitly
+    app.add_middleware(Guard, allowed_hosts=hosts, token=token, max_upload=max_upload_bytes)
+    return app
+
+
+def _warm(st: ServeState) -> None:
+    try:
+        if st.store.catalog.count_images():
+            st.store.image_vectors()
+            st.store.text_encoder().encode_texts(["warm up"])
+    except Exception:  # a broken model shows up on the first real query, with its message
+        log.debug("warm-up failed", exc_info=True)

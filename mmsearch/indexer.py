@@ -149,23 +149,26 @@ def _worker_transform(encoder):
     return encoder.pil_transform or encoder.preprocess
 
 
-def _batch_pixels(encoder, items) -> "torch.Tensor":
+def _batch_pixels(encoder, items):
+    """The encoder's input batch: a torch tensor, or a numpy array for the ONNX tower (no torch import)."""
+    if encoder.pil_transform is not None:
+        return encoder.pixels(items)
     import torch
 
-    return encoder.pixels(items) if encoder.pil_transform is not None else torch.stack(items)
+    return torch.stack(items)
 
 
 def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, batch_size: int = 32,
                   workers: Optional[int] = None, exclude: Sequence[str] = (), include_hidden: bool = False,
                   factory: Optional[str] = None, reranker: Optional[str] = None,
-                  progress: Progress = None) -> IndexSummary:
+                  precision: Optional[str] = None, progress: Progress = None) -> IndexSummary:
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules."""
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     for r in roots:
         if not os.path.exists(r):
             raise MediaError(r, "no such file or folder")
-    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY)
+    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, precision=precision)
     if factory and factory != store.factory:
         raise VectorIndexError(f"index {index_dir} uses FAISS factory '{store.factory}'; change it with "
                                f"`mmsearch reindex --factory '{factory}'` (no re-embedding needed)")
@@ -189,12 +192,12 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     summary.failures.extend(plan.scan_failures)
 
     if plan.embed:
-        encoder = store.encoder()
         token_grid = store.token_grid()
+        encoder = store.image_encoder(token_grid=token_grid)
         started = time.perf_counter()
         _embed_all(store, encoder, plan, vectors, summary, batch_size, workers, token_grid, progress)
         summary.embed_seconds = time.perf_counter() - started
-        store.export_fast_text(encoder)
+        store.export_fast_text()
     store.save_vectors(vectors)
     summary.failed = len(summary.failures) + plan.known_failed
     summary.seconds = time.perf_counter() - t0

@@ -14,7 +14,8 @@ import numpy as np
 from . import __version__
 from .catalog import Catalog
 from .config import DEFAULT_FACTORY, ModelSpec
-from .errors import EmptyIndexError, ModelMismatchError, VectorIndexError
+from .errors import EmptyIndexError, ModelMismatchError, UnknownModelError, VectorIndexError
+from .imagetower import PRECISIONS
 
 IMAGE_VECTORS = "vectors.faiss"
 TEXT_VECTORS = "texts.faiss"
@@ -63,9 +64,12 @@ class IndexStore:
 
     @classmethod
     def open_or_create(cls, directory, spec: Optional[ModelSpec] = None, factory: str = DEFAULT_FACTORY,
-                       factory_given: bool = False) -> "IndexStore":
-        """Reuse an index's recorded model (refusing a conflicting one), or create the index with `spec`."""
+                       factory_given: bool = False, precision: Optional[str] = None) -> "IndexStore":
+        """Reuse an index's recorded model (refusing a conflicting one), or create the index with `spec`.
+        `precision` (fp32, int8) is part of the model record: another one than the index's is refused."""
         directory = Path(directory)
+        if precision is not None and precision not in PRECISIONS:
+            raise UnknownModelError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
         if Catalog.exists(directory):
             store = cls.open(directory)
             stored = store.spec
@@ -73,6 +77,10 @@ class IndexStore:
                 raise ModelMismatchError(
                     f"index {directory} was built with {stored.describe()}, not {_normalise(spec).describe()}; "
                     f"nothing was changed. Omit the model options to reuse the index's model, or use another --index.")
+            if precision is not None and precision != store.precision:
+                raise ModelMismatchError(
+                    f"index {directory} was built in {store.precision}, not {precision}: mixing them would mix "
+                    f"embeddings; nothing was changed. Omit --precision, or use another --index.")
             return store
         from .encoder import load_encoder
 
@@ -82,7 +90,7 @@ class IndexStore:
             "model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch, "fingerprint": encoder.fingerprint,
             "dim": encoder.dim, "factory": factory, "image_size": encoder.image_size,
             "text_width": encoder.text_width, "vision_width": encoder.vision_width,
-            "mmsearch_version": __version__})
+            "precision": precision or "fp32", "mmsearch_version": __version__})
         store = cls(directory, catalog)
         store._encoder = encoder
         return store
@@ -94,6 +102,11 @@ class IndexStore:
     @property
     def dim(self) -> int:
         return int(self.meta["dim"])
+
+    @property
+    def precision(self) -> str:
+        """fp32 or int8: how image embeddings are computed (indexes from before int8 existed are fp32)."""
+        return self.meta.get("precision", "fp32")
 
     @property
     def factory(self) -> str:
@@ -112,6 +125,34 @@ class IndexStore:
                     f"(fingerprint {enc.fingerprint} != {self.meta['fingerprint']}); re-index into a new folder")
             self._encoder = enc
         return self._encoder
+
+    def image_encoder(self, token_grid: Optional[int] = None, prefer_torch: bool = False):
+        """What embeds images for this index: the ONNX tower (no torch start-up) when exported for these
+        weights and this precision, else the torch encoder, exporting the tower for the next run.
+        Torch serves GPUs (`prefer_torch`), re-ranker tokens and models ONNX cannot take; int8 is ONNX only."""
+        int8 = self.precision == "int8"
+        if (token_grid is not None or prefer_torch or os.environ.get("MMSEARCH_TORCH_IMAGE")) and not int8:
+            return self.encoder()
+        if token_grid is not None:
+            raise UnknownModelError(f"index {self.dir} is int8: its ONNX image tower cannot give re-ranker tokens")
+        from .errors import MmsearchError
+        from .imagetower import OnnxImageTower, export_image_tower, fresh_meta
+
+        if fresh_meta(self.dir, self.meta["fingerprint"], self.precision) is None:
+            try:
+                export_image_tower(self.encoder(), self.dir, self.precision)
+            except (MmsearchError, ImportError, OSError):
+                if int8:
+                    raise
+                return self.encoder()  # an architecture the exporter cannot take, or a read-only index
+        try:
+            tower = OnnxImageTower.load(self.dir)
+            tower.session  # a damaged file fails here, not mid-run
+            return tower
+        except (MmsearchError, ImportError):
+            if int8:
+                raise
+            return self.encoder()
 
     def text_encoder(self):
         """Something with .encode_texts(texts, return_states=...): the numpy tower when exported, else torch."""
@@ -136,15 +177,16 @@ class IndexStore:
             return None
         return _FastText(tower) if tower.fingerprint == self.meta["fingerprint"] else None
 
-    def export_fast_text(self, encoder) -> None:
-        """Write the numpy text tower next to the index so text queries skip torch (best effort)."""
+    def export_fast_text(self, encoder=None) -> None:
+        """Write the numpy text tower next to the index so text queries skip torch (best effort).
+        Loads the torch encoder only when the tower is missing or stale."""
         from .errors import MmsearchError
 
         if self._fast_text() is None and not os.environ.get("MMSEARCH_TORCH_TEXT"):
             try:
                 from .textnp import export_text_tower
 
-                export_text_tower(encoder, self.dir)
+                export_text_tower(encoder or self.encoder(), self.dir)
             except (MmsearchError, ImportError, OSError):
                 pass  # architectures the numpy path cannot run (or a read-only index) use torch at query time
 
@@ -261,6 +303,7 @@ class IndexStore:
             "vectors": vectors,
             "texts": self.catalog.count_texts(),
             "model": dict(self.spec.to_dict(), arch=self.meta.get("arch"), fingerprint=self.meta["fingerprint"]),
+            "precision": self.precision,
             "dim": self.dim,
             "factory": self.factory,
             "reranker": self.reranker_info(),

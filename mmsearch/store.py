@@ -138,21 +138,19 @@ class IndexStore:
         from .errors import MmsearchError
         from .imagetower import OnnxImageTower, export_image_tower, fresh_meta
 
-        if fresh_meta(self.dir, self.meta["fingerprint"], self.precision) is None:
+        for attempt in range(2):
             try:
-                export_image_tower(self.encoder(), self.dir, self.precision)
+                if attempt or fresh_meta(self.dir, self.meta["fingerprint"], self.precision) is None:
+                    export_image_tower(self.encoder(), self.dir, self.precision)
+                tower = OnnxImageTower.load(self.dir)
+                tower.session  # a damaged model file fails here (then it is exported again), not mid-run
+                return tower
             except (MmsearchError, ImportError, OSError):
+                if attempt == 0 and fresh_meta(self.dir, self.meta["fingerprint"], self.precision) is not None:
+                    continue
                 if int8:
                     raise
                 return self.encoder()  # an architecture the exporter cannot take, or a read-only index
-        try:
-            tower = OnnxImageTower.load(self.dir)
-            tower.session  # a damaged file fails here, not mid-run
-            return tower
-        except (MmsearchError, ImportError):
-            if int8:
-                raise
-            return self.encoder()
 
     def text_encoder(self):
         """Something with .encode_texts(texts, return_states=...): the numpy tower when exported, else torch."""

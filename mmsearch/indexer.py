@@ -198,6 +198,7 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         _embed_all(store, encoder, plan, vectors, summary, batch_size, workers, token_grid, progress)
         summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text()
+        store.share_exports()
     store.save_vectors(vectors)
     summary.failed = len(summary.failures) + plan.known_failed
     summary.seconds = time.perf_counter() - t0

@@ -82,18 +82,37 @@ class IndexStore:
                     f"index {directory} was built in {store.precision}, not {precision}: mixing them would mix "
                     f"embeddings; nothing was changed. Omit --precision, or use another --index.")
             return store
-        from .encoder import load_encoder
+        from . import towercache
 
         spec = _normalise(spec or ModelSpec())
-        encoder = load_encoder(spec)
-        catalog = Catalog.create(directory, {
-            "model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch, "fingerprint": encoder.fingerprint,
-            "dim": encoder.dim, "factory": factory, "image_size": encoder.image_size,
-            "text_width": encoder.text_width, "vision_width": encoder.vision_width,
-            "precision": precision or "fp32", "mmsearch_version": __version__})
+        precision = precision or "fp32"
+        record = towercache.lookup(spec, precision)  # a model indexed before: no torch needed
+        encoder = None
+        if record is None:
+            from .encoder import load_encoder
+
+            encoder = load_encoder(spec)
+            record = {"model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch,
+                      "fingerprint": encoder.fingerprint, "dim": encoder.dim, "image_size": encoder.image_size,
+                      "text_width": encoder.text_width, "vision_width": encoder.vision_width}
+        catalog = Catalog.create(directory, dict(record, factory=factory, precision=precision,
+                                                 mmsearch_version=__version__))
         store = cls(directory, catalog)
         store._encoder = encoder
+        if encoder is None:
+            try:
+                towercache.install(spec, precision, directory)
+            except OSError:
+                pass  # the towers are exported again from torch when first needed
         return store
+
+    def share_exports(self) -> None:
+        """After a run that loaded torch (so the weights were checked against the index's fingerprint),
+        keep this index's exported towers for the next new index of the same model."""
+        if self._encoder is not None and self._encoder.fingerprint == self.meta["fingerprint"]:
+            from . import towercache
+
+            towercache.save(self.spec, self.meta, self.dir)
 
     @property
     def spec(self) -> ModelSpec:

@@ -136,3 +136,27 @@ def test_incremental_index_imports_no_torch(tiny_checkpoint, tmp_path):
     ref = enc.encode_images([load_image(p, min_size=enc.image_size) for p in paths])
     assert first.added == 5 and len(paths) == 8
     assert np.abs(np.stack([got[p] for p in paths]) - ref).max() < 1e-4
+
+
+def test_new_index_of_a_known_model_reuses_cached_towers_without_torch(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    photos = tmp_path / "photos"
+    _photos(photos, 4, seed=6)
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(tiny_checkpoint.read_bytes())
+    spec = ModelSpec(model="mmsearch-tiny", checkpoint=str(ckpt))
+    index_folders(tmp_path / "first", [photos], spec=spec)
+    code = ("import sys, json; from mmsearch.indexer import index_folders; from mmsearch.config import ModelSpec\n"
+            f"s = index_folders({str(tmp_path / 'second')!r}, [{str(photos)!r}], "
+            f"spec=ModelSpec(model='ViT-B-32', checkpoint={str(ckpt)!r}))\n"
+            "print(s.added, any(m in sys.modules for m in ('torch', 'open_clip')))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["4", "False"], out.stderr
+    a, b = IndexStore.open(tmp_path / "first"), IndexStore.open(tmp_path / "second")
+    assert {k: v for k, v in a.meta.items() if k != "created_at"} == {k: v for k, v in b.meta.items() if k != "created_at"}
+    ea, eb = _by_path(a), _by_path(b)
+    assert all(np.array_equal(ea[p], eb[p]) for p in ea)
+    # other weights in the same file (same path, new mtime) are another model: torch loads again
+    os.utime(ckpt, ns=(1, 1))
+    assert IndexStore.open_or_create(tmp_path / "third", spec=spec)._encoder is not None

@@ -36,6 +36,8 @@ class IndexSummary:
     failed: int = 0
     seconds: float = 0.0
     embed_seconds: float = 0.0  # decoding + encoding only, without model loading
+    encode_seconds: float = 0.0  # of which the image tower itself ran (the rest: waiting for decodes, commits)
+    wait_seconds: float = 0.0  # of which the encoder waited for decode threads
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
 
     @property
@@ -228,7 +230,9 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
             batch = []
             while pending and len(batch) < size:
                 f, fut = pending.popleft()
+                t = time.perf_counter()
                 batch.append((f, fut.result()))
+                summary.wait_seconds += time.perf_counter() - t
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(_decode, nxt, encoder.image_size, prep)))
@@ -236,8 +240,10 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
             bad = [(f, r) for f, r in batch if isinstance(r, MediaError)]
             emb = toks = None
             if good:
+                t = time.perf_counter()
                 pixels = _batch_pixels(encoder, [r[0] for _, r in good])
                 out = encoder.encode_image_tensor(pixels, token_grid=token_grid)
+                summary.encode_seconds += time.perf_counter() - t
                 emb, toks = out if token_grid else (out, None)
             size = batch_size
             _commit_batch(cat, plan, vectors, good, bad, emb, toks, summary)

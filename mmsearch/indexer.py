@@ -36,6 +36,8 @@ class IndexSummary:
     failed: int = 0
     seconds: float = 0.0
     embed_seconds: float = 0.0  # decoding + encoding only, without model loading
+    encode_seconds: float = 0.0  # of which the image tower itself ran (the rest: waiting for decodes, commits)
+    wait_seconds: float = 0.0  # of which the encoder waited for decode threads
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
 
     @property
@@ -149,23 +151,26 @@ def _worker_transform(encoder):
     return encoder.pil_transform or encoder.preprocess
 
 
-def _batch_pixels(encoder, items) -> "torch.Tensor":
+def _batch_pixels(encoder, items):
+    """The encoder's input batch: a torch tensor, or a numpy array for the ONNX tower (no torch import)."""
+    if encoder.pil_transform is not None:
+        return encoder.pixels(items)
     import torch
 
-    return encoder.pixels(items) if encoder.pil_transform is not None else torch.stack(items)
+    return torch.stack(items)
 
 
 def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, batch_size: int = 32,
                   workers: Optional[int] = None, exclude: Sequence[str] = (), include_hidden: bool = False,
                   factory: Optional[str] = None, reranker: Optional[str] = None,
-                  progress: Progress = None) -> IndexSummary:
+                  precision: Optional[str] = None, progress: Progress = None) -> IndexSummary:
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules."""
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     for r in roots:
         if not os.path.exists(r):
             raise MediaError(r, "no such file or folder")
-    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY)
+    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, precision=precision)
     if factory and factory != store.factory:
         raise VectorIndexError(f"index {index_dir} uses FAISS factory '{store.factory}'; change it with "
                                f"`mmsearch reindex --factory '{factory}'` (no re-embedding needed)")
@@ -191,12 +196,13 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     summary.failures.extend(plan.scan_failures)
 
     if plan.embed:
-        encoder = store.encoder()
         token_grid = store.token_grid()
+        encoder = store.image_encoder(token_grid=token_grid)
         started = time.perf_counter()
         _embed_all(store, encoder, plan, vectors, summary, batch_size, workers, token_grid, progress)
         summary.embed_seconds = time.perf_counter() - started
-        store.export_fast_text(encoder)
+        store.export_fast_text()
+        store.share_exports()
     store.save_vectors(vectors)
     summary.failed = len(summary.failures) + plan.known_failed
     summary.seconds = time.perf_counter() - t0
@@ -226,7 +232,9 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
             batch = []
             while pending and len(batch) < size:
                 f, fut = pending.popleft()
+                t = time.perf_counter()
                 batch.append((f, fut.result()))
+                summary.wait_seconds += time.perf_counter() - t
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(_decode, nxt, encoder.image_size, prep)))
@@ -234,8 +242,10 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
             bad = [(f, r) for f, r in batch if isinstance(r, MediaError)]
             emb = toks = None
             if good:
+                t = time.perf_counter()
                 pixels = _batch_pixels(encoder, [r[0] for _, r in good])
                 out = encoder.encode_image_tensor(pixels, token_grid=token_grid)
+                summary.encode_seconds += time.perf_counter() - t
                 emb, toks = out if token_grid else (out, None)
             size = batch_size
             _commit_batch(cat, plan, vectors, good, bad, emb, toks, summary)

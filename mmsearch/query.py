@@ -111,7 +111,8 @@ class Searcher:
                 return cat.embeddings(self.store.dim, [image_id])[1][0], toks.astype(np.float32)
         from .media import load_image
 
-        enc = self.store.image_embedder()
+        # the index's own image tower (ONNX, its precision) unless re-ranker tokens need torch
+        enc = self.store.image_embedder() if token_grid is None else self.store.encoder()
         img = load_image(path, min_size=enc.image_size)
         out = enc.encode_images([img], token_grid=token_grid)
         return (out[0][0], out[1][0]) if token_grid else (out[0], None)

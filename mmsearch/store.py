@@ -15,7 +15,8 @@ import numpy as np
 from . import __version__
 from .catalog import Catalog
 from .config import DEFAULT_FACTORY, ModelSpec
-from .errors import EmptyIndexError, ModelMismatchError, VectorIndexError
+from .errors import EmptyIndexError, ModelMismatchError, UnknownModelError, VectorIndexError
+from .imagetower import PRECISIONS
 
 IMAGE_VECTORS = "vectors.faiss"
 TEXT_VECTORS = "texts.faiss"
@@ -67,9 +68,12 @@ class IndexStore:
 
     @classmethod
     def open_or_create(cls, directory, spec: Optional[ModelSpec] = None, factory: str = DEFAULT_FACTORY,
-                       factory_given: bool = False) -> "IndexStore":
-        """Reuse an index's recorded model (refusing a conflicting one), or create the index with `spec`."""
+                       factory_given: bool = False, precision: Optional[str] = None) -> "IndexStore":
+        """Reuse an index's recorded model (refusing a conflicting one), or create the index with `spec`.
+        `precision` (fp32, int8) is part of the model record: another one than the index's is refused."""
         directory = Path(directory)
+        if precision is not None and precision not in PRECISIONS:
+            raise UnknownModelError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
         if Catalog.exists(directory):
             store = cls.open(directory)
             stored = store.spec
@@ -77,19 +81,42 @@ class IndexStore:
                 raise ModelMismatchError(
                     f"index {directory} was built with {stored.describe()}, not {_normalise(spec).describe()}; "
                     f"nothing was changed. Omit the model options to reuse the index's model, or use another --index.")
+            if precision is not None and precision != store.precision:
+                raise ModelMismatchError(
+                    f"index {directory} was built in {store.precision}, not {precision}: mixing them would mix "
+                    f"embeddings; nothing was changed. Omit --precision, or use another --index.")
             return store
-        from .encoder import load_encoder
+        from . import towercache
 
         spec = _normalise(spec or ModelSpec())
-        encoder = load_encoder(spec)
-        catalog = Catalog.create(directory, {
-            "model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch, "fingerprint": encoder.fingerprint,
-            "dim": encoder.dim, "factory": factory, "image_size": encoder.image_size,
-            "text_width": encoder.text_width, "vision_width": encoder.vision_width,
-            "mmsearch_version": __version__})
+        precision = precision or "fp32"
+        record = towercache.lookup(spec, precision)  # a model indexed before: no torch needed
+        encoder = None
+        if record is None:
+            from .encoder import load_encoder
+
+            encoder = load_encoder(spec)
+            record = {"model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch,
+                      "fingerprint": encoder.fingerprint, "dim": encoder.dim, "image_size": encoder.image_size,
+                      "text_width": encoder.text_width, "vision_width": encoder.vision_width}
+        catalog = Catalog.create(directory, dict(record, factory=factory, precision=precision,
+                                                 mmsearch_version=__version__))
         store = cls(directory, catalog)
         store._encoder = encoder
+        if encoder is None:
+            try:
+                towercache.install(spec, precision, directory)
+            except OSError:
+                pass  # the towers are exported again from torch when first needed
         return store
+
+    def share_exports(self) -> None:
+        """After a run that loaded torch (so the weights were checked against the index's fingerprint),
+        keep this index's exported towers for the next new index of the same model."""
+        if self._encoder is not None and self._encoder.fingerprint == self.meta["fingerprint"]:
+            from . import towercache
+
+            towercache.save(self.spec, self.meta, self.dir)
 
     @property
     def spec(self) -> ModelSpec:
@@ -98,6 +125,11 @@ class IndexStore:
     @property
     def dim(self) -> int:
         return int(self.meta["dim"])
+
+    @property
+    def precision(self) -> str:
+        """fp32 or int8: how image embeddings are computed (indexes from before int8 existed are fp32)."""
+        return self.meta.get("precision", "fp32")
 
     @property
     def factory(self) -> str:
@@ -117,11 +149,39 @@ class IndexStore:
             self._encoder = enc
         return self._encoder
 
+    def image_encoder(self, token_grid: Optional[int] = None, prefer_torch: bool = False):
+        """What embeds images for this index: the ONNX tower (no torch start-up) when exported for these
+        weights and this precision, else the torch encoder, exporting the tower for the next run.
+        Torch serves GPUs (`prefer_torch`), re-ranker tokens and models ONNX cannot take; int8 is ONNX only."""
+        int8 = self.precision == "int8"
+        if (token_grid is not None or prefer_torch or os.environ.get("MMSEARCH_TORCH_IMAGE")) and not int8:
+            return self.encoder()
+        if token_grid is not None:
+            raise UnknownModelError(f"index {self.dir} is int8: its ONNX image tower cannot give re-ranker tokens")
+        if getattr(self, "_image_tower", None) is not None:
+            return self._image_tower
+        from .errors import MmsearchError
+        from .imagetower import OnnxImageTower, export_image_tower, fresh_meta
+
+        for attempt in range(2):
+            try:
+                if attempt or fresh_meta(self.dir, self.meta["fingerprint"], self.precision) is None:
+                    export_image_tower(self.encoder(), self.dir, self.precision)
+                tower = OnnxImageTower.load(self.dir)
+                tower.session  # a damaged model file fails here (then it is exported again), not mid-run
+                self._image_tower = tower  # one ONNX session per store: a server embeds many uploads
+                return tower
+            except (MmsearchError, ImportError, OSError):
+                if attempt == 0 and fresh_meta(self.dir, self.meta["fingerprint"], self.precision) is not None:
+                    continue
+                if int8:
+                    raise
+                return self.encoder()  # an architecture the exporter cannot take, or a read-only index
+
     def image_embedder(self):
         """What embeds an image that is not in the index (a query image, an upload): something with
-        .image_size and .encode_images(pil_images, token_grid=None). Today the torch encoder; the one
-        place a torch-free image tower can take over."""
-        return self.encoder()
+        .image_size and .encode_images(pil_images, token_grid=None); torch only on a GPU device."""
+        return self.image_encoder(prefer_torch=str(self.device) != "cpu")
 
     def text_encoder(self):
         """Something with .encode_texts(texts, return_states=...): the numpy tower when exported, else torch."""
@@ -156,15 +216,16 @@ class IndexStore:
         self._fast = _FastText(tower)
         return self._fast
 
-    def export_fast_text(self, encoder) -> None:
-        """Write the numpy text tower next to the index so text queries skip torch (best effort)."""
+    def export_fast_text(self, encoder=None) -> None:
+        """Write the numpy text tower next to the index so text queries skip torch (best effort).
+        Loads the torch encoder only when the tower is missing or stale."""
         from .errors import MmsearchError
 
         if self._fast_text() is None and not os.environ.get("MMSEARCH_TORCH_TEXT"):
             try:
                 from .textnp import export_text_tower
 
-                export_text_tower(encoder, self.dir)
+                export_text_tower(encoder or self.encoder(), self.dir)
                 self._record_text_path("numpy", None)
             except (MmsearchError, ImportError) as exc:
                 # architectures the numpy path cannot run use torch at query time; say why once, in the meta
@@ -296,6 +357,7 @@ class IndexStore:
             "vectors": vectors,
             "texts": self.catalog.count_texts(),
             "model": dict(self.spec.to_dict(), arch=self.meta.get("arch"), fingerprint=self.meta["fingerprint"]),
+            "precision": self.precision,
             "dim": self.dim,
             "factory": self.factory,
             "reranker": self.reranker_info(),

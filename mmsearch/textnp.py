@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import functools
 import html
-import json
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .errors import CheckpointError, UnknownModelError
+from .exported import read_export_meta, write_export
 
 DIR_NAME = "text_tower"
 FORMAT = "mmsearch-text-tower-2"
@@ -229,36 +227,28 @@ def export_text_tower(encoder, out_dir) -> Path:
                         ("fc_w", b.mlp.c_fc.weight), ("fc_b", b.mlp.c_fc.bias), ("proj_w", b.mlp.c_proj.weight),
                         ("proj_b", b.mlp.c_proj.bias)):
             arrays[f"{i}.{name}"] = t.T if name.endswith(("in_w", "out_w", "fc_w", "proj_w")) else t
-    out = Path(out_dir) / DIR_NAME
-    tmp = Path(out_dir) / (DIR_NAME + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # one file, one mmap: a fresh query process opens it once instead of ~150 .npy files
-    table, offset = {}, 0
-    with open(tmp / WEIGHTS, "wb") as fh:
-        for name, t in arrays.items():
-            a = np.ascontiguousarray(t.detach().float().numpy())
-            fh.write(a.tobytes())
-            table[name] = [offset, list(a.shape)]
-            offset += a.size
-    tok_json = tok_meta.pop("tokenizer_json", None)
-    if tok_json is not None:
-        (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-    else:
-        (tmp / "merges.txt").write_text("\n".join(_merges_from_open_clip()), encoding="utf-8")
-    meta = {"format": FORMAT, "fingerprint": encoder.fingerprint, "layers": len(blocks),
-            "heads": blocks[0].attn.num_heads, "act": act, "eps": m.ln_final.eps,
-            "context_length": int(m.positional_embedding.shape[0]), "dim": encoder.dim, "arrays": table,
-            "floats": offset, "causal": m.attn_mask is not None, "pool": pool, **tok_meta}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    try:
-        _probe(encoder, NumpyTextTower(tmp, meta))
-    except UnknownModelError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    def fill(tmp: Path) -> dict:
+        # one file, one mmap: a fresh query process opens it once instead of ~150 .npy files
+        table, offset = {}, 0
+        with open(tmp / WEIGHTS, "wb") as fh:
+            for name, t in arrays.items():
+                a = np.ascontiguousarray(t.detach().float().numpy())
+                fh.write(a.tobytes())
+                table[name] = [offset, list(a.shape)]
+                offset += a.size
+        tok_json = tok_meta.pop("tokenizer_json", None)
+        if tok_json is not None:
+            (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+        else:
+            (tmp / "merges.txt").write_text("\n".join(_merges_from_open_clip()), encoding="utf-8")
+        meta = {"format": FORMAT, "fingerprint": encoder.fingerprint, "layers": len(blocks),
+                "heads": blocks[0].attn.num_heads, "act": act, "eps": m.ln_final.eps,
+                "context_length": int(m.positional_embedding.shape[0]), "dim": encoder.dim, "arrays": table,
+                "floats": offset, "causal": m.attn_mask is not None, "pool": pool, **tok_meta}
+        _probe(encoder, NumpyTextTower(tmp, meta))  # raises UnknownModelError: nothing is written
+        return meta
+
+    return write_export(out_dir, DIR_NAME, fill)
 
 
 PROBES = ["a photo of a dog", "A RED Circle, left of a blue square!", "café déjà vu", "x", "word " * 80]
@@ -302,12 +292,7 @@ class NumpyTextTower:
     @classmethod
     def load(cls, index_dir) -> "NumpyTextTower":
         d = Path(index_dir) / DIR_NAME
-        try:
-            meta = json.loads((d / "meta.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"no readable numpy text tower in {index_dir} ({exc})") from exc
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{d} was written by another mmsearch version ({meta.get('format')})")
+        meta = read_export_meta(index_dir, DIR_NAME, FORMAT)
         return cls(d, meta)
 
     def w(self, name: str) -> np.ndarray:

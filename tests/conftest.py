@@ -1,5 +1,6 @@
 """Session fixtures: one synthetic dataset and one tiny model trained on it, shared by the suite."""
 import contextlib
+import os
 
 import pytest
 
@@ -18,6 +19,13 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tower_cache(tmp_path_factory):
+    """Exported towers shared between indexes (mmsearch.towercache) go to a temporary folder, not ~/.cache."""
+    os.environ["MMSEARCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("mmsearch-cache"))
+    return os.environ["MMSEARCH_CACHE_DIR"]
 
 
 @pytest.fixture(scope="session")

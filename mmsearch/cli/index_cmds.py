@@ -22,10 +22,13 @@ from .options import emit_json, index_dir_of, index_option, model_options, model
 @click.option("--factory", default=None, help="FAISS factory string for a new index [default: Flat].")
 @click.option("--reranker", type=click.Path(dir_okay=False), default=None,
               help="Re-ranker checkpoint: store its image tokens while indexing.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
+              help="Image tower arithmetic for a new index [default: fp32]; int8 is ~2x faster on CPUs with "
+                   "AVX-512 VNNI/AMX. Part of the model record: an index keeps its precision.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @with_bar("embed")
 def index(paths, index_dir, model, pretrained, checkpoint, batch_size, workers, exclude, hidden, factory,
-          reranker, as_json, progress):
+          reranker, precision, as_json, progress):
     """Index image folders (or files): new and changed files are embedded, moved ones reuse their
     embedding, deleted ones are removed. Re-running on an unchanged folder embeds nothing."""
     yielding_openmp()
@@ -33,7 +36,7 @@ def index(paths, index_dir, model, pretrained, checkpoint, batch_size, workers, 
 
     summary = index_folders(index_dir_of(index_dir), paths, spec=model_spec(model, pretrained, checkpoint),
                             batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden,
-                            factory=factory, reranker=reranker, progress=progress)
+                            factory=factory, reranker=reranker, precision=precision, progress=progress)
     progress.close()
     if as_json:
         emit_json(summary.to_dict())
@@ -65,7 +68,8 @@ def info(index_dir, as_json):
     m = data["model"]
     rows = [("index", data["index"]), ("images", data["images"]), ("failed", data["failed"]),
             ("vectors", data["vectors"]), ("texts", data["texts"]),
-            ("model", ModelSpec.from_dict(m).describe()), ("fingerprint", m["fingerprint"]), ("dim", data["dim"]),
+            ("model", ModelSpec.from_dict(m).describe()), ("fingerprint", m["fingerprint"]),
+            ("precision", data["precision"]), ("dim", data["dim"]),
             ("factory", data["factory"]),
             ("reranker", data["reranker"]["path"] if data["reranker"] else "none"),
             ("rerank bytes/image", data["rerank_bytes_per_image"]),

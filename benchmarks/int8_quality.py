@@ -1,0 +1,136 @@
+"""int8 vs fp32 image tower: embedding cosine, held-out recall@k, and speed, in one run.
+
+    python benchmarks/int8_quality.py [--checkpoint FILE --data captions.csv] [--n 1500 --steps 300]
+                                      [--speed-model ViT-B-32-256] [--repeat 3]
+
+Quality: a trained model (yours, or mmsearch-tiny trained here on the demo's synthetic data with the
+demo's settings) embeds the held-out split with torch, the exported ONNX fp32 tower and the int8
+tower; texts use the torch text tower for all three. Speed: the ONNX fp32 and int8 towers of
+`--speed-model` (random weights: speed does not depend on them) on a batch of 32, alternating,
+medians of --repeat. Prints a Markdown table, writes benchmarks/results/int8_quality.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def _vnni() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    return ",".join(f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "none"
+
+
+def quality(ckpt: Path, data: Path) -> dict:
+    from mmsearch.config import ModelSpec
+    from mmsearch.datasets import load_dataset
+    from mmsearch.encoder import load_encoder
+    from mmsearch.imagetower import OnnxImageTower, export_image_tower
+    from mmsearch.media import load_image
+    from mmsearch.metrics import image_to_text_ranks, summarize, text_to_image_ranks
+
+    enc = load_encoder(ModelSpec(checkpoint=str(ckpt)))
+    ds = load_dataset(data, split="test")
+    images = [load_image(p, min_size=enc.image_size) for p in ds.images]
+    txt = enc.encode_texts(ds.captions)
+    embs = {"torch fp32": np.concatenate([enc.encode_images(images[i:i + 64]) for i in range(0, len(images), 64)])}
+    for prec in ("fp32", "int8"):
+        d = tempfile.mkdtemp(prefix=f"int8q-{prec}-")
+        export_image_tower(enc, d, prec)
+        tower = OnnxImageTower.load(d)
+        embs[f"onnx {prec}"] = np.concatenate([tower.encode_images(images[i:i + 64]) for i in range(0, len(images), 64)])
+    ref = embs["torch fp32"]
+    out = {"images": len(ds.images), "captions": len(ds.captions)}
+    for name, e in embs.items():
+        cos = (e * ref).sum(1)
+        t2i = summarize(text_to_image_ranks(txt, e, ds.caption_image))
+        i2t = summarize(image_to_text_ranks(e, txt, ds.caption_image))
+        top1 = float(np.mean((txt @ e.T).argmax(1) == (txt @ ref.T).argmax(1)))
+        out[name] = {"cos_to_torch_min": float(cos.min()), "cos_to_torch_mean": float(cos.mean()),
+                     "t2i": t2i, "i2t": i2t, "text_top1_same_as_torch": top1}
+    return out
+
+
+def speed(model: str, repeat: int, batch: int = 32) -> dict:
+    from mmsearch.config import ModelSpec
+    from mmsearch.encoder import load_encoder
+    from mmsearch.imagetower import OnnxImageTower, export_image_tower
+
+    enc = load_encoder(ModelSpec(model=model, pretrained=None))
+    towers = {}
+    for prec in ("fp32", "int8"):
+        d = tempfile.mkdtemp(prefix=f"int8s-{prec}-")
+        export_image_tower(enc, d, prec)
+        towers[prec] = OnnxImageTower.load(d)
+    x = np.random.default_rng(0).standard_normal((batch, 3, enc.image_size, enc.image_size)).astype(np.float32)
+    runs = {p: [] for p in towers}
+    for t in towers.values():
+        t.encode_image_tensor(x[:4])
+    for _ in range(repeat):
+        for p, t in towers.items():
+            s = time.perf_counter()
+            t.encode_image_tensor(x)
+            runs[p].append(batch / (time.perf_counter() - s))
+    cos = (towers["fp32"].encode_image_tensor(x) * towers["int8"].encode_image_tensor(x)).sum(1)
+    return {"model": model, "batch": batch, "runs": {p: [round(v, 2) for v in r] for p, r in runs.items()},
+            "images_per_s": {p: round(statistics.median(r), 2) for p, r in runs.items()},
+            "cos_int8_fp32_random_input_min": float(cos.min())}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--data", type=Path, help="captions.csv with a test split (with --checkpoint)")
+    ap.add_argument("--n", type=int, default=1500, help="synthetic images when training here (demo: 1500)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps when training here (demo: 300)")
+    ap.add_argument("--speed-model", default="ViT-B-32-256")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "int8_quality.json")
+    args = ap.parse_args(argv)
+    load0 = os.getloadavg()
+    if args.checkpoint is None:
+        from mmsearch.config import ModelSpec
+        from mmsearch.datasets import synthesize
+        from mmsearch.train import train_encoder
+
+        work = Path(tempfile.mkdtemp(prefix="int8q-"))
+        synthesize(work, n=args.n, seed=0, size=64)
+        args.checkpoint, args.data = work / "tiny.pt", work / "captions.csv"
+        train_encoder(args.data, ModelSpec(model="mmsearch-tiny", pretrained=None), args.checkpoint,
+                      steps=args.steps, batch_size=64, lr=1e-3)
+    q = quality(args.checkpoint, args.data)
+    s = speed(args.speed_model, args.repeat)
+    res = {"quality": q, "speed": s, "cpu_int8_flags": _vnni(), "load_before": load0, "load_after": os.getloadavg(),
+           "trained_here": {"n": args.n, "steps": args.steps} if args.data.parent.name.startswith("int8q-") else None}
+    print(f"held-out: {q['images']} images, {q['captions']} captions; model {args.checkpoint}")
+    print("| image tower | min / mean cos to torch | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | top-1 = torch's |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("torch fp32", "onnx fp32", "onnx int8"):
+        r = q[name]
+        print(f"| {name} | {r['cos_to_torch_min']:.4f} / {r['cos_to_torch_mean']:.4f} | {r['t2i']['R@1']:.3f} | "
+              f"{r['t2i']['R@5']:.3f} | {r['t2i']['R@10']:.3f} | {r['i2t']['R@1']:.3f} | {r['i2t']['R@5']:.3f} | "
+              f"{r['text_top1_same_as_torch']:.3f} |")
+    ips = s["images_per_s"]
+    print(f"\nspeed, {s['model']} batch {s['batch']} (ONNX Runtime, {os.cpu_count()} CPUs, {res['cpu_int8_flags']}): "
+          f"fp32 {ips['fp32']} img/s, int8 {ips['int8']} img/s = {ips['int8'] / ips['fp32']:.2f}x "
+          f"(runs {s['runs']}); min cos int8/fp32 on random input {s['cos_int8_fp32_random_input_min']:.4f}")
+    print(f"load average before {tuple(round(v, 2) for v in load0)}, after {tuple(round(v, 2) for v in res['load_after'])}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The ONNX image tower equals open_clip's preprocess + encode_image, is re-exported when missing or
+stale, keeps the index's precision, and lets `mmsearch index` run without importing torch."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmsearch.config import ModelSpec
+from mmsearch.encoder import load_encoder
+from mmsearch.errors import ModelMismatchError
+from mmsearch.imagetower import OnnxImageTower, export_image_tower
+from mmsearch.indexer import index_folders
+from mmsearch.store import IndexStore
+
+
+def _by_path(store):
+    ids, emb = store.catalog.embeddings(store.dim)
+    path_of = {row[0]: p for p, row in store.catalog.image_states().items()}
+    return {path_of[int(i)]: e for i, e in zip(ids, emb)}
+
+
+def _photos(folder, n, seed, sizes=((500, 375), (375, 500), (64, 64), (301, 97), (40, 30))):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        # smooth colours + noise: resampling filters differ visibly on this, unlike on flat colour
+        base = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        arr = np.asarray(base, np.float32) + rng.normal(0, 20, (h, w, 3))
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"p{seed}_{i}.jpg", quality=90)
+    return sorted(folder.glob("*.jpg"))
+
+
+@pytest.fixture(scope="module", params=["tiny-trained", "ViT-B-32"])
+def exported(request, tiny_checkpoint, tmp_path_factory):
+    spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint)) \
+        if request.param == "tiny-trained" else ModelSpec(model="ViT-B-32", pretrained=None)
+    enc = load_encoder(spec)
+    d = tmp_path_factory.mktemp(request.param)
+    export_image_tower(enc, d)
+    return enc, OnnxImageTower.load(d)
+
+
+def test_pixels_equal_open_clip_preprocess(exported, tmp_path, synth_dir):
+    from mmsearch.media import load_image
+
+    enc, tower = exported
+    files = _photos(tmp_path, 10, seed=1) + sorted(synth_dir.rglob("*.png"))[:4]
+    images = [load_image(f, min_size=enc.image_size) for f in files]
+    ref = torch.stack([enc.preprocess(im) for im in images]).numpy()
+    got = tower.pixels([tower.pil_transform(im) for im in images])
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.abs(got - ref).max() < 1e-6  # same resampling, same crop, same float ops
+
+
+def test_embeddings_equal_torch(exported):
+    enc, tower = exported
+    x = np.random.default_rng(0).standard_normal((5, 3, enc.image_size, enc.image_size)).astype(np.float32)
+    ref = enc.encode_image_tensor(torch.from_numpy(x))
+    got = tower.encode_image_tensor(x)
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+
+
+def test_int8_keeps_direction_and_is_refused_across_precisions(tiny_checkpoint, tmp_path):
+    photos = tmp_path / "photos"
+    _photos(photos, 6, seed=2)
+    spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
+    index_folders(tmp_path / "fp32", [photos], spec=spec)
+    index_folders(tmp_path / "int8", [photos], spec=spec, precision="int8")
+    with pytest.raises(ModelMismatchError, match="fp32, not int8"):
+        index_folders(tmp_path / "fp32", [photos], precision="int8")
+    with pytest.raises(ModelMismatchError, match="int8, not fp32"):
+        index_folders(tmp_path / "int8", [photos], spec=spec, precision="fp32")
+    a, b = IndexStore.open(tmp_path / "fp32"), IndexStore.open(tmp_path / "int8")
+    assert (a.precision, b.precision) == ("fp32", "int8")
+    assert json.loads((tmp_path / "int8" / "image_tower" / "meta.json").read_text())["precision"] == "int8"
+    ea, eb = _by_path(a), _by_path(b)
+    assert ea.keys() == eb.keys() and len(ea) == 6
+    cos = np.array([ea[p] @ eb[p] for p in ea])
+    assert cos.min() > 0.99 and max(np.abs(ea[p] - eb[p]).max() for p in ea) > 1e-4  # close, and really int8
+
+
+def test_missing_stale_or_damaged_export_is_rebuilt(tiny_checkpoint, tmp_path):
+    photos = tmp_path / "photos"
+    _photos(photos, 4, seed=3)
+    idx = tmp_path / "idx"
+    index_folders(idx, [photos], spec=ModelSpec(model="mmsearch-tiny", checkpoint=str(tiny_checkpoint)))
+    meta_file = idx / "image_tower" / "meta.json"
+    good = json.loads(meta_file.read_text())
+    store = IndexStore.open(idx)
+    assert good["fingerprint"] == store.meta["fingerprint"]
+    ref = store.image_encoder().encode_image_tensor(np.zeros((1, 3, 64, 64), np.float32))
+    breakages = [lambda: __import__("shutil").rmtree(idx / "image_tower"),
+                 lambda: meta_file.write_text(json.dumps(dict(good, fingerprint="0" * 16))),
+                 lambda: meta_file.write_text(json.dumps(dict(good, format="mmsearch-image-tower-0"))),
+                 lambda: (idx / "image_tower" / "model.onnx").write_bytes(b"not onnx")]
+    for i, breaking in enumerate(breakages):
+        breaking()
+        _photos(photos, 1, seed=10 + i)  # something new to embed
+        s = index_folders(idx, [photos])
+        assert s.added == 1 and json.loads(meta_file.read_text()) == good, i
+        tower = IndexStore.open(idx).image_encoder()
+        assert isinstance(tower, OnnxImageTower)
+        assert np.abs(tower.encode_image_tensor(np.zeros((1, 3, 64, 64), np.float32)) - ref).max() < 1e-6
+
+
+def test_incremental_index_imports_no_torch(tiny_checkpoint, tmp_path):
+    photos = tmp_path / "photos"
+    _photos(photos, 5, seed=4)
+    idx = tmp_path / "idx"
+    first = index_folders(idx, [photos], spec=ModelSpec(model="mmsearch-tiny", checkpoint=str(tiny_checkpoint)))
+    _photos(photos, 3, seed=5)
+    heavy = "('torch', 'open_clip', 'torchvision')"
+    code = ("import sys; from mmsearch.cli import main; sys.argv=['mmsearch']+sys.argv[1:];\n"
+            "try:\n    main()\nexcept SystemExit: pass\n"
+            f"print('TORCH' if any(m in sys.modules for m in {heavy}) else 'NOTORCH', file=sys.stderr)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", code, "index", str(photos), "--index", str(idx), "--json"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["added"] == 3
+    assert res.stderr.strip().endswith("NOTORCH")
+    # and the vectors it added are the ones the torch encoder gives for those files
+    store = IndexStore.open(idx)
+    enc = load_encoder(store.spec)
+    from mmsearch.media import load_image
+
+    got = _by_path(store)
+    paths = sorted(got)
+    ref = enc.encode_images([load_image(p, min_size=enc.image_size) for p in paths])
+    assert first.added == 5 and len(paths) == 8
+    assert np.abs(np.stack([got[p] for p in paths]) - ref).max() < 1e-4
+
+
+def test_new_index_of_a_known_model_reuses_cached_towers_without_torch(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    photos = tmp_path / "photos"
+    _photos(photos, 4, seed=6)
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(tiny_checkpoint.read_bytes())
+    spec = ModelSpec(model="mmsearch-tiny", checkpoint=str(ckpt))
+    index_folders(tmp_path / "first", [photos], spec=spec)
+    code = ("import sys, json; from mmsearch.indexer import index_folders; from mmsearch.config import ModelSpec\n"
+            f"s = index_folders({str(tmp_path / 'second')!r}, [{str(photos)!r}], "
+            f"spec=ModelSpec(model='ViT-B-32', checkpoint={str(ckpt)!r}))\n"
+            "print(s.added, any(m in sys.modules for m in ('torch', 'open_clip')))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["4", "False"], out.stderr
+    a, b = IndexStore.open(tmp_path / "first"), IndexStore.open(tmp_path / "second")
+    assert {k: v for k, v in a.meta.items() if k != "created_at"} == {k: v for k, v in b.meta.items() if k != "created_at"}
+    ea, eb = _by_path(a), _by_path(b)
+    assert all(np.array_equal(ea[p], eb[p]) for p in ea)
+    # other weights in the same file (same path, new mtime) are another model: torch loads again
+    os.utime(ckpt, ns=(1, 1))
+    assert IndexStore.open_or_create(tmp_path / "third", spec=spec)._encoder is not None

@@ -106,6 +106,7 @@ class IndexStore:
         if encoder is None:
             try:
                 towercache.install(spec, precision, directory)
+                store._record_text_path("numpy", None)  # the cache keeps only towers the numpy path runs
             except OSError:
                 pass  # the towers are exported again from torch when first needed
         return store

@@ -32,6 +32,7 @@ FLAT_MAX = 50_000  # measured: Flat p50 crosses ~10 ms between 50k and 100k vect
 # bottom), and rebuilt with the next tier's nlist once the catalog grows past the ceiling.
 IVF_TIERS = ((200_000, 1024), (2_000_000, 4096), (20_000_000, 16_384), (200_000_000, 65_536))
 TARGET_RECALL = 0.95
+TUNE_MARGIN = 0.01  # tune a little above the target so the held-out half (sampling noise) meets it too
 K = 10
 TUNE_QUERIES = 400  # half to tune on, half held out to report
 TRAIN_PER_LIST = 50
@@ -147,7 +148,7 @@ def tune(index: VectorIndex, queries: np.ndarray, truth: np.ndarray, target: flo
     for value in grid:
         index.set_params(**{name: value})
         r = _recall(index, tq, tt, k)
-        if r >= target:
+        if r >= min(1.0, target + TUNE_MARGIN):
             chosen, reached = value, r
             break
     index.set_params(**{name: chosen})

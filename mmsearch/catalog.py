@@ -10,6 +10,7 @@ sqlite-utils; schema creation and writes go through sqlite-utils.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -214,6 +215,31 @@ class Catalog:
             f"INSERT INTO images ({keys}) VALUES ({marks}) ON CONFLICT(path) DO UPDATE SET {updates} RETURNING id",
             list(cols.values()))
         return cur.fetchone()[0]
+
+    def upsert_images(self, rows: list[dict], embeddings: np.ndarray) -> None:
+        """Bulk insert-or-update by path (imports). A row whose embedding changed loses its re-ranker
+        tokens (they described the old pixels); missing size/mtime come from the file when it exists,
+        so a later `index` of the same folder sees it unchanged."""
+        now = time.time()
+        args = []
+        for r, e in zip(rows, embeddings):
+            size, mtime = r.get("size"), r.get("mtime_ns")
+            if size is None or mtime is None:
+                try:
+                    st = os.stat(r["path"])
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except OSError:
+                    size, mtime = size or 0, mtime or 0
+            args.append((r["path"], int(size), int(mtime), r.get("quick_hash"), r.get("width"), r.get("height"),
+                         r.get("taken_at"), r.get("ext"), to_blob(e), now))
+        self.conn.executemany(
+            "INSERT INTO images (path, size, mtime_ns, quick_hash, width, height, taken_at, ext, embedding, "
+            "indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
+            "mtime_ns=excluded.mtime_ns, quick_hash=coalesce(excluded.quick_hash, quick_hash), "
+            "width=coalesce(excluded.width, width), height=coalesce(excluded.height, height), "
+            "taken_at=coalesce(excluded.taken_at, taken_at), ext=excluded.ext, "
+            "tokens=CASE WHEN embedding = excluded.embedding THEN tokens ELSE NULL END, "
+            "embedding=excluded.embedding, indexed_at=excluded.indexed_at", args)
 
     def update_image(self, image_id: int, **fields) -> None:
         sets = ", ".join(f"{k}=?" for k in fields)

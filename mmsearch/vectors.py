@@ -143,6 +143,18 @@ class VectorIndex:
             out_s[q, :len(keep_i)], out_i[q, :len(keep_i)] = keep_s, keep_i
         return out_s, out_i
 
+    def range_search(self, queries: np.ndarray, threshold: float):
+        """(lims, scores, ids): for query j, ids[lims[j]:lims[j+1]] score > threshold (inner product)."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        try:
+            return self.index.range_search(queries, float(threshold))
+        except RuntimeError:  # structures without range search (HNSW, PQ fast-scan): k-NN, then cut
+            k = min(self.ntotal, 64)
+            scores, ids = self.index.search(queries, k)
+            keep = (scores > threshold) & (ids >= 0)
+            lims = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
+            return lims, scores[keep], ids[keep]
+
     def reconstruct(self, image_id: int) -> np.ndarray:
         return self.index.reconstruct(int(image_id))
 

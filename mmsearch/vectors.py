@@ -122,7 +122,8 @@ class VectorIndex:
             return exact_search(queries, allowed_ids, stored(allowed_ids), k)
         if len(allowed_ids) >= self.ntotal:  # the filter keeps everything: no selector at all
             return self.index.search(queries, k)
-        params = _search_params(self.index, _bitmap_selector(allowed_ids), widen)
+        selector = _bitmap_selector(allowed_ids)  # held here: FAISS keeps only a raw pointer to it
+        params = _search_params(self.index, selector, widen)
         try:
             return self.index.search(queries, k, params=params)
         except RuntimeError:  # structures without selector support (PQ, ...): widen and filter
@@ -231,7 +232,7 @@ def _bitmap_selector(allowed_ids: np.ndarray):
     bits = np.zeros(int(allowed_ids[-1]) + 1, dtype=bool)
     bits[allowed_ids] = True
     packed = np.packbits(bits, bitorder="little")
-    sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(packed))
+    sel = faiss.IDSelectorBitmap(len(packed), faiss.swig_ptr(packed))  # n is in bytes
     sel.referenced = packed  # keep the buffer alive as long as the selector
     return sel
 

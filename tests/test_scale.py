@@ -145,7 +145,8 @@ def test_bitmap_selector_not_a_hash_set_of_every_id():
     ids = np.array([3, 9, 1_000_000], np.int64)
     sel = vectors._bitmap_selector(ids)
     assert isinstance(sel, vectors.faiss.IDSelectorBitmap)
-    assert [sel.is_member(i) for i in (3, 4, 9, 1_000_000)] == [True, False, True, True]
+    assert [sel.is_member(i) for i in (3, 4, 9, 1_000_000, 1_000_001, 1_000_007, 2**40)] == \
+        [True, False, True, True, False, False, False]
 
 
 # ---- near-duplicates --------------------------------------------------------------------------

@@ -195,15 +195,15 @@ def open_for_import(index_dir, src, spec=None, max_index_memory=None):
     if spec is None and record is None:
         raise ModelMismatchError(f"{src} has no {MODEL_RECORD}: name the model it was computed with "
                                  f"(--model/--pretrained or --checkpoint) to create index {index_dir}")
-    spec = spec or ModelSpec.from_dict(record["model"])
-    if record is not None:
-        from .encoder import load_encoder
+    from .encoder import load_encoder
 
-        enc = load_encoder(spec)
+    spec = spec or ModelSpec.from_dict(record["model"])
+    enc = load_encoder(spec)
+    if record is not None:
         if enc.fingerprint != record.get("fingerprint") or enc.dim != record.get("dim"):
             raise ModelMismatchError(f"{src} was embedded with weights {record.get('fingerprint')} (dim "
                                      f"{record.get('dim')}), {spec.describe()} has {enc.fingerprint} (dim "
                                      f"{enc.dim}); nothing was imported")
-    store = IndexStore.open_or_create(index_dir, spec=spec, max_index_memory=max_index_memory)
+    store = IndexStore.open_or_create(index_dir, spec=spec, max_index_memory=max_index_memory, encoder=enc)
     store.export_fast_text(store.encoder())  # text queries on the new index skip torch
     return store

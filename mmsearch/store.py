@@ -63,7 +63,7 @@ class IndexStore:
 
     @classmethod
     def open_or_create(cls, directory, spec: Optional[ModelSpec] = None, factory: str = DEFAULT_FACTORY,
-                       factory_given: bool = False, max_index_memory=None) -> "IndexStore":
+                       factory_given: bool = False, max_index_memory=None, encoder=None) -> "IndexStore":
         """Reuse an index's recorded model (refusing a conflicting one), or create the index with `spec`."""
         directory = Path(directory)
         if Catalog.exists(directory):
@@ -78,7 +78,7 @@ class IndexStore:
         from .encoder import load_encoder
 
         spec = _normalise(spec or ModelSpec())
-        encoder = load_encoder(spec)
+        encoder = encoder or load_encoder(spec)
         catalog = Catalog.create(directory, {
             "model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch, "fingerprint": encoder.fingerprint,
             "dim": encoder.dim, "factory": factory, "image_size": encoder.image_size,
@@ -240,13 +240,18 @@ class IndexStore:
         """The FAISS index for search; rebuilt from the catalog (without re-embedding) when missing or stale."""
         from .vectors import VectorIndex
 
-        index = VectorIndex.load(self.dir / IMAGE_VECTORS, self.catalog.generation())
+        gen = self.catalog.generation()
+        cached = getattr(self, "_vectors", None)
+        if cached is not None and cached[0] == gen:  # a long-lived Searcher (API, server) maps it once
+            return cached[1]
+        index = VectorIndex.load(self.dir / IMAGE_VECTORS, gen)
         if index is None:
             index, info = self._build_image_vectors()
             try:
                 self._save_built(index, info)
             except OSError:
                 pass  # a read-only index still answers; the rebuild just is not kept
+        self._vectors = (gen, index)
         return index
 
     def stored_vectors(self, ids) -> np.ndarray:

@@ -10,6 +10,7 @@ sqlite-utils; schema creation and writes go through sqlite-utils.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -22,6 +23,9 @@ from .config import SCHEMA_VERSION
 from .errors import IndexNotFoundError, IndexVersionError
 
 CATALOG_NAME = "catalog.db"
+# A 512-d float32 embedding makes an image row ~2.2 KB: with SQLite's default 4 KB pages only one row
+# fits per page (4.2 KB per image measured at 20k images); 16 KB pages hold seven (about 2.5 KB per image).
+PAGE_SIZE = 16384
 
 # Ordered migrations: MIGRATIONS[v] upgrades a schema of version v to v+1.
 MIGRATIONS: dict[int, str] = {}
@@ -44,6 +48,12 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_hash ON images(quick_hash);
 CREATE INDEX IF NOT EXISTS images_taken ON images(taken_at);
+-- Added for 1M-image catalogs (additive, created when a catalog is opened writable). The embedding and
+-- tokens blobs make each row about a page, so a query that reads rows reads the whole table: these
+-- covering indices let the incremental diff and the filters read a few dozen bytes per image instead.
+CREATE INDEX IF NOT EXISTS images_state ON images(path, id, size, mtime_ns, quick_hash);
+CREATE INDEX IF NOT EXISTS images_date ON images(coalesce(taken_at, mtime_ns / 1e9), id);
+CREATE INDEX IF NOT EXISTS images_ext ON images(ext, id);
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY,
     size INTEGER,
@@ -87,11 +97,14 @@ class Catalog:
         return (Path(directory) / CATALOG_NAME).is_file()
 
     @classmethod
-    def _connect(cls, path: Path, readonly: bool, threads: bool = False) -> sqlite3.Connection:
+    def _connect(cls, path: Path, readonly: bool, threads: bool = False,
+                 page_size: Optional[int] = None) -> sqlite3.Connection:
         if readonly:  # threads: one read-only connection shared by a server's worker threads (SQLite serialises)
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=not threads)
         else:
             conn = sqlite3.connect(str(path), timeout=30)
+            if page_size:  # only takes effect on a new, empty file
+                conn.execute(f"PRAGMA page_size={int(page_size)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
         return conn
@@ -100,7 +113,7 @@ class Catalog:
     def create(cls, directory, meta: dict) -> "Catalog":
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        conn = cls._connect(directory / CATALOG_NAME, readonly=False)
+        conn = cls._connect(directory / CATALOG_NAME, readonly=False, page_size=PAGE_SIZE)
         cat = cls(directory, conn)
         with conn:
             conn.executescript(_SCHEMA)
@@ -127,7 +140,19 @@ class Catalog:
         cat = cls(directory, conn)
         if version < SCHEMA_VERSION and not readonly:
             cat._migrate(version)
+        if not readonly:
+            cat._add_indices()
         return cat
+
+    def _add_indices(self) -> None:
+        """Additive schema (CREATE ... IF NOT EXISTS): catalogs written before an index existed get it."""
+        have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        if not {"images_state", "images_date", "images_ext"} <= have:
+            try:
+                with self.conn:
+                    self.conn.executescript(_SCHEMA)
+            except sqlite3.OperationalError:
+                pass  # read-only file or busy: the indices only make things faster
 
     def _migrate(self, version: int) -> None:
         with self.conn:
@@ -175,6 +200,13 @@ class Catalog:
     def count_images(self) -> int:
         return self.conn.execute("SELECT count(*) FROM images").fetchone()[0]
 
+    def has_images(self) -> bool:
+        """O(1), unlike count(*) which walks an index (tens of ms at 1M rows): the query path uses this."""
+        return self.conn.execute("SELECT 1 FROM images LIMIT 1").fetchone() is not None
+
+    def max_image_id(self) -> int:
+        return self.conn.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]
+
     def image_states(self) -> dict[str, tuple]:
         """path -> (id, size, mtime_ns, quick_hash), for the incremental diff."""
         return {r[0]: r[1:] for r in self.conn.execute("SELECT path, id, size, mtime_ns, quick_hash FROM images")}
@@ -189,6 +221,31 @@ class Catalog:
             f"INSERT INTO images ({keys}) VALUES ({marks}) ON CONFLICT(path) DO UPDATE SET {updates} RETURNING id",
             list(cols.values()))
         return cur.fetchone()[0]
+
+    def upsert_images(self, rows: list[dict], embeddings: np.ndarray) -> None:
+        """Bulk insert-or-update by path (imports). A row whose embedding changed loses its re-ranker
+        tokens (they described the old pixels); missing size/mtime come from the file when it exists,
+        so a later `index` of the same folder sees it unchanged."""
+        now = time.time()
+        args = []
+        for r, e in zip(rows, embeddings):
+            size, mtime = r.get("size"), r.get("mtime_ns")
+            if size is None or mtime is None:
+                try:
+                    st = os.stat(r["path"])
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except OSError:
+                    size, mtime = size or 0, mtime or 0
+            args.append((r["path"], int(size), int(mtime), r.get("quick_hash"), r.get("width"), r.get("height"),
+                         r.get("taken_at"), r.get("ext"), to_blob(e), now))
+        self.conn.executemany(
+            "INSERT INTO images (path, size, mtime_ns, quick_hash, width, height, taken_at, ext, embedding, "
+            "indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
+            "mtime_ns=excluded.mtime_ns, quick_hash=coalesce(excluded.quick_hash, quick_hash), "
+            "width=coalesce(excluded.width, width), height=coalesce(excluded.height, height), "
+            "taken_at=coalesce(excluded.taken_at, taken_at), ext=excluded.ext, "
+            "tokens=CASE WHEN embedding = excluded.embedding THEN tokens ELSE NULL END, "
+            "embedding=excluded.embedding, indexed_at=excluded.indexed_at", args)
 
     def update_image(self, image_id: int, **fields) -> None:
         sets = ", ".join(f"{k}=?" for k in fields)
@@ -230,6 +287,28 @@ class Catalog:
                     chunk).fetchall()
         return np.array([p[0] for p in pairs], dtype=np.int64), from_blobs((p[1] for p in pairs), dim)
 
+    def iter_embeddings(self, dim: int, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, vectors) in id order, `chunk` rows at a time: memory stays bounded at any catalog size."""
+        last = -1
+        while True:
+            pairs = self.conn.execute("SELECT id, embedding FROM images WHERE id > ? ORDER BY id LIMIT ?",
+                                      (last, chunk)).fetchall()
+            if not pairs:
+                return
+            last = pairs[-1][0]
+            yield np.array([p[0] for p in pairs], dtype=np.int64), from_blobs((p[1] for p in pairs), dim)
+
+    def sample_embeddings(self, dim: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """About n (ids, vectors) drawn uniformly at random (deterministic for a seed), for training an ANN."""
+        top = self.max_image_id()
+        if top == 0:
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        if n >= self.count_images():
+            return self.embeddings(dim)
+        rng = np.random.default_rng(seed)
+        want = np.unique(rng.integers(1, top + 1, size=int(n * 1.2) + 10))  # ids are dense: few misses
+        return self.embeddings(dim, want.tolist())
+
     def tokens(self, ids: Iterable[int], shape: tuple[int, int]) -> dict[int, Optional[np.ndarray]]:
         ids = [int(i) for i in ids]
         out: dict[int, Optional[np.ndarray]] = {}
@@ -247,10 +326,10 @@ class Catalog:
                      after: Optional[float] = None, before: Optional[float] = None) -> list[int]:
         """Ids passing the metadata filters. The date is EXIF DateTimeOriginal, else the file's mtime."""
         where, args = [], []
-        if under:
+        if under:  # a range on the path index ('/' + 1 == '0'), not a scan of every row
             prefix = under.rstrip("/") + "/"
-            where.append("(substr(path, 1, ?) = ? OR path = ?)")
-            args += [len(prefix), prefix, under.rstrip("/")]
+            where.append("((path >= ? AND path < ?) OR path = ?)")
+            args += [prefix, prefix[:-1] + "0", under.rstrip("/")]
         if exts:
             where.append(f"ext IN ({','.join('?' * len(exts))})")
             args += exts

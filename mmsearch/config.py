@@ -9,7 +9,7 @@ from typing import Optional
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-DEFAULT_FACTORY = "Flat"
+DEFAULT_FACTORY = "auto"  # Flat while small, then a tuned IVF (ann.py)
 INDEX_ENV_VAR = "MMSEARCH_INDEX"
 DEFAULT_INDEX_DIR = Path("indexes") / "default"
 SCHEMA_VERSION = 1

@@ -163,14 +163,16 @@ def _batch_pixels(encoder, items):
 def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, batch_size: int = 32,
                   workers: Optional[int] = None, exclude: Sequence[str] = (), include_hidden: bool = False,
                   factory: Optional[str] = None, reranker: Optional[str] = None,
-                  precision: Optional[str] = None, progress: Progress = None) -> IndexSummary:
+                  precision: Optional[str] = None, progress: Progress = None,
+                  max_index_memory=None) -> IndexSummary:
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules."""
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     for r in roots:
         if not os.path.exists(r):
             raise MediaError(r, "no such file or folder")
-    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, precision=precision)
+    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, precision=precision,
+                                      max_index_memory=max_index_memory)
     if factory and factory != store.factory:
         raise VectorIndexError(f"index {index_dir} uses FAISS factory '{store.factory}'; change it with "
                                f"`mmsearch reindex --factory '{factory}'` (no re-embedding needed)")
@@ -203,7 +205,7 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text()
         store.share_exports()
-    store.save_vectors(vectors)
+    store.save_vectors(vectors, progress=progress)
     summary.failed = len(summary.failures) + plan.known_failed
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -68,9 +68,11 @@ class IndexStore:
 
     @classmethod
     def open_or_create(cls, directory, spec: Optional[ModelSpec] = None, factory: str = DEFAULT_FACTORY,
-                       factory_given: bool = False, precision: Optional[str] = None) -> "IndexStore":
-        """Reuse an index's recorded model (refusing a conflicting one), or create the index with `spec`.
-        `precision` (fp32, int8) is part of the model record: another one than the index's is refused."""
+                       factory_given: bool = False, precision: Optional[str] = None, max_index_memory=None,
+                       encoder=None) -> "IndexStore":
+        """Reuse an index's recorded model (refusing a conflicting one), or create the index with `spec`
+        (or an `encoder` already loaded). `precision` (fp32, int8) is part of the model record: another
+        one than the index's is refused."""
         directory = Path(directory)
         if precision is not None and precision not in PRECISIONS:
             raise UnknownModelError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
@@ -87,19 +89,22 @@ class IndexStore:
                     f"embeddings; nothing was changed. Omit --precision, or use another --index.")
             return store
         from . import towercache
+        from .ann import parse_size
 
         spec = _normalise(spec or ModelSpec())
         precision = precision or "fp32"
-        record = towercache.lookup(spec, precision)  # a model indexed before: no torch needed
-        encoder = None
+        # a model indexed before: no torch needed
+        record = towercache.lookup(spec, precision) if encoder is None else None
         if record is None:
-            from .encoder import load_encoder
+            if encoder is None:
+                from .encoder import load_encoder
 
-            encoder = load_encoder(spec)
+                encoder = load_encoder(spec)
             record = {"model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch,
                       "fingerprint": encoder.fingerprint, "dim": encoder.dim, "image_size": encoder.image_size,
                       "text_width": encoder.text_width, "vision_width": encoder.vision_width}
         catalog = Catalog.create(directory, dict(record, factory=factory, precision=precision,
+                                                 max_index_memory=parse_size(max_index_memory),
                                                  mmsearch_version=__version__))
         store = cls(directory, catalog)
         store._encoder = encoder
@@ -285,44 +290,91 @@ class IndexStore:
         return self._reranker
 
     # ---- vectors ------------------------------------------------------------------------------
-    def _build_image_vectors(self, factory: Optional[str] = None):
-        from .vectors import VectorIndex
+    @property
+    def max_index_memory(self) -> Optional[int]:
+        return self.meta.get("max_index_memory")
 
-        ids, emb = self.catalog.embeddings(self.dim)
-        return VectorIndex.build(factory or self.factory, self.dim, ids, emb)
+    def ann_info(self) -> Optional[dict]:
+        """What was built for the image vectors: structure, tuned params and recall (ann.build)."""
+        return self.meta.get("ann")
+
+    def _build_image_vectors(self, factory: Optional[str] = None, progress=None):
+        from . import ann
+
+        texts = None
+        if self.catalog.count_texts() >= 100:  # a text corpus: the best text-like queries to tune on
+            texts = self.catalog.text_embeddings(self.dim)[1]
+        index, info = ann.build(self.catalog, self.dim, factory or self.factory, self.max_index_memory,
+                                text_vectors=texts, progress=progress)
+        return index, info
+
+    def _save_built(self, index, info: dict) -> None:
+        gen = self.catalog.generation()
+        index.save(self.dir / IMAGE_VECTORS, gen, extra={"ann": info})
+        info["bytes_per_vector"] = round((self.dir / IMAGE_VECTORS).stat().st_size / max(1, index.ntotal), 1)
+        self.meta["ann"] = info
+        try:
+            with self.catalog.transaction():
+                self.catalog.set_meta(ann=info)
+        except Exception:  # sqlite3.OperationalError on a read-only catalog: the sidecar still has it
+            pass
 
     def vectors_for_update(self) -> _PendingVectors:
         from .vectors import VectorIndex
 
-        return _PendingVectors(VectorIndex.load(self.dir / IMAGE_VECTORS, self.catalog.generation()))
+        return _PendingVectors(VectorIndex.load(self.dir / IMAGE_VECTORS, self.catalog.generation(), mmap=False))
 
-    def save_vectors(self, pending: _PendingVectors) -> None:
-        index = self._build_image_vectors() if pending.needs_rebuild else pending.index
-        index.save(self.dir / IMAGE_VECTORS, self.catalog.generation())
+    def save_vectors(self, pending: _PendingVectors, progress=None) -> None:
+        """After an update: save in place, or rebuild from the stored embeddings when the structure
+        cannot update in place or an auto index grew past its tier (ids, filters and re-ranker tokens
+        live in the catalog, so they survive any rebuild)."""
+        from . import ann
+
+        if pending.needs_rebuild or ann.needs_rebuild(self.ann_info(), pending.index.ntotal):
+            self._save_built(*self._build_image_vectors(progress=progress))
+            return
+        pending.index.save(self.dir / IMAGE_VECTORS, self.catalog.generation(),
+                           extra={"ann": self.ann_info()} if self.ann_info() else None)
 
     def image_vectors(self):
         """The FAISS index for search; rebuilt from the catalog (without re-embedding) when missing or stale."""
         from .vectors import VectorIndex
 
         gen = self.catalog.generation()
+        cached = getattr(self, "_vectors", None)
+        if cached is not None and cached[0] == gen:  # a long-lived Searcher (API, server) maps it once
+            return cached[1]
         index = VectorIndex.load(self.dir / IMAGE_VECTORS, gen)
         if index is None:
-            index = self._build_image_vectors()
+            index, info = self._build_image_vectors()
             try:
-                index.save(self.dir / IMAGE_VECTORS, gen)
+                self._save_built(index, info)
             except OSError:
                 pass  # a read-only index still answers; the rebuild just is not kept
+        self._vectors = (gen, index)
         return index
 
-    def reindex(self, factory: str) -> int:
-        """Rebuild the vector index with another FAISS structure from the stored embeddings."""
+    def stored_vectors(self, ids) -> np.ndarray:
+        """Exact stored embeddings of these ids, in the order given (the exact path of small filters)."""
+        got_ids, emb = self.catalog.embeddings(self.dim, ids)
+        if len(got_ids) != len(ids) or not np.array_equal(got_ids, np.asarray(ids)):
+            pos = {int(i): j for j, i in enumerate(got_ids)}
+            emb = np.stack([emb[pos[int(i)]] if int(i) in pos else np.zeros(self.dim, np.float32) for i in ids])
+        return emb
+
+    def reindex(self, factory: str, max_index_memory=None, progress=None) -> int:
+        """Rebuild the vector index with another FAISS structure (or 'auto') from the stored embeddings."""
+        from .ann import parse_size
+
         if self.catalog.count_images() == 0:
             raise EmptyIndexError(f"index {self.dir} has no images to build vectors from")
-        index = self._build_image_vectors(factory)
+        if max_index_memory is not None:
+            self.meta["max_index_memory"] = parse_size(max_index_memory)
+        index, info = self._build_image_vectors(factory, progress=progress)
         with self.catalog.transaction():
-            self.catalog.set_meta(factory=factory)
+            self.catalog.set_meta(factory=factory, max_index_memory=self.max_index_memory)
         self.meta["factory"] = factory
-        index.save(self.dir / IMAGE_VECTORS, self.catalog.generation())
+        self._save_built(index, info)
         return index.ntotal
 
     def text_vectors(self):
@@ -361,6 +413,7 @@ class IndexStore:
             "precision": self.precision,
             "dim": self.dim,
             "factory": self.factory,
+            "ann": self.ann_info(),
             "reranker": self.reranker_info(),
             "rerank_bytes_per_image": int(np.prod(shape)) * 2 if shape else 0,
             "schema_version": self.meta.get("schema_version"),

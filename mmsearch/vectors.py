@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -24,36 +24,66 @@ def _atomic_write_json(path: Path, data: dict) -> None:
 
 
 class VectorIndex:
-    """Inner-product search over L2-normalised vectors (= cosine similarity)."""
+    """Inner-product search over L2-normalised vectors (= cosine similarity).
 
-    def __init__(self, index: faiss.Index, factory: str):
+    `params` are the search parameters the structure was tuned to (nprobe for IVF, efSearch for
+    HNSW, k_factor for a refine step); they travel with the file in its sidecar JSON."""
+
+    def __init__(self, index: faiss.Index, factory: str, params: Optional[dict] = None):
         self.index = index
         self.factory = factory
+        self.params: dict = {}
+        self.set_params(**(params or {}))
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
     @classmethod
-    def build(cls, factory: str, dim: int, ids: np.ndarray, vectors: np.ndarray) -> "VectorIndex":
-        """Build `factory` over (ids, vectors); trains it first when the structure needs training."""
+    def create(cls, factory: str, dim: int, train: Optional[np.ndarray] = None) -> "VectorIndex":
+        """An empty index of `factory`, trained on `train` when the structure needs training.
+        IVF structures keep catalog ids in their inverted lists; others are wrapped in IndexIDMap2."""
         try:
             inner = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise VectorIndexError(f"bad FAISS factory string '{factory}': {str(exc).strip().splitlines()[-1]}") from exc
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if not inner.is_trained:
+            train = np.zeros((0, dim), np.float32) if train is None else np.ascontiguousarray(train, np.float32)
             nlist = _ivf_lists(inner)
             need = max(nlist, 1) if nlist else 1
-            if len(vectors) < need:
+            if len(train) < need:
                 raise VectorIndexError(
-                    f"factory '{factory}' needs at least {need} vectors to train, the index has {len(vectors)}; "
-                    f"use a smaller one (e.g. 'IVF{max(1, len(vectors) // 39)},Flat') or 'Flat'")
-            inner.train(vectors)
-        index = faiss.IndexIDMap2(inner)
-        if len(vectors):
-            index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+                    f"factory '{factory}' needs at least {need} vectors to train, the index has {len(train)}; "
+                    f"use a smaller one (e.g. 'IVF{max(1, len(train) // 39)},Flat') or 'Flat'")
+            inner.train(train)
+        index = inner if _ivf_lists(inner) and _is_plain_ivf(inner) else faiss.IndexIDMap2(inner)
         return cls(index, factory)
+
+    @classmethod
+    def build(cls, factory: str, dim: int, ids: np.ndarray, vectors: np.ndarray) -> "VectorIndex":
+        """Build `factory` over (ids, vectors); trains it first when the structure needs training."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        out = cls.create(factory, dim, vectors)
+        out.add(ids, vectors)
+        return out
+
+    def set_params(self, nprobe: Optional[int] = None, efSearch: Optional[int] = None,
+                   k_factor: Optional[float] = None, **_) -> None:
+        """Apply tuned search parameters (those the structure does not have are ignored)."""
+        inner = _inner(self.index)
+        if nprobe is not None and _ivf_lists(inner):
+            faiss.extract_index_ivf(inner).nprobe = int(nprobe)
+            self.params["nprobe"] = int(nprobe)
+        if efSearch is not None and isinstance(inner, faiss.IndexHNSW):
+            inner.hnsw.efSearch = int(efSearch)
+            self.params["efSearch"] = int(efSearch)
+        if k_factor is not None and isinstance(inner, faiss.IndexRefine):
+            inner.k_factor = float(k_factor)
+            self.params["k_factor"] = float(k_factor)
+
+    @property
+    def nlist(self) -> int:
+        return _ivf_lists(_inner(self.index))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
@@ -70,70 +100,149 @@ class VectorIndex:
             return False
         return True
 
-    def search(self, queries: np.ndarray, k: int, allowed_ids: Optional[np.ndarray] = None):
-        """(scores [n,k], ids [n,k]); missing slots have id -1. allowed_ids restricts the search
-        to those ids (an IDSelector inside FAISS), so a filter still yields k hits when k exist."""
+    def search(self, queries: np.ndarray, k: int, allowed_ids: Optional[np.ndarray] = None,
+               stored: Optional[Callable[[np.ndarray], np.ndarray]] = None, widen: float = 1.0):
+        """(scores [n,k], ids [n,k]); missing slots have id -1.
+
+        allowed_ids restricts the search to those ids, so a filter still yields k hits when k exist:
+        a small subset is searched exactly over its stored vectors (`stored(ids)` -> float32 [n, d],
+        when given); a larger one through a bitmap id selector inside FAISS, with the tuned search
+        widened by `widen` (the k allowed neighbours lie deeper than the k nearest overall)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = int(min(k, self.ntotal))
         if k <= 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            return _empty(len(queries))
         if allowed_ids is None:
             return self.index.search(queries, k)
-        allowed_ids = np.asarray(allowed_ids, dtype=np.int64)
+        allowed_ids = np.unique(np.asarray(allowed_ids, dtype=np.int64))
         k = int(min(k, len(allowed_ids)))
         if k <= 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        params = _search_params(self.index, faiss.IDSelectorBatch(allowed_ids))
+            return _empty(len(queries))
+        if stored is not None and len(allowed_ids) <= EXACT_SUBSET_MAX:
+            return exact_search(queries, allowed_ids, stored(allowed_ids), k)
+        if len(allowed_ids) >= self.ntotal:  # the filter keeps everything: no selector at all
+            return self.index.search(queries, k)
+        selector = _bitmap_selector(allowed_ids)  # held here: FAISS keeps only a raw pointer to it
+        params = _search_params(self.index, selector, widen)
         try:
             return self.index.search(queries, k, params=params)
         except RuntimeError:  # structures without selector support (PQ, ...): widen and filter
             return self._search_widening(queries, k, allowed_ids)
 
     def _search_widening(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray):
-        allowed = set(allowed_ids.tolist())
         out_s = np.full((len(queries), k), -np.inf, np.float32)
         out_i = np.full((len(queries), k), -1, np.int64)
         for q in range(len(queries)):
             kk = min(self.ntotal, 4 * k)
             while True:
                 s, i = self.index.search(queries[q:q + 1], kk)
-                keep = [(a, b) for a, b in zip(s[0], i[0]) if b in allowed][:k]
-                if len(keep) == k or kk >= self.ntotal:
+                ok = np.isin(i[0], allowed_ids)
+                keep_s, keep_i = s[0][ok][:k], i[0][ok][:k]
+                if len(keep_i) == k or kk >= self.ntotal:
                     break
                 kk = min(self.ntotal, kk * 4)
-            for j, (a, b) in enumerate(keep):
-                out_s[q, j], out_i[q, j] = a, b
+            out_s[q, :len(keep_i)], out_i[q, :len(keep_i)] = keep_s, keep_i
         return out_s, out_i
+
+    def range_search(self, queries: np.ndarray, threshold: float):
+        """(lims, scores, ids): for query j, ids[lims[j]:lims[j+1]] score > threshold (inner product)."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        try:
+            return self.index.range_search(queries, float(threshold))
+        except RuntimeError:  # structures without range search (HNSW, PQ fast-scan): k-NN, then cut
+            k = min(self.ntotal, 64)
+            scores, ids = self.index.search(queries, k)
+            keep = (scores > threshold) & (ids >= 0)
+            lims = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
+            return lims, scores[keep], ids[keep]
 
     def reconstruct(self, image_id: int) -> np.ndarray:
         return self.index.reconstruct(int(image_id))
 
+    def memory_bytes(self) -> int:
+        """Bytes the structure holds (its serialised size: codes, ids, quantizer), for bytes/vector."""
+        return int(faiss.serialize_index(self.index).nbytes)
+
     # ---- persistence --------------------------------------------------------------------------
-    def save(self, path: Path, generation: int) -> None:
+    def save(self, path: Path, generation: int, extra: Optional[dict] = None) -> None:
         path = Path(path)
         tmp = path.with_suffix(".tmp")
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, path)
-        _atomic_write_json(path.with_suffix(".json"),
-                           {"generation": generation, "factory": self.factory, "ntotal": self.ntotal})
+        _atomic_write_json(path.with_suffix(".json"), {
+            "generation": generation, "factory": self.factory, "ntotal": self.ntotal, "params": self.params,
+            **(extra or {})})
 
     @classmethod
-    def load(cls, path: Path, generation: int) -> Optional["VectorIndex"]:
-        """The cached index if it exists, is readable and was built from this catalog generation; else None."""
+    def load(cls, path: Path, generation: int, mmap: bool = True) -> Optional["VectorIndex"]:
+        """The cached index if it exists, is readable and was built from this catalog generation; else None.
+        mmap=True maps the codes read-only (IVF lists, flat codes) instead of reading them, so a fresh
+        query process starts fast and shares pages with others; updates need mmap=False."""
         path = Path(path)
         try:
             info = json.loads(path.with_suffix(".json").read_text())
             if info.get("generation") != generation or not path.is_file():
                 return None
-            try:  # memory-map flat codes instead of reading them: a fresh query process starts faster
-                index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-            except RuntimeError:
+            index = None
+            if mmap:
+                try:
+                    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+                except RuntimeError:
+                    index = None
+            if index is None:
                 index = faiss.read_index(str(path))
         except (OSError, ValueError, RuntimeError):
             return None
         if index.ntotal != info.get("ntotal"):
             return None
-        return cls(index, info["factory"])
+        return cls(index, info["factory"], info.get("params"))
+
+    @staticmethod
+    def sidecar(path: Path) -> dict:
+        try:
+            return json.loads(Path(path).with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+# A filter keeping at most this many images is answered exactly from their stored vectors: measured
+# at 1M (benchmarks/ann_scale.py), fetching 20k embeddings by id and scoring them costs about what a
+# widened selector search costs, and is exact.
+EXACT_SUBSET_MAX = 20_000
+
+
+def exact_search(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int):
+    """Brute-force top-k of queries over (ids, vectors); ties broken by id order (stable)."""
+    scores = queries @ np.asarray(vectors, np.float32).T
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+        np.tile(np.arange(scores.shape[1]), (len(queries), 1))
+    part_s = np.take_along_axis(scores, part, 1)
+    order = np.lexsort((part, -part_s), axis=1)  # by score, then by position (= id order)
+    top = np.take_along_axis(part, order, 1)
+    return np.take_along_axis(scores, top, 1).astype(np.float32), ids[top]
+
+
+def _empty(n: int):
+    return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+
+
+def _bitmap_selector(allowed_ids: np.ndarray):
+    """A bitmap over id space: one bit per id, built in numpy (no hash set of a million ids)."""
+    bits = np.zeros(int(allowed_ids[-1]) + 1, dtype=bool)
+    bits[allowed_ids] = True
+    packed = np.packbits(bits, bitorder="little")
+    sel = faiss.IDSelectorBitmap(len(packed), faiss.swig_ptr(packed))  # n is in bytes
+    sel.referenced = packed  # keep the buffer alive as long as the selector
+    return sel
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
+
+
+def _is_plain_ivf(index: faiss.Index) -> bool:
+    return isinstance(faiss.downcast_index(index), faiss.IndexIVF)
 
 
 def _ivf_lists(index: faiss.Index) -> int:
@@ -143,13 +252,14 @@ def _ivf_lists(index: faiss.Index) -> int:
         return 0
 
 
-def _search_params(index: faiss.Index, selector) -> faiss.SearchParameters:
-    """Search parameters of the right kind for the wrapped structure, carrying the id selector."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+def _search_params(index: faiss.Index, selector, widen: float = 1.0) -> faiss.SearchParameters:
+    """Search parameters of the right kind for the wrapped structure, carrying the id selector,
+    with the tuned nprobe / efSearch multiplied by `widen`."""
+    inner = _inner(index)
     if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(64, inner.hnsw.efSearch))
-    try:
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(max(64, inner.hnsw.efSearch * widen)))
+    if _ivf_lists(inner):
         ivf = faiss.extract_index_ivf(inner)
-        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
-    except RuntimeError:
-        return faiss.SearchParameters(sel=selector)
+        nprobe = int(min(ivf.nlist, max(1, round(ivf.nprobe * widen))))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+    return faiss.SearchParameters(sel=selector)

@@ -50,7 +50,7 @@ class ServingStore(IndexStore):
             if index is None:  # mid-run: rebuild from the catalog, at most every REBUILD_EVERY_S
                 if self._vectors is not None and time.monotonic() - self._rebuilt_at < self.REBUILD_EVERY_S:
                     return self._vectors  # rows deleted meanwhile are dropped when hits are hydrated
-                index = self._build_image_vectors()
+                index, _ = self._build_image_vectors()  # (index, tuning info)
                 self._rebuilt_at = time.monotonic()
             self.meta = self.catalog.meta()  # a re-ranker may have been enabled since
             self._vectors, self._vectors_gen = index, gen

@@ -87,12 +87,13 @@ def test_ray_gives_the_local_catalog_vectors_errors_and_results(cluster, tiny_ch
     s_ray, rows_ray, fail_ray, vec_ray = _state(tmp_path / "ray")
     assert rows_ray == rows_local  # same files, sizes, mtimes, dimensions, dates, hashes
     assert fail_ray == fail_local  # every bad file is an error row with the local reason
-    for path, v in vec_local.items():
-        np.testing.assert_allclose(vec_ray[path], v, atol=1e-5)
+    for path, v in vec_local.items():  # the local CPU path runs the ONNX tower, Ray workers torch:
+        np.testing.assert_allclose(vec_ray[path], v, atol=1e-4)  # the bound test_imagetower.py holds them to
     for query in ("red circle", "blue square on green", "a yellow triangle"):
-        a = [(h.path, round(h.score, 4)) for h in Searcher(s_local).search(query, k=10)]
-        b = [(h.path, round(h.score, 4)) for h in Searcher(s_ray).search(query, k=10)]
-        assert a == b
+        a = Searcher(s_local).search(query, k=10)
+        b = Searcher(s_ray).search(query, k=10)
+        assert [h.path for h in a] == [h.path for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-4)
     again = index_folders(tmp_path / "ray", [folder.root], executor=_executor())
     assert again.embedded == 0 and again.unchanged == local.added  # incremental, like the local path
 

@@ -62,6 +62,9 @@ class RayExecutor:
     # ---- the executor hook (mmsearch.indexer.index_folders) --------------------------------------
     def run(self, store, plan, vectors, summary, progress=None) -> None:
         ray = import_ray()
+        if store.precision == "int8":  # the quantised ONNX tower lives in the index folder, not on the workers
+            raise DistributedError(f"index {store.dir} is int8: --ray runs the torch image tower (fp32 or amp-*); "
+                                   f"index it without --ray")
         todo = plan.embed
         self.stats["resumed"] = pending.record(store.catalog, todo)  # before anything is sent
         owns = self._connect(ray)

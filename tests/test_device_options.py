@@ -110,7 +110,7 @@ def test_amp_bf16_is_recorded_close_to_fp32_keeps_recall_and_refuses_mixing(tiny
     for k in (1, 5):
         r32, r16 = _recall_at(fp32, test_split, k), _recall_at(amp, test_split, k)
         assert r32 > 0.1 and abs(r32 - r16) <= 0.03, (k, r32, r16)
-    with pytest.raises(ModelMismatchError, match="stores amp-bf16 image embeddings, not fp32"):
+    with pytest.raises(ModelMismatchError, match="was built in amp-bf16, not fp32: mixing them would mix embeddings"):
         index_folders(tmp_path / "amp", files, precision="fp32")
     assert index_folders(tmp_path / "amp", files).unchanged == len(files)  # no --precision: the index's own
     with pytest.raises(DeviceError, match="amp-fp16"):

@@ -20,9 +20,9 @@ class Index:
         self._searcher = None
 
     @classmethod
-    def open(cls, directory=None) -> "Index":
-        """Open an existing index (IndexNotFoundError if there is none)."""
-        return cls(IndexStore.open(Path(directory) if directory else default_index_dir()))
+    def open(cls, directory=None, device="cpu") -> "Index":
+        """Open an existing index (IndexNotFoundError if there is none); `device` embeds new query images."""
+        return cls(IndexStore.open(Path(directory) if directory else default_index_dir(), device=device))
 
     @classmethod
     def build(cls, directory, paths: Sequence, spec: Optional[ModelSpec] = None, **kwargs) -> "Index":
@@ -33,7 +33,8 @@ class Index:
         return cls.open(directory)
 
     def add(self, paths: Sequence, **kwargs):
-        """Index folders incrementally; returns an IndexSummary."""
+        """Index folders incrementally (kwargs as index_folders: device, precision, executor=RayExecutor(...),
+        batch_size, ...); returns an IndexSummary."""
         from .indexer import index_folders
 
         self._searcher = None

@@ -42,3 +42,85 @@ def resolve_device(name: str | None = "auto"):
                               f"cuda:{torch.cuda.device_count() - 1})")
         return torch.device(name)
     raise DeviceError(f"unknown device '{name}' (choose {DEVICE_CHOICES})")
+
+
+def _no_accelerator_here() -> bool:
+    """True when no GPU torch could use can exist here (no NVIDIA/AMD/WSL device nodes, not Apple silicon)."""
+    import os
+    import platform
+    import sys
+
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return False
+    return not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version",
+                                                "/dev/kfd", "/dev/dxg"))
+
+
+def select_device(name: str | None = "auto"):
+    """resolve_device, except that a sure CPU ('cpu', or 'auto' on a machine without any GPU device) is
+    the string 'cpu' and imports no torch: CPU indexing runs the ONNX tower and need not pay for torch."""
+    key = (name or "auto").strip().lower()
+    if key == "cpu" or (key == "auto" and _no_accelerator_here()):
+        return "cpu"
+    return resolve_device(key)
+
+
+def device_type(device) -> str:
+    """'cpu', 'cuda', 'mps' for a torch.device or a name."""
+    return getattr(device, "type", None) or str(device).split(":")[0]
+
+
+# ---- what a device changes: batch sizes, decode workers, mixed precision --------------------------
+# Precisions of the image embeddings stored in an index (the meta key `precision`). fp32 is the
+# default on every device; amp-* runs the torch image tower under torch.autocast and int8 the quantised
+# ONNX tower: both change the stored vectors slightly, so an index records its precision and refuses
+# to mix it with another.
+PRECISIONS = ("fp32", "int8", "amp-bf16", "amp-fp16")  # int8: ONNX Runtime on a CPU (mmsearch.imagetower)
+_PRECISION_DEVICES = {"amp-bf16": ("cpu", "cuda"), "amp-fp16": ("cuda", "mps")}
+
+
+def default_batch_size(device) -> int:
+    """Images per encoder batch: a GPU wants large batches to stay busy, a CPU gains nothing past ~32."""
+    return {"cuda": 256, "mps": 64}.get(device_type(device), 32)
+
+
+def default_decode_workers(device, cpus: int | None = None) -> int:
+    """Decoding threads: on a CPU they share the cores with the encoder (4 at most); a GPU needs every
+    core decoding to keep it fed."""
+    import os
+
+    cpus = cpus or os.cpu_count() or 1
+    if device_type(device) == "cpu":
+        return max(1, min(4, cpus))
+    return max(2, min(16, cpus))
+
+
+def check_precision(precision: str, device) -> str:
+    """The precision name if `device` can run it, else DeviceError (one line)."""
+    precision = (precision or "fp32").lower()
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
+    if precision in ("fp32", "int8"):
+        return precision  # int8 runs on ONNX Runtime on the CPU, whatever the torch device
+    kind = device_type(device)
+    if kind not in _PRECISION_DEVICES[precision]:
+        raise DeviceError(f"--precision {precision} is not supported on {kind} "
+                          f"(supported on: {', '.join(_PRECISION_DEVICES[precision])})")
+    if precision == "amp-bf16" and kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise DeviceError("--precision amp-bf16: this GPU has no bfloat16 support (use amp-fp16)")
+    return precision
+
+
+def autocast(device, precision: str):
+    """A context that runs torch ops in `precision` on `device` (a no-op for fp32)."""
+    import contextlib
+
+    if not precision or not precision.startswith("amp-"):
+        return contextlib.nullcontext()
+    import torch
+
+    dtype = torch.bfloat16 if precision == "amp-bf16" else torch.float16
+    return torch.autocast(device_type=device_type(device), dtype=dtype)

@@ -84,6 +84,7 @@ class Encoder:
     model_cfg: dict
     checkpoint: Optional[dict] = field(default=None, repr=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"  # image tower precision (devices.PRECISIONS); an index records the one it used
 
     @property
     def dim(self) -> int:
@@ -152,9 +153,17 @@ class Encoder:
     def encode_image_tensor(self, pixels: torch.Tensor, token_grid: Optional[int] = None):
         """pixels [B,3,H,W] -> L2-normalised float32 [B,d]; with token_grid=G also compact image tokens
         [B, 1+G*G, vision_width] float32 (class token + patch tokens average-pooled to a GxG grid)."""
+        from .devices import autocast
+
         self.model.eval()
-        visual = self.model.visual
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
+            pixels = pixels.pin_memory()  # lets the copy overlap with the previous batch's compute
         pixels = pixels.to(self.device, non_blocking=True)
+        with autocast(self.device, self.precision):
+            return self._encode_image_tensor(pixels, token_grid)
+
+    def _encode_image_tensor(self, pixels: torch.Tensor, token_grid: Optional[int]):
+        visual = self.model.visual
         if token_grid is None:
             emb = self.model.encode_image(pixels)
             return F.normalize(emb.float(), dim=-1).cpu().numpy()

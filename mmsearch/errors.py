@@ -60,3 +60,7 @@ class DeviceError(MmsearchError):
 
 class MissingExtraError(MmsearchError):
     """A model family needs an optional dependency (an extra such as mmsearch[siglip]) that is not installed."""
+
+
+class DistributedError(MmsearchError):
+    """Indexing on a cluster cannot go on as asked (Ray missing, a node cannot read the images or the model)."""

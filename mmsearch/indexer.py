@@ -160,19 +160,31 @@ def _batch_pixels(encoder, items):
     return torch.stack(items)
 
 
-def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, batch_size: int = 32,
+def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, batch_size: Optional[int] = None,
                   workers: Optional[int] = None, exclude: Sequence[str] = (), include_hidden: bool = False,
-                  factory: Optional[str] = None, reranker: Optional[str] = None,
-                  precision: Optional[str] = None, progress: Progress = None,
+                  factory: Optional[str] = None, reranker: Optional[str] = None, device="cpu",
+                  precision: Optional[str] = None, executor=None, progress: Progress = None,
                   max_index_memory=None) -> IndexSummary:
-    """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules."""
+    """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules.
+
+    `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
+    (None: the index's own, fp32 for a new one) is recorded in the index. `executor` replaces the local
+    decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way."""
+    from .devices import check_precision, device_type, select_device
+
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     for r in roots:
         if not os.path.exists(r):
             raise MediaError(r, "no such file or folder")
-    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, precision=precision,
-                                      max_index_memory=max_index_memory)
+    # the driver of a remote executor embeds nothing itself: its workers resolve the device
+    dev = select_device(device if executor is None else "cpu")
+    if precision is not None and executor is None:
+        check_precision(precision, dev)
+    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
+                                      precision=precision, max_index_memory=max_index_memory)
+    if executor is None:  # the index's precision must run here, checked before anything changes
+        check_precision(store.precision, dev)
     if factory and factory != store.factory:
         raise VectorIndexError(f"index {index_dir} uses FAISS factory '{store.factory}'; change it with "
                                f"`mmsearch reindex --factory '{factory}'` (no re-embedding needed)")
@@ -197,11 +209,23 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     vectors.remove(plan.deleted_ids)
     summary.failures.extend(plan.scan_failures)
 
-    if plan.embed:
-        token_grid = store.token_grid()
-        encoder = store.image_encoder(token_grid=token_grid)
+    if plan.embed and executor is not None:
         started = time.perf_counter()
-        _embed_all(store, encoder, plan, vectors, summary, batch_size, workers, token_grid, progress)
+        executor.run(store, plan, vectors, summary, progress)
+        summary.embed_seconds = time.perf_counter() - started
+        store.export_fast_text()  # loads torch on the driver only when the text tower is missing
+    elif plan.embed:
+        from .devices import default_batch_size, default_decode_workers
+
+        token_grid = store.token_grid()
+        amp = store.precision.startswith("amp-")  # mixed precision is torch's (ONNX runs fp32 and int8)
+        encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu" or amp)
+        if amp:
+            encoder.precision = store.precision
+
+        started = time.perf_counter()
+        _embed_all(store, encoder, plan, vectors, summary, batch_size or default_batch_size(dev),
+                   workers or default_decode_workers(dev), token_grid, progress)
         summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text()
         store.share_exports()
@@ -256,9 +280,13 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
                 progress(done, len(todo), stage="embed")
 
 
-def _commit_batch(cat: Catalog, plan: _Plan, vectors, good, bad, emb, toks, summary: IndexSummary) -> None:
+def _commit_batch(cat: Catalog, plan: _Plan, vectors, good, bad, emb, toks, summary: IndexSummary,
+                  also: Optional[Callable[[Catalog], None]] = None) -> None:
+    """One transaction per batch; `also` adds an executor's own bookkeeping to the same transaction."""
     new_ids, removed = [], []
     with cat.transaction():
+        if also is not None:
+            also(cat)
         for j, (f, (_, orig, taken_at, qhash)) in enumerate(good):
             row = dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, quick_hash=qhash, width=int(orig[0]),
                        height=int(orig[1]), taken_at=taken_at, ext=Path(f.path).suffix.lower())

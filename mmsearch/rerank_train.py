@@ -129,8 +129,10 @@ def swap_accuracy(reranker_model: FusionModel, f: _Features) -> Optional[float]:
 
 def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
                    d: int = 128, layers: int = 2, heads: int = 4, resume=None, seed: int = 0,
-                   images_root=None, progress: Optional[Callable] = None,
+                   images_root=None, device="cpu", progress: Optional[Callable] = None,
                    log: Optional[Callable[[str], None]] = None) -> dict:
+    """`device` runs the frozen encoder's feature extraction (the heavy part); the small fusion model
+    trains on the CPU."""
     log = log or (lambda line: None)
     state = None
     if resume:
@@ -141,7 +143,7 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
     else:
         args = dict(data=str(data), encoder=str(encoder_checkpoint), steps=steps, batch_size=batch_size, lr=lr,
                     d=d, layers=layers, heads=heads, seed=seed, images_root=str(images_root) if images_root else None)
-    encoder = load_encoder(ModelSpec(checkpoint=args["encoder"]))
+    encoder = load_encoder(ModelSpec(checkpoint=args["encoder"]), device=device)
     train = _Features(encoder, load_dataset(data, split="train", images_root=images_root), progress)
     try:
         val = _Features(encoder, load_dataset(data, split="val", images_root=images_root))

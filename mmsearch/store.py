@@ -16,7 +16,7 @@ from . import __version__
 from .catalog import Catalog
 from .config import DEFAULT_FACTORY, ModelSpec
 from .errors import EmptyIndexError, ModelMismatchError, UnknownModelError, VectorIndexError
-from .imagetower import PRECISIONS
+from .devices import PRECISIONS
 
 IMAGE_VECTORS = "vectors.faiss"
 TEXT_VECTORS = "texts.faiss"
@@ -51,7 +51,7 @@ class _PendingVectors:
 
 
 class IndexStore:
-    def __init__(self, directory: Path, catalog: Catalog):
+    def __init__(self, directory: Path, catalog: Catalog, device="cpu"):
         self.dir = Path(directory)
         self.catalog = catalog
         self.meta = catalog.meta()
@@ -59,25 +59,25 @@ class IndexStore:
         self._reranker = None
         self.notices: list[str] = []  # one-line notes for the CLI to show (e.g. a torch fallback)
         self._fast = None
-        self.device = "cpu"  # torch device for embedding queries (a name for mmsearch.devices)
+        self.device = device  # torch device (a name for mmsearch.devices); never part of what is stored
 
     # ---- opening ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory, readonly: bool = False) -> "IndexStore":
-        return cls(Path(directory), Catalog.open(directory, readonly=readonly))
+    def open(cls, directory, readonly: bool = False, device="cpu") -> "IndexStore":
+        return cls(Path(directory), Catalog.open(directory, readonly=readonly), device=device)
 
     @classmethod
     def open_or_create(cls, directory, spec: Optional[ModelSpec] = None, factory: str = DEFAULT_FACTORY,
-                       factory_given: bool = False, precision: Optional[str] = None, max_index_memory=None,
-                       encoder=None) -> "IndexStore":
+                       factory_given: bool = False, device="cpu", precision: Optional[str] = None,
+                       max_index_memory=None, encoder=None) -> "IndexStore":
         """Reuse an index's recorded model (refusing a conflicting one), or create the index with `spec`
-        (or an `encoder` already loaded). `precision` (fp32, int8) is part of the model record: another
-        one than the index's is refused."""
+        (or an `encoder` already loaded). `precision` (fp32, int8, amp-bf16, amp-fp16) is part of the model
+        record: another one than the index's is refused. `device` runs the torch encoder; it is never recorded."""
         directory = Path(directory)
         if precision is not None and precision not in PRECISIONS:
             raise UnknownModelError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
         if Catalog.exists(directory):
-            store = cls.open(directory)
+            store = cls.open(directory, device=device)
             stored = store.spec
             if spec is not None and not _same_model(_normalise(spec), stored):
                 raise ModelMismatchError(
@@ -99,14 +99,14 @@ class IndexStore:
             if encoder is None:
                 from .encoder import load_encoder
 
-                encoder = load_encoder(spec)
+                encoder = load_encoder(spec, device=device)
             record = {"model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch,
                       "fingerprint": encoder.fingerprint, "dim": encoder.dim, "image_size": encoder.image_size,
                       "text_width": encoder.text_width, "vision_width": encoder.vision_width}
         catalog = Catalog.create(directory, dict(record, factory=factory, precision=precision,
                                                  max_index_memory=parse_size(max_index_memory),
                                                  mmsearch_version=__version__))
-        store = cls(directory, catalog)
+        store = cls(directory, catalog, device=device)
         store._encoder = encoder
         if encoder is None:
             try:
@@ -134,7 +134,7 @@ class IndexStore:
 
     @property
     def precision(self) -> str:
-        """fp32 or int8: how image embeddings are computed (indexes from before int8 existed are fp32)."""
+        """fp32, int8, amp-bf16 or amp-fp16: how image embeddings are computed (older indexes: fp32)."""
         return self.meta.get("precision", "fp32")
 
     @property
@@ -143,7 +143,8 @@ class IndexStore:
 
     # ---- models -------------------------------------------------------------------------------
     def encoder(self):
-        """The torch encoder this index was built with; refuses weights that changed since."""
+        """The torch encoder this index was built with, on `self.device`; refuses weights that changed since.
+        It embeds at fp32; indexing sets the index's precision on it (queries tolerate the difference)."""
         if self._encoder is None:
             from .encoder import load_encoder
 
@@ -187,7 +188,9 @@ class IndexStore:
     def image_embedder(self):
         """What embeds an image that is not in the index (a query image, an upload): something with
         .image_size and .encode_images(pil_images, token_grid=None); torch only on a GPU device."""
-        return self.image_encoder(prefer_torch=str(self.device) != "cpu")
+        from .devices import device_type, select_device
+
+        return self.image_encoder(prefer_torch=device_type(select_device(self.device)) != "cpu")
 
     def text_encoder(self):
         """Something with .encode_texts(texts, return_states=...): the numpy tower when exported, else torch."""

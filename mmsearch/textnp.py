@@ -232,7 +232,7 @@ def export_text_tower(encoder, out_dir) -> Path:
         table, offset = {}, 0
         with open(tmp / WEIGHTS, "wb") as fh:
             for name, t in arrays.items():
-                a = np.ascontiguousarray(t.detach().float().numpy())
+                a = np.ascontiguousarray(t.detach().float().cpu().numpy())  # weights may sit on a GPU
                 fh.write(a.tobytes())
                 table[name] = [offset, list(a.shape)]
                 offset += a.size

@@ -7,7 +7,31 @@ import click
 
 from ..config import ModelSpec
 from .app import cli
-from .options import emit_json, index_dir_of, index_option, model_options, model_spec, with_bar, yielding_openmp
+from ..devices import PRECISIONS
+from .options import (device_option, emit_json, index_dir_of, index_option, model_options, model_spec, with_bar,
+                      yielding_openmp)
+
+
+def ray_options(f):
+    f = click.option("--ray-actors", "ray_actors", type=int, default=None,
+                     help="With --ray: encoder actors [default: one per GPU, else one per CPU of the cluster "
+                          "less one per node for Ray's own tasks].")(f)
+    return click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+                        help="Decode and encode on a Ray cluster (pip install 'mmsearch[ray]'): auto (RAY_ADDRESS, "
+                             "a running `ray start` cluster, else a local one) or the head's address. "
+                             "Re-running the same command resumes an interrupted run.")(f)
+
+
+def ray_executor(address, actors, device, precision, batch_size, workers):
+    """The Ray executor for --ray, or None for the local path (Ray is imported only here)."""
+    if address is None:
+        if actors is not None:
+            raise click.UsageError("--ray-actors needs --ray")
+        return None
+    from ..distributed import RayExecutor
+
+    return RayExecutor(address, actors=actors, device=device, precision=precision, batch_size=batch_size,
+                       decode_workers=workers)
 
 
 # ---- index -------------------------------------------------------------------------------------
@@ -15,8 +39,13 @@ from .options import emit_json, index_dir_of, index_option, model_options, model
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @index_option
 @model_options
-@click.option("--batch-size", default=32, show_default=True, help="Images per encoder batch.")
-@click.option("--workers", default=None, type=int, help="Decoding threads [default: CPU count, max 4].")
+@device_option
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Image tower arithmetic, part of the model record (an index keeps its own) [default: the "
+                   "index's, fp32 for a new one]: int8 is ~2x faster on CPUs with AVX-512 VNNI/AMX; amp-bf16 "
+                   "(CPU, CUDA) and amp-fp16 (CUDA, MPS) are torch mixed precision for GPUs.")
+@click.option("--batch-size", default=None, type=int, help="Images per encoder batch [default: 32, 256 on CUDA].")
+@click.option("--workers", default=None, type=int, help="Decoding threads [default: CPU count, max 4; 16 on a GPU].")
 @click.option("--exclude", multiple=True, help="Glob of paths to skip (repeatable), e.g. '*/thumbs/*'.")
 @click.option("--hidden", is_flag=True, help="Also index hidden files and folders.")
 @click.option("--factory", default=None,
@@ -25,26 +54,29 @@ from .options import emit_json, index_dir_of, index_option, model_options, model
 @click.option("--max-index-memory", default=None, help="Memory budget of a new index's vectors, e.g. 600MB.")
 @click.option("--reranker", type=click.Path(dir_okay=False), default=None,
               help="Re-ranker checkpoint: store its image tokens while indexing.")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
-              help="Image tower arithmetic for a new index [default: fp32]; int8 is ~2x faster on CPUs with "
-                   "AVX-512 VNNI/AMX. Part of the model record: an index keeps its precision.")
+@ray_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @with_bar("embed")
-def index(paths, index_dir, model, pretrained, checkpoint, batch_size, workers, exclude, hidden, factory,
-          max_index_memory, reranker, precision, as_json, progress):
+def index(paths, index_dir, model, pretrained, checkpoint, device, precision, batch_size, workers, exclude, hidden,
+          factory, max_index_memory, reranker, ray_address, ray_actors, as_json, progress):
     """Index image folders (or files): new and changed files are embedded, moved ones reuse their
     embedding, deleted ones are removed. Re-running on an unchanged folder embeds nothing."""
     yielding_openmp()
     from ..indexer import index_folders
 
+    executor = ray_executor(ray_address, ray_actors, device, precision, batch_size, workers)
     summary = index_folders(index_dir_of(index_dir), paths, spec=model_spec(model, pretrained, checkpoint),
                             batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden,
-                            factory=factory, reranker=reranker, precision=precision, progress=progress,
-                            max_index_memory=max_index_memory)
+                            factory=factory, reranker=reranker, device=device, precision=precision,
+                            executor=executor, progress=progress, max_index_memory=max_index_memory)
     progress.close()
     if as_json:
-        emit_json(summary.to_dict())
+        emit_json(dict(summary.to_dict(), **({"ray": executor.stats} if executor else {})))
         return
+    if executor and executor.stats.get("actors"):
+        st = executor.stats
+        click.echo(f"ray: {st['nodes']} node(s), {st['actors']} actors on {st['device']}"
+                   + (f", resumed {st['resumed']} images left pending by an interrupted run" if st["resumed"] else ""))
     for path, reason in summary.failures[:20]:
         click.secho(f"failed: {path}: {reason}", fg="red", err=True)
     if len(summary.failures) > 20:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from .app import cli
-from .options import emit_json, index_dir_of, index_option, output_options, parse_date, render_hits, with_bar
+from .options import (device_option, emit_json, index_dir_of, index_option, output_options, parse_date, render_hits,
+                      with_bar)
 
 
 # ---- search ------------------------------------------------------------------------------------
@@ -26,13 +27,14 @@ from .options import emit_json, index_dir_of, index_option, output_options, pars
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
               help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the blend the re-ranker "
                    "was fitted to on validation data].")
+@device_option
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
-           rerank, rerank_k, alpha):
+           rerank, rerank_k, alpha, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
     from ..query import Searcher
     from ..store import IndexStore
 
-    searcher = Searcher(IndexStore.open(index_dir_of(index_dir)))
+    searcher = Searcher(IndexStore.open(index_dir_of(index_dir), device=device))  # torch only for new images
     if over_texts:
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
     else:

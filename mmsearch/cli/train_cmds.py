@@ -8,7 +8,7 @@ import click
 
 from ..config import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_MODEL, ModelSpec
 from .app import cli
-from .options import Bar, model_options, model_spec, with_bar
+from .options import Bar, device_option, model_options, model_spec, with_bar
 
 
 # ---- data, training, evaluation ----------------------------------------------------------------
@@ -72,9 +72,10 @@ def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, lr, lo
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 @click.option("--save-embeddings", type=click.Path(dir_okay=False), default=None, help="Write embeddings (.npz).")
+@device_option
 @with_bar("eval")
 def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, reranker, rerank_k, alpha, factory, as_json,
-             out_path, save_embeddings, progress):
+             out_path, save_embeddings, device, progress):
     """Recall@k for text->image and image->text, computed as CLIP_benchmark does."""
     from ..datasets import load_dataset
     from ..encoder import load_encoder
@@ -86,7 +87,7 @@ def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, rerank
     ds = load_dataset(data, split=split, images_root=images_root)
     for line in ds.skipped[:10]:
         click.secho(f"skipped {line}", fg="yellow", err=True)
-    encoder = load_encoder(model_spec(model, pretrained, checkpoint, required=True))
+    encoder = load_encoder(model_spec(model, pretrained, checkpoint, required=True), device=device)
     rr = None
     if reranker:
         from ..rerank import Reranker
@@ -109,13 +110,14 @@ def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, rerank
 @click.option("--out", type=click.Path(dir_okay=False), default="reranker.pt", show_default=True,
               help="Re-ranker checkpoint to write.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a killed run.")
+@device_option
 @with_bar("train-reranker", unit="step")
-def train_reranker_cmd(data, checkpoint, steps, batch_size, lr, out, resume, progress):
+def train_reranker_cmd(data, checkpoint, steps, batch_size, lr, out, resume, device, progress):
     """Train the fusion re-ranker (cross-attention ITM) over a frozen dual encoder."""
     from ..rerank_train import train_reranker
 
     res = train_reranker(data, checkpoint, out, steps=steps, batch_size=batch_size, lr=lr, resume=resume,
-                         progress=progress, log=lambda line: (progress.close(), click.echo(line)))
+                         device=device, progress=progress, log=lambda line: (progress.close(), click.echo(line)))
     progress.close()
     click.echo(json.dumps(res, default=str))
 

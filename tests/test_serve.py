@@ -18,7 +18,7 @@ from mmsearch.serve import create_app
 from mmsearch.store import IndexStore
 from serve_fixtures import build_served_index, exif_rotated_jpeg
 
-HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "name", "thumbnail"}
+HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "taken_at", "name", "thumbnail"}
 LOCAL = "http://127.0.0.1"
 
 

@@ -1,6 +1,7 @@
 """`mmsearch serve` through FastAPI's TestClient: every endpoint's JSON, every error, the security rules."""
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -394,3 +395,33 @@ def test_busy_port_is_a_clear_error(served):
             prepare(served[0], port=first.sock.getsockname()[1])
     finally:
         first.sock.close()
+
+
+# ---- re-ranking through the API -------------------------------------------------------------------------------
+def test_rerank_switch_and_stable_pages(served, tmp_path):
+    """A re-ranker (random weights: the plumbing is under test, not its quality) is used by default, can be
+    switched off, and pages of a re-ranked query concatenate to the same list as one long page."""
+    import torch
+
+    from mmsearch.indexer import enable_reranker
+    from mmsearch.rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel
+
+    idx = tmp_path / "idx"
+    shutil.copytree(served[0], idx)
+    store = IndexStore.open(idx)
+    torch.manual_seed(0)
+    model = FusionModel(int(store.meta["text_width"]), int(store.meta["vision_width"]), 1 + TOKEN_GRID ** 2)
+    torch.save({"format": RERANKER_FORMAT, "config": model.config, "state_dict": model.state_dict(),
+                "encoder_fingerprint": store.meta["fingerprint"], "token_grid": TOKEN_GRID,
+                "alpha": {"text_to_image": 0.5, "image_to_text": 0.5}}, tmp_path / "rr.pt")
+    enable_reranker(idx, tmp_path / "rr.pt")
+    with TestClient(create_app(idx, warm=False), base_url=LOCAL) as c:
+        assert ok(c.get("/api/info"))["rerank_available"] is True
+        full = ok(c.get("/api/search", params={"q": "red circle", "k": 12}))
+        assert full["reranked"] is True and all(isinstance(h["itm"], float) for h in full["hits"])
+        pages = [h["id"] for o in (0, 4, 8) for h in ok(c.get("/api/search", params={"q": "red circle", "k": 4,
+                                                                                         "offset": o}))["hits"]]
+        assert pages == [h["id"] for h in full["hits"]]
+        plain = ok(c.get("/api/search", params={"q": "red circle", "k": 12, "rerank": "false"}))
+        assert plain["reranked"] is False and all(h["itm"] is None for h in plain["hits"])
+        assert [h["score"] for h in plain["hits"]] == sorted((h["score"] for h in plain["hits"]), reverse=True)

@@ -129,6 +129,15 @@ def test_upload_search_finds_the_same_image(client, served):
     assert data["hits"][0]["path"] == str(photos / name) and data["hits"][0]["score"] > 0.99
 
 
+def test_heic_upload_is_decoded(client, tmp_path):
+    """HEIC needs its file extension to be decoded (media.load_image registers pillow-heif for it)."""
+    make = ("import pillow_heif, sys; from PIL import Image; pillow_heif.register_heif_opener(); "
+            "Image.new('RGB', (64, 48), (200, 10, 10)).save(sys.argv[1])")  # another process: this one stays unregistered
+    subprocess.run([sys.executable, "-c", make, str(tmp_path / "q.heic")], check=True)
+    data = ok(client.post("/api/search", params={"k": 1}, files={"image": ("IMG_0001.HEIC", (tmp_path / "q.heic").read_bytes())}))
+    assert len(data["hits"]) == 1
+
+
 def test_filters(client, served):
     _, photos = served
     jpgs = ok(client.get("/api/search", params={"q": "shapes", "k": 50, "ext": "jpg"}))["hits"]

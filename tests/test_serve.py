@@ -434,3 +434,11 @@ def test_rerank_switch_and_stable_pages(served, tmp_path):
         plain = ok(c.get("/api/search", params={"q": "red circle", "k": 12, "rerank": "false"}))
         assert plain["reranked"] is False and all(h["itm"] is None for h in plain["hits"])
         assert [h["score"] for h in plain["hits"]] == sorted((h["score"] for h in plain["hits"]), reverse=True)
+
+
+def test_missing_gpu_is_refused_at_start(served):
+    from mmsearch.errors import DeviceError
+    from mmsearch.serve.run import prepare
+
+    with pytest.raises(DeviceError, match="--device cuda:7"):
+        prepare(served[0], port=0, device="cuda:7")

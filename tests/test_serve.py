@@ -1,6 +1,7 @@
 """`mmsearch serve` through FastAPI's TestClient: every endpoint's JSON, every error, the security rules."""
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from mmsearch.serve import create_app
 from mmsearch.store import IndexStore
 from serve_fixtures import build_served_index, exif_rotated_jpeg
 
-HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "name", "thumbnail"}
+HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "taken_at", "name", "thumbnail"}
 LOCAL = "http://127.0.0.1"
 
 
@@ -126,6 +127,15 @@ def test_upload_search_finds_the_same_image(client, served):
     data = ok(client.post("/api/search", params={"k": 2}, files={"image": ("q.png", (photos / name).read_bytes())}))
     assert data["query"]["upload"] is True
     assert data["hits"][0]["path"] == str(photos / name) and data["hits"][0]["score"] > 0.99
+
+
+def test_heic_upload_is_decoded(client, tmp_path):
+    """HEIC needs its file extension to be decoded (media.load_image registers pillow-heif for it)."""
+    make = ("import pillow_heif, sys; from PIL import Image; pillow_heif.register_heif_opener(); "
+            "Image.new('RGB', (64, 48), (200, 10, 10)).save(sys.argv[1])")  # another process: this one stays unregistered
+    subprocess.run([sys.executable, "-c", make, str(tmp_path / "q.heic")], check=True)
+    data = ok(client.post("/api/search", params={"k": 1}, files={"image": ("IMG_0001.HEIC", (tmp_path / "q.heic").read_bytes())}))
+    assert len(data["hits"]) == 1
 
 
 def test_filters(client, served):
@@ -394,3 +404,41 @@ def test_busy_port_is_a_clear_error(served):
             prepare(served[0], port=first.sock.getsockname()[1])
     finally:
         first.sock.close()
+
+
+# ---- re-ranking through the API -------------------------------------------------------------------------------
+def test_rerank_switch_and_stable_pages(served, tmp_path):
+    """A re-ranker (random weights: the plumbing is under test, not its quality) is used by default, can be
+    switched off, and pages of a re-ranked query concatenate to the same list as one long page."""
+    import torch
+
+    from mmsearch.indexer import enable_reranker
+    from mmsearch.rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel
+
+    idx = tmp_path / "idx"
+    shutil.copytree(served[0], idx)
+    store = IndexStore.open(idx)
+    torch.manual_seed(0)
+    model = FusionModel(int(store.meta["text_width"]), int(store.meta["vision_width"]), 1 + TOKEN_GRID ** 2)
+    torch.save({"format": RERANKER_FORMAT, "config": model.config, "state_dict": model.state_dict(),
+                "encoder_fingerprint": store.meta["fingerprint"], "token_grid": TOKEN_GRID,
+                "alpha": {"text_to_image": 0.5, "image_to_text": 0.5}}, tmp_path / "rr.pt")
+    enable_reranker(idx, tmp_path / "rr.pt")
+    with TestClient(create_app(idx, warm=False), base_url=LOCAL) as c:
+        assert ok(c.get("/api/info"))["rerank_available"] is True
+        full = ok(c.get("/api/search", params={"q": "red circle", "k": 12}))
+        assert full["reranked"] is True and all(isinstance(h["itm"], float) for h in full["hits"])
+        pages = [h["id"] for o in (0, 4, 8) for h in ok(c.get("/api/search", params={"q": "red circle", "k": 4,
+                                                                                         "offset": o}))["hits"]]
+        assert pages == [h["id"] for h in full["hits"]]
+        plain = ok(c.get("/api/search", params={"q": "red circle", "k": 12, "rerank": "false"}))
+        assert plain["reranked"] is False and all(h["itm"] is None for h in plain["hits"])
+        assert [h["score"] for h in plain["hits"]] == sorted((h["score"] for h in plain["hits"]), reverse=True)
+
+
+def test_missing_gpu_is_refused_at_start(served):
+    from mmsearch.errors import DeviceError
+    from mmsearch.serve.run import prepare
+
+    with pytest.raises(DeviceError, match="--device cuda:7"):
+        prepare(served[0], port=0, device="cuda:7")

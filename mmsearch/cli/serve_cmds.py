@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .app import cli
-from .options import device_option, index_dir_of, index_option
+from .options import index_dir_of, index_option
 
 
 @cli.command()
@@ -18,7 +18,9 @@ from .options import device_option, index_dir_of, index_option
               help="Extra Host header to accept (repeatable), e.g. photos.lan; '*' disables the check.")
 @click.option("--cors", "cors_origins", multiple=True, help="Origin allowed to call the API from a browser (repeatable).")
 @click.option("--max-upload-mb", default=20, show_default=True, type=click.IntRange(1, 1024), help="Upload size cap.")
-@device_option
+@click.option("--device", default="auto", show_default=True,
+              help="Where uploads are embedded: auto or cpu = the CPU (the index's ONNX image tower, no torch); "
+                   "cuda, cuda:N or mps = torch on that device.")
 def serve(index_dir, host, port, token, allow_hosts, cors_origins, max_upload_mb, device):
     """Serve a search page and a JSON API (/docs) for an index; prints the URL to open."""
     from ..serve.run import prepare

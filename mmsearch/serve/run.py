@@ -31,6 +31,10 @@ def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optiona
             allow_hosts: Sequence[str] = (), cors_origins: Sequence[str] = (), max_upload_mb: int = 20,
             device: str = "cpu") -> Launch:
     """Everything short of serving. Off loopback a token is mandatory: one is generated when none is given."""
+    if device not in (None, "auto", "cpu"):  # a GPU asked for: refuse a missing one now, not at the first upload
+        from ..devices import resolve_device
+
+        resolve_device(device)
     if not is_loopback(host) and not token:
         token = new_token()
     app = create_app(index_dir, token=token, allowed_hosts=list(allow_hosts), bind=host, cors_origins=cors_origins,

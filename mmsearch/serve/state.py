@@ -86,7 +86,9 @@ def inside(path: str, root: str) -> bool:
 class ServeState:
     def __init__(self, index_dir, device: str = "cpu", max_upload_bytes: int = 20 << 20):
         self.store = ServingStore.open_shared(index_dir)
-        self.store.device = device
+        # "auto" embeds uploads on the CPU (the index's ONNX tower when it has one: no torch start-up);
+        # naming a GPU (--device cuda) embeds them with torch there
+        self.store.device = "cpu" if device in (None, "auto") else device
         self.searcher = Searcher(self.store, allow_paths=False)
         self.thumbs = ThumbCache(self.store.dir)
         self.max_upload_bytes = max_upload_bytes

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from typing import Iterator
 
+from ..config import IMAGE_EXTENSIONS
 from ..errors import MediaError
 from .errors import ApiError
 
@@ -26,7 +27,9 @@ def upload_file(upload, max_bytes: int) -> Iterator[str]:
         raise ApiError(400, "image: the uploaded file is empty")
     folder = tempfile.mkdtemp(prefix="mmsearch-upload-")
     try:
-        path = os.path.join(folder, "upload")
+        # only the extension of the client's file name is kept, and only a known one: HEIC needs it to decode
+        ext = os.path.splitext(upload.filename or "")[1].lower()
+        path = os.path.join(folder, "upload" + (ext if ext in IMAGE_EXTENSIONS else ""))
         with open(path, "wb") as fh:
             fh.write(data)
         try:  # the same checks (pixel cap, corrupt data) as indexing, before any model loads

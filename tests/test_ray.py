@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from PIL import Image
 from ray.cluster_utils import Cluster
 
 from badfiles import make_photo_folder
@@ -111,6 +112,10 @@ def _count(index_dir) -> int:
 
 def test_driver_killed_and_rerun_indexes_every_image_exactly_once(cluster, tiny_checkpoint, synth_dir, tmp_path):
     folder = _images(synth_dir, tmp_path / "photos", 60)
+    # a slow tail (big PNGs sort last): a fast machine cannot finish before the kill lands
+    ramp = np.linspace(0, 255, 2400, dtype=np.uint8)
+    for i in range(12):
+        Image.fromarray(np.stack([np.add.outer(ramp, ramp * i)] * 3, -1)).save(folder / f"z_big_{i:02d}.png")
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     idx = tmp_path / "idx"
     cmd = [sys.executable, "-m", "mmsearch", "index", str(folder), "--index", str(idx), "--checkpoint",
@@ -126,14 +131,14 @@ def test_driver_killed_and_rerun_indexes_every_image_exactly_once(cluster, tiny_
     committed = _count(idx)
     store = IndexStore.open(idx)
     left = pending.paths(store.catalog)
-    assert 0 < committed < 60 and len(left) + committed + store.catalog.count_failures() == 61
+    assert 0 < committed < 72 and len(left) + committed + store.catalog.count_failures() == 73
     store.catalog.close()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     assert out.returncode == 0, out.stderr[-2000:]
     import json
 
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["added"] == 60 - committed  # sends only what was still pending
+    assert summary["added"] == 72 - committed  # sends only what was still pending
     _, rows, failures, _ = _state(idx)
     assert sorted(rows) == sorted(str(p) for p in folder.glob("*.png"))  # every image, exactly once
     assert list(failures) == [str(folder / "broken.jpg")]

@@ -77,6 +77,12 @@ def main(argv=None):
     folder = args.cache / f"{args.n}x{args.size}"
     make_photos(folder, args.n, (w, h))
     spec = ModelSpec(model=args.model, pretrained=None)
+    # a private tower cache, warmed by a one-image index: both paths then start as a user's second index
+    # does (the local path runs the exported ONNX tower on the CPU; Ray workers run torch)
+    os.environ["MMSEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmsearch-raybench-cache-")
+    warm = Path(tempfile.mkdtemp(prefix="mmsearch-raybench-warm-"))
+    shutil.copy(sorted(folder.glob("*.jpg"))[0], warm / "one.jpg")
+    _run(warm, spec)
     load_before = os.getloadavg()
 
     local = _run(folder, spec)
@@ -104,6 +110,8 @@ def main(argv=None):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(warm, ignore_errors=True)
+        shutil.rmtree(os.environ["MMSEARCH_CACHE_DIR"], ignore_errors=True)
     load_after = os.getloadavg()
     overhead = dist["end_to_end_s"] / local["end_to_end_s"] - 1
     # once the actors run: what Ray costs per image, start-up (actors loading the model) apart

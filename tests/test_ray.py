@@ -83,6 +83,7 @@ def test_ray_gives_the_local_catalog_vectors_errors_and_results(cluster, tiny_ch
     executor = _executor(batch_size=32)  # 4 encoder slices per actor call
     dist = index_folders(tmp_path / "ray", [folder.root], spec=spec, executor=executor)
     assert executor.stats["actors"] == 2 and executor.stats["nodes"] == 3
+    assert executor.stats["tower"] == "onnx fp32"  # CPU workers run the index's ONNX tower, as local CPU runs do
     assert (dist.added, dist.failed) == (local.added, local.failed) and local.added >= 50 and local.failed >= 5
     s_local, rows_local, fail_local, vec_local = _state(tmp_path / "local")
     s_ray, rows_ray, fail_ray, vec_ray = _state(tmp_path / "ray")

@@ -75,7 +75,7 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
         return
     if executor and executor.stats.get("actors"):
         st = executor.stats
-        click.echo(f"ray: {st['nodes']} node(s), {st['actors']} actors on {st['device']}"
+        click.echo(f"ray: {st['nodes']} node(s), {st['actors']} actors on {st['device']} ({st['tower']} tower)"
                    + (f", resumed {st['resumed']} images left pending by an interrupted run" if st["resumed"] else ""))
     for path, reason in summary.failures[:20]:
         click.secho(f"failed: {path}: {reason}", fg="red", err=True)

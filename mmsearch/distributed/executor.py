@@ -62,9 +62,6 @@ class RayExecutor:
     # ---- the executor hook (mmsearch.indexer.index_folders) --------------------------------------
     def run(self, store, plan, vectors, summary, progress=None) -> None:
         ray = import_ray()
-        if store.precision == "int8":  # the quantised ONNX tower lives in the index folder, not on the workers
-            raise DistributedError(f"index {store.dir} is int8: --ray runs the torch image tower (fp32 or amp-*); "
-                                   f"index it without --ray")
         todo = plan.embed
         self.stats["resumed"] = pending.record(store.catalog, todo)  # before anything is sent
         owns = self._connect(ray)
@@ -151,13 +148,33 @@ class RayExecutor:
         items = [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / bs)))
         grid = store.token_grid()
+        tower = self._tower(ray, store, pool, grid)
+        self.stats["tower"] = f"{'onnx' if tower is not None else 'torch'} {store.precision}"
         ctor = dict(spec=store.spec.to_dict(), fingerprint=store.meta["fingerprint"], dim=store.dim,
                     device=pool["device"], precision=store.precision, token_grid=grid,
                     token_width=int(store.meta["vision_width"]) if grid else 0,
-                    decode_workers=self.decode_workers or (8 if pool["gpu"] else 2), version=__version__)
+                    decode_workers=self.decode_workers or (8 if pool["gpu"] else 2), version=__version__,
+                    tower=tower, threads=max(1, int(self.cpus_per_actor)))
         return ds.map_batches(EmbedActor, batch_size=bs, batch_format="numpy", fn_constructor_kwargs=ctor,
                               compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
                               num_cpus=self.cpus_per_actor, num_gpus=pool["num_gpus"] or None)
+
+    def _tower(self, ray, store, pool, grid):
+        """CPU workers run the index's exported ONNX tower, as the local path does (faster than torch, and
+        int8 is ONNX only): its files go to the object store once. None: workers load the torch model."""
+        if pool["gpu"] or grid is not None or store.precision.startswith("amp-"):
+            if store.precision == "int8":
+                raise DistributedError(f"index {store.dir} is int8, which runs on CPUs only (its ONNX tower "
+                                       f"gives no re-ranker tokens): use --device cpu without a re-ranker")
+            return None
+        from ..imagetower import OnnxImageTower
+
+        enc = store.image_encoder()  # exports the tower when missing (torch on the driver, once)
+        if not isinstance(enc, OnnxImageTower):
+            return None  # an architecture the exporter cannot take: torch on the workers too
+        files = {p.name: p.read_bytes() for p in enc.dir.iterdir() if p.is_file()}
+        self._tower_ref = ray.put(files)  # held by the driver for the whole run
+        return self._tower_ref
 
     # ---- committing on the driver ---------------------------------------------------------------
     def _commit(self, store, plan, vectors, summary, batch: dict, left: dict) -> int:

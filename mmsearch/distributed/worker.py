@@ -20,7 +20,7 @@ OK, BAD, UNREACHABLE, FATAL = "ok", "bad", "unreachable", "fatal"
 class EmbedActor:
     def __init__(self, spec: dict, fingerprint: str, dim: int, device: str = "auto", precision: str = "fp32",
                  token_grid: Optional[int] = None, token_width: int = 0, decode_workers: int = 2,
-                 version: Optional[str] = None):
+                 version: Optional[str] = None, tower=None, threads: int = 1):
         from .. import __version__
         from ..config import ModelSpec
         from ..errors import MmsearchError
@@ -33,17 +33,20 @@ class EmbedActor:
             if version and version != __version__:
                 raise MmsearchError(f"mmsearch {__version__} is installed here but the driver runs {version}; "
                                     f"install the same version on every node")
-            from ..devices import check_precision, resolve_device
-            from ..encoder import load_encoder
-            from ..errors import ModelMismatchError
+            if tower is not None:  # the index's exported ONNX tower (CPU workers): no torch to import
+                self.encoder = _onnx_tower(tower, fingerprint, precision, threads)
+            else:
+                from ..devices import check_precision, resolve_device
+                from ..encoder import load_encoder
+                from ..errors import ModelMismatchError
 
-            dev = resolve_device(device)
-            enc = load_encoder(ModelSpec.from_dict(spec), device=dev)
-            if enc.fingerprint != fingerprint:
-                raise ModelMismatchError(f"the model weights here differ from the index's (fingerprint "
-                                         f"{enc.fingerprint} != {fingerprint})")
-            enc.precision = check_precision(precision, dev)
-            self.encoder = enc
+                dev = resolve_device(device)
+                enc = load_encoder(ModelSpec.from_dict(spec), device=dev)
+                if enc.fingerprint != fingerprint:
+                    raise ModelMismatchError(f"the model weights here differ from the index's (fingerprint "
+                                             f"{enc.fingerprint} != {fingerprint})")
+                enc.precision = check_precision(precision, dev)
+                self.encoder = enc
         except MmsearchError as exc:
             hint = " (the checkpoint must be readable at the same path on every node)" \
                 if spec.get("checkpoint") and "not found" in str(exc) else ""
@@ -99,3 +102,31 @@ class EmbedActor:
                 if toks is not None:
                     out["tokens"][good] = toks.astype(np.float16)  # the catalog keeps tokens as float16
         return out
+
+
+def _onnx_tower(tower, fingerprint: str, precision: str, threads: int):
+    """Write the tower's files (sent once through Ray's object store) to a private folder and load them."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ..errors import ModelMismatchError
+    from ..imagetower import DIR_NAME, OnnxImageTower
+
+    if not isinstance(tower, dict):  # an ObjectRef from the driver
+        import ray
+
+        tower = ray.get(tower)
+    root = Path(tempfile.mkdtemp(prefix="mmsearch-tower-"))
+    atexit.register(shutil.rmtree, root, True)
+    (root / DIR_NAME).mkdir()
+    for name, data in tower.items():
+        (root / DIR_NAME / name).write_bytes(data)
+    os.environ.setdefault("MMSEARCH_ORT_THREADS", str(max(1, threads)))  # the actor's CPUs, not the node's
+    t = OnnxImageTower.load(root)
+    if (t.fingerprint, t.precision) != (fingerprint, precision):
+        raise ModelMismatchError(f"the image tower sent is {t.fingerprint}/{t.precision}, the index "
+                                 f"{fingerprint}/{precision}")
+    t.session  # a damaged file fails here, once
+    return t

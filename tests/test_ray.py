@@ -207,6 +207,14 @@ def test_commit_drops_a_second_answer_and_refuses_a_path_a_node_cannot_read(tiny
     pending.record(store.catalog, plan.embed)
     actor = EmbedActor(store.spec.to_dict(), store.meta["fingerprint"], store.dim, device="cpu")
     batch = actor(_batch([f.path for f in plan.embed]))
+    # CPU workers get the index's ONNX tower as files: same embeddings as the torch model, within 1e-4
+    files = {p.name: p.read_bytes() for p in (tmp_path / "idx" / "image_tower").iterdir() if p.is_file()}
+    onnx = EmbedActor(store.spec.to_dict(), store.meta["fingerprint"], store.dim, tower=files)(
+        _batch([f.path for f in plan.embed]))
+    assert list(onnx["kind"]) == ["ok"] * 6
+    np.testing.assert_allclose(onnx["embedding"], batch["embedding"], atol=1e-4)
+    wrong = EmbedActor(store.spec.to_dict(), "0" * 16, store.dim, tower=files)(_batch([plan.embed[0].path]))
+    assert list(wrong["kind"]) == ["fatal"]
     twice = {k: np.concatenate([v, v]) for k, v in batch.items()}  # a retried task answering again
     vectors, summary, left = store.vectors_for_update(), IndexSummary(), {f.path: f for f in plan.embed}
     ex = _executor()

@@ -124,7 +124,7 @@ def main(argv=None):
               "overhead_end_to_end": round(overhead, 3), "overhead_after_first_commit": round(work_overhead, 3),
               "recovery_cost_s": round(recover["end_to_end_s"] - dist["end_to_end_s"], 2), "target_overhead": 0.2,
               "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
-              "cpu_count": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}
+              "cpu_count": os.cpu_count(), "python": platform.python_version(), "ray_version": ray.__version__}
     print(f"| {args.n} photos {args.size} JPEG, {args.model} | end to end s | images/s | first commit at s | images/s after it | rows (dupes) |")
     print("|---|---|---|---|---|---|")
     for name, r in (("local `mmsearch index`", local), (f"Ray, 2 nodes × {args.node_cpus} CPUs, "

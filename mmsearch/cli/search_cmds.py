@@ -34,10 +34,7 @@ def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, ex
     from ..query import Searcher
     from ..store import IndexStore
 
-    # as `serve` does: auto embeds a new query image on the CPU's ONNX tower (no torch start-up for one
-    # image); a named GPU runs torch there. Text and indexed images need no device at all.
-    device = "cpu" if device in (None, "auto") else device
-    searcher = Searcher(IndexStore.open(index_dir_of(index_dir), device=device))
+    searcher = Searcher(IndexStore.open(index_dir_of(index_dir), device=device))  # torch only for new images
     if over_texts:
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
     else:

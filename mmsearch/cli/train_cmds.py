@@ -48,6 +48,8 @@ def synth(out, n, seed, size, relational):
 @click.option("--out", type=click.Path(dir_okay=False), default="model.pt", show_default=True,
               help="Checkpoint to write.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a killed run.")
+@click.option("--save-every", type=int, default=None,
+              help="Steps between resumable checkpoints [default: a tenth of the run, at least 25].")
 @device_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on the CPU.")
@@ -56,7 +58,7 @@ def synth(out, n, seed, size, relational):
 @click.option("--seed", default=0, show_default=True, help="Seeds data order, captions and augmentation.")
 @with_bar("train", unit="step")
 def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, accum_steps, lr, warmup, weight_decay,
-          lock_image, lock_text, images_root, out, resume, device, precision, workers, seed, progress):
+          lock_image, lock_text, images_root, out, resume, save_every, device, precision, workers, seed, progress):
     """Train or fine-tune the dual encoder contrastively (InfoNCE) on a caption dataset or tar shards.
     Several processes: torchrun --nproc-per-node N -m mmsearch train ..."""
     import os
@@ -66,7 +68,7 @@ def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, accum_
     spec = model_spec(model, pretrained, checkpoint, warn_random=False) or ModelSpec(model=TINY_MODEL, pretrained=None)
     res = train_encoder(data, spec, out, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
                         weight_decay=weight_decay, lock_image=lock_image, lock_text=lock_text, resume=resume,
-                        images_root=images_root, seed=seed, device=device, precision=precision,
+                        images_root=images_root, seed=seed, save_every=save_every, device=device, precision=precision,
                         accum_steps=accum_steps, workers=workers, progress=progress,
                         log=lambda line: (progress.close(), click.echo(line)))
     progress.close()

@@ -2,7 +2,7 @@
 training loop that decodes in the main process (same architecture, batch, data, optimiser), peak RSS
 on 2k and 20k images, and the overhead of two torchrun processes on the same global batch.
 
-    python benchmarks/train_throughput.py [--steps 30] [--batch-size 64] [--sizes 2000,20000]
+    python benchmarks/train_throughput.py [--steps 30] [--batch-size 64] [--sizes 2000,20000] [--threads 1]
 
 Every run is a fresh subprocess (so its peak RSS is its own), trains mmsearch-tiny from random weights
 on the synthetic set (cached under benchmarks/.cache/), without validation; steps/s counts the
@@ -99,9 +99,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--sizes", default="2000,20000", help="dataset sizes (synthetic images)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per process (the same for every run; 2 processes x 1 thread use 2 cores)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "train_throughput.json")
     args = ap.parse_args(argv)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
     py = sys.executable
     scripts = {}
     for name, text in (("plain", PLAIN), ("mmsearch", MMSEARCH)):  # files: torchrun runs a script, not -c
@@ -135,7 +137,8 @@ def main(argv=None):
     import torch
 
     result = {"model": "mmsearch-tiny", "runs": runs, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-              "python": platform.python_version(), "steps": args.steps, "warmup": args.warmup}
+              "python": platform.python_version(), "steps": args.steps, "warmup": args.warmup,
+              "threads_per_process": args.threads}
     print()
     print(render(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +158,8 @@ def render(result: dict) -> str:
         lines.append(f"| {r['images']} | {r['name']} | {r['processes']} | {r['steps_per_s']:.2f} | "
                      f"{r['images_per_s']:.0f} | {rss} | {r['loadavg_1m'][0]} → {r['loadavg_1m'][1]} |")
     lines.append(f"\nbatch {result['runs'][0]['batch_size']}, {result['steps']} steps ({result['warmup']} untimed), "
-                 f"mmsearch-tiny from random weights, {result['cpu_count']} CPU cores; peak RSS of rank 0 for "
-                 f"torchrun.")
+                 f"mmsearch-tiny from random weights, {result['threads_per_process']} torch thread(s) per process, "
+                 f"{result['cpu_count']} CPU cores; peak RSS of rank 0 for torchrun.")
     return "\n".join(lines)
 
 

@@ -165,11 +165,12 @@ def _identity(batch):
     return batch
 
 
-def batch_loader(batches: StepBatches, steps: Sequence[int], workers: int, prefetch: int = 2):
-    """Batches of `steps` in order, decoded by `workers` processes (0: in this process)."""
+def batch_loader(batches: StepBatches, steps: Sequence[int], workers: int, prefetch: int = 2, pin: bool = False):
+    """Batches of `steps` in order, decoded by `workers` processes (0: in this process); `pin` puts
+    them in page-locked memory for an asynchronous copy to the GPU."""
     kw = dict(prefetch_factor=prefetch, persistent_workers=False) if workers > 0 else {}
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=list(steps), num_workers=workers,
-                                       collate_fn=_identity, **kw)
+                                       collate_fn=_identity, pin_memory=pin, **kw)
 
 
 def default_workers(device_type: str) -> int:

@@ -135,12 +135,13 @@ def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay,
     dist_.broadcast_params(model, world)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(model, args["lr"], args["weight_decay"])
-    start, history, bad_images = 0, [], []
+    start, history, bad_images, n_bad = 0, [], [], 0
     if state is not None:
         opt.load_state_dict(state["resume"]["optimizer"])
         prec.load_state_dict(state["resume"].get("precision"))
         start, history = state["resume"]["step"], state["resume"]["history"]
         bad_images = list(state["resume"].get("bad_images", []))
+        n_bad = int(state["resume"].get("skipped_images", len(bad_images)))
         log(f"resuming at step {start}/{n_steps}")
     log(f"{len(source)} training images; global batch {plan.batch_size} = {world.world_size} process(es) × "
         f"{plan.accum_steps} micro-batch(es) of {plan.micro_size}; {prec.name} on {device}")
@@ -163,17 +164,21 @@ def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay,
                "metrics": metrics, "fingerprint": weights_fingerprint(model)}
         if not final:
             obj["resume"] = {"step": step, "optimizer": opt.state_dict(), "history": history,
-                             "precision": prec.state_dict(), "bad_images": bad_images[-1000:]}
+                             "precision": prec.state_dict(), "bad_images": bad_images,
+                             "skipped_images": n_bad}
         save_atomic(obj, out)
 
     model.train()
-    for batch in batch_loader(batches, range(start, n_steps), n_workers):
+    for batch in batch_loader(batches, range(start, n_steps), n_workers, pin=device.type == "cuda"):
         step = batch["step"]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, n_steps, args["lr"], args["warmup"])
-        bad_images.extend(batch["bad"])
         for line in batch["bad"]:
-            log(f"skipped unreadable image {line}")
+            n_bad += 1
+            if n_bad <= 20:  # then only counted (metrics.skipped_images), not one line each
+                bad_images.append(line)
+                log(f"skipped unreadable image {line}" + (" (further ones are counted, not listed)"
+                                                           if n_bad == 20 else ""))
         pixels = batch["pixels"].to(device, non_blocking=True)
         tokens = encoder.tokenize(batch["texts"])
         m = plan.micro_size
@@ -206,7 +211,7 @@ def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay,
     metrics = {"steps": n_steps, "train_seconds": round(time.perf_counter() - t0, 2),
                "final_loss": history[-1]["loss"] if history else None,
                "first_loss": losses[0] if losses and start == 0 else None,
-               "val": history[-1].get("val") if history else None, "skipped_images": len(bad_images),
+               "val": history[-1].get("val") if history else None, "skipped_images": n_bad, "skipped_examples": bad_images,
                "history": history}
     checkpoint(n_steps, final=True)
     dist_.barrier(world)

@@ -174,8 +174,9 @@ def batch_loader(batches: StepBatches, steps: Sequence[int], workers: int, prefe
 
 
 def default_workers(device_type: str) -> int:
-    """Decode workers: one per spare core, at most 8; none on a 2-core CPU run, where a worker would
-    only steal the core the model trains on (measured in benchmarks/train_throughput.py)."""
+    """Decode workers: one per spare core, at most 8. A CPU run keeps one core for each of the model's
+    two busiest threads, so a 2-core CPU decodes in the training process (batches of small images
+    decode in a few ms; benchmarks/train_throughput.py compares 0 and 1 worker)."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

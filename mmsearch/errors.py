@@ -64,3 +64,7 @@ class MissingExtraError(MmsearchError):
 
 class DistributedError(MmsearchError):
     """Indexing on a cluster cannot go on as asked (Ray missing, a node cannot read the images or the model)."""
+
+
+class TrainingError(MmsearchError):
+    """A training run cannot start or continue as asked (bad batch split, precision, world size)."""

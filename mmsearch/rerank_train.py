@@ -113,18 +113,19 @@ def _fit_blend(reranker: Reranker, val: _Features, log: Callable[[str], None]) -
 
 @torch.inference_mode()
 def swap_accuracy(reranker_model: FusionModel, f: _Features) -> Optional[float]:
-    """Fraction of captions with a swapped scene whose true image outscores the swapped one."""
-    pairs = [(c, f.swap_image[c]) for c in range(len(f.ds.captions)) if f.swap_image[c] >= 0]
-    if not pairs:
+    """Fraction of captions with a swapped scene whose true image outscores the swapped one
+    (all pairs in one batched forward pass: the per-pair loop cost as much as 40 training steps)."""
+    caps = torch.tensor([c for c in range(len(f.ds.captions)) if f.swap_image[c] >= 0], dtype=torch.long)
+    if not len(caps):
         return None
     reranker_model.eval()
-    wins = 0
-    for c, s in pairs:
-        text, lengths = pad_states([f.states[c], f.states[c]])
-        logits = reranker_model(text, lengths, f.toks[[int(f.ds.caption_image[c]), s]])
-        wins += int(logits[0] > logits[1])
+    true = torch.as_tensor(f.ds.caption_image)[caps]
+    swap = f.swap_image_t[caps]
+    lengths = f.cap_len[caps]
+    text = f.cap_states[caps][:, : int(lengths.max())]
+    logits = reranker_model(torch.cat([text, text]), torch.cat([lengths, lengths]), f.toks[torch.cat([true, swap])])
     reranker_model.train()
-    return wins / len(pairs)
+    return float((logits[: len(caps)] > logits[len(caps):]).float().mean())
 
 
 def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,

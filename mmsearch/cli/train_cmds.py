@@ -32,9 +32,15 @@ def synth(out, n, seed, size, relational):
 @model_options(default_model=f"{TINY_MODEL}, from scratch",
                default_pretrained=f"{DEFAULT_PRETRAINED} for {DEFAULT_MODEL}, none for {TINY_MODEL}")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (or use --epochs).")
-@click.option("--epochs", type=int, default=None, help="Passes over the training images.")
-@click.option("--batch-size", default=64, show_default=True, help="Image-caption pairs per step.")
-@click.option("--lr", default=5e-4, show_default=True, type=float, help="Peak learning rate (AdamW, warmup + cosine).")
+@click.option("--epochs", type=int, default=None, help="Passes over the training images [default: 1].")
+@click.option("--batch-size", type=int, default=None,
+              help="Global batch: pairs per step, over all processes and micro-batches [default: 256].")
+@click.option("--accum-steps", default=1, show_default=True,
+              help="Split each process's batch into this many micro-batches (same loss and gradient, less memory).")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate, AdamW with warm-up + cosine [default: 5e-4 from scratch, 1e-5 fine-tuning].")
+@click.option("--warmup", type=int, default=None, help="Warm-up steps [default: 10% of the steps, at most 2000].")
+@click.option("--weight-decay", type=float, default=None, help="[default: 0.2 from scratch, 0.1 fine-tuning].")
 @click.option("--lock-image", is_flag=True, help="Freeze the image tower (LiT).")
 @click.option("--lock-text", is_flag=True, help="Freeze the text tower.")
 @click.option("--images-root", type=click.Path(file_okay=False), default=None,
@@ -42,18 +48,32 @@ def synth(out, n, seed, size, relational):
 @click.option("--out", type=click.Path(dir_okay=False), default="model.pt", show_default=True,
               help="Checkpoint to write.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a killed run.")
+@click.option("--save-every", type=int, default=None,
+              help="Steps between resumable checkpoints [default: a tenth of the run, at least 25].")
+@device_option
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on the CPU.")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader processes decoding images [default: one per spare core, at most 8].")
+@click.option("--seed", default=0, show_default=True, help="Seeds data order, captions and augmentation.")
 @with_bar("train", unit="step")
-def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, lr, lock_image, lock_text, images_root,
-          out, resume, progress):
-    """Train or fine-tune the dual encoder contrastively (InfoNCE) on a caption dataset."""
+def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, accum_steps, lr, warmup, weight_decay,
+          lock_image, lock_text, images_root, out, resume, save_every, device, precision, workers, seed, progress):
+    """Train or fine-tune the dual encoder contrastively (InfoNCE) on a caption dataset or tar shards.
+    Several processes: torchrun --nproc-per-node N -m mmsearch train ..."""
+    import os
+
     from ..train import train_encoder
 
     spec = model_spec(model, pretrained, checkpoint, warn_random=False) or ModelSpec(model=TINY_MODEL, pretrained=None)
-    res = train_encoder(data, spec, out, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
-                        lock_image=lock_image, lock_text=lock_text, resume=resume, images_root=images_root,
-                        progress=progress, log=lambda line: (progress.close(), click.echo(line)))
+    res = train_encoder(data, spec, out, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
+                        weight_decay=weight_decay, lock_image=lock_image, lock_text=lock_text, resume=resume,
+                        images_root=images_root, seed=seed, save_every=save_every, device=device, precision=precision,
+                        accum_steps=accum_steps, workers=workers, progress=progress,
+                        log=lambda line: (progress.close(), click.echo(line)))
     progress.close()
-    click.echo(json.dumps(res, default=str))
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one report
+        click.echo(json.dumps(res, default=str))
 
 
 @cli.command("eval")

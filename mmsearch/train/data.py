@@ -1,0 +1,184 @@
+"""Streaming training data: which images make step s's batch, and DataLoader workers that decode and
+augment them. Nothing is cached: memory holds the captions and the batches in flight, never the images.
+
+Every choice is a pure function of (seed, step, position in the global batch): the epoch permutation,
+the caption drawn for an image, the augmentation's random numbers, the replacement for an unreadable
+image. So a resumed run, a run with more DataLoader workers, a run split over several processes or
+into accumulation micro-batches all see exactly the same global batch of the same step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..datasets import CaptionDataset, load_dataset
+from ..errors import DatasetError, MediaError, TrainingError
+from ..media import load_image
+from . import shards as shard_io
+
+MAX_REPLACEMENTS = 20  # unreadable images in a row before a step gives up
+
+
+class FileImages:
+    """Images named by a caption dataset (CSV, JSONL, COCO, Karpathy, folder): read from disk by path."""
+
+    def __init__(self, ds: CaptionDataset):
+        self.paths = ds.images
+        self.captions: list[list[str]] = [[] for _ in ds.images]
+        for c, i in zip(ds.captions, ds.caption_image):
+            self.captions[int(i)].append(c)
+        self.skipped = list(ds.skipped)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, i: int) -> str:
+        return self.paths[i]
+
+    def open(self, i: int, min_size: Optional[int]):
+        return load_image(self.paths[i], min_size=min_size)
+
+
+class ShardImages:
+    """Images inside webdataset tar shards, read by byte offset (see shards.py)."""
+
+    def __init__(self, index: shard_io.ShardIndex):
+        self.index = index
+        self.captions = index.captions
+        self.skipped = list(index.skipped)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def name(self, i: int) -> str:
+        shard, _, _, key = self.index.entries[i]
+        return f"{self.index.shards[shard]}:{key}"
+
+    def open(self, i: int, min_size: Optional[int]):
+        try:
+            data = shard_io.read_sample(self.index, i)
+        except OSError as exc:
+            raise MediaError(self.name(i), f"cannot read shard ({exc.__class__.__name__})") from exc
+        return shard_io.decode_image(data, self.name(i), min_size)
+
+
+def open_source(data, split: Optional[str], images_root=None):
+    """The training images of `data`: tar shards (a .tar or a folder of them) or any caption dataset."""
+    shards = shard_io.find_shards(data)
+    if shards:
+        if split not in (None, "train"):
+            raise DatasetError(f"{data}: tar shards have no '{split}' split (give a held-out set separately)")
+        return ShardImages(shard_io.index_shards(shards))
+    return FileImages(load_dataset(data, split=split, images_root=images_root))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Global batches: seeded epoch permutations of the images; a batch never repeats an image."""
+    n_images: int
+    batch_size: int  # the global batch: what one optimiser step's loss sees
+    seed: int
+    world_size: int = 1
+    accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.batch_size % (self.world_size * self.accum_steps):
+            raise TrainingError(f"batch size {self.batch_size} must be a multiple of processes × accumulation "
+                                f"steps ({self.world_size} × {self.accum_steps})")
+
+    @property
+    def per_epoch(self) -> int:
+        return max(1, self.n_images // self.batch_size)
+
+    @property
+    def local_size(self) -> int:
+        return self.batch_size // self.world_size
+
+    @property
+    def micro_size(self) -> int:
+        return self.local_size // self.accum_steps
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_images)
+        return perm[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def positions(self, rank: int) -> range:
+        """This rank's share of the global batch (its micro-batches are consecutive slices of it)."""
+        return range(rank * self.local_size, (rank + 1) * self.local_size)
+
+
+def item_seed(seed: int, step: int, position: int, attempt: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, step, position, attempt]).generate_state(1)[0])
+
+
+def seeded(transform, image, seed: int):
+    """transform(image) with torch's CPU generator seeded, then restored (with workers=0 this is the
+    training process's generator). Not torch.manual_seed: in torch 2.x it records a stack trace per
+    call, 8 ms, more than the decode and augmentation together."""
+    gen = torch.random.default_generator
+    saved = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        return transform(image)
+    finally:
+        gen.set_state(saved)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` = this rank's share of the global batch of that step: pixels, captions, and the
+    unreadable images it skipped (each replaced by a seeded draw, so every batch keeps its size and
+    ranks stay in lock-step for the feature all-gather)."""
+
+    def __init__(self, source, transform, plan: BatchPlan, rank: int = 0, min_size: Optional[int] = None):
+        self.source, self.transform, self.plan, self.rank, self.min_size = source, transform, plan, rank, min_size
+
+    def __len__(self) -> int:  # steps are indexed from 0; the sampler picks which ones
+        return 1 << 62
+
+    def __getitem__(self, step: int) -> dict:
+        idx = self.plan.indices(step)
+        pixels, texts, bad = [], [], []
+        for p in self.plan.positions(self.rank):
+            image, i = self._image(step, p, int(idx[p]), bad)
+            caps = self.source.captions[i]
+            texts.append(caps[np.random.default_rng([self.plan.seed, step, p, 1]).integers(len(caps))])
+            # the augmentation's random numbers depend only on (seed, step, position)
+            pixels.append(seeded(self.transform, image, item_seed(self.plan.seed, step, p)))
+        return {"step": step, "pixels": torch.stack(pixels), "texts": texts, "bad": bad}
+
+    def _image(self, step: int, p: int, i: int, bad: list):
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            try:
+                return self.source.open(i, self.min_size), i
+            except MediaError as exc:
+                bad.append(f"{self.source.name(i)}: {exc.reason}")
+                i = int(np.random.default_rng([self.plan.seed, step, p, 2, attempt]).integers(self.plan.n_images))
+        raise TrainingError(f"step {step}: {MAX_REPLACEMENTS + 1} unreadable images in a row (last: {bad[-1]}); "
+                            f"is the dataset readable?")
+
+
+def _identity(batch):
+    return batch
+
+
+def batch_loader(batches: StepBatches, steps: Sequence[int], workers: int, prefetch: int = 2, pin: bool = False):
+    """Batches of `steps` in order, decoded by `workers` processes (0: in this process); `pin` puts
+    them in page-locked memory for an asynchronous copy to the GPU."""
+    kw = dict(prefetch_factor=prefetch, persistent_workers=False) if workers > 0 else {}
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=list(steps), num_workers=workers,
+                                       collate_fn=_identity, pin_memory=pin, **kw)
+
+
+def default_workers(device_type: str) -> int:
+    """Decode workers: one per spare core, at most 8. A CPU run keeps one core for each of the model's
+    two busiest threads, so a 2-core CPU decodes in the training process (batches of small images
+    decode in a few ms; benchmarks/train_throughput.py compares 0 and 1 worker)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    spare = cores - (1 if device_type != "cpu" else 2)
+    return max(0, min(8, spare))

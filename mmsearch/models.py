@@ -27,10 +27,12 @@ def family(name: str, cfg: dict) -> str:
     low = name.lower()
     if "siglip2" in low:
         return "SigLIP 2"
-    if t.get("hf_model_name"):
-        return "multilingual (NLLB)" if "nllb" in low else "multilingual (XLM-R, mT5, RoBERTa)"
+    hf = t.get("hf_model_name", "").lower()
+    if hf:
+        return "multilingual (NLLB)" if "nllb" in hf else "multilingual (XLM-R)" if "xlm" in hf else \
+            "multilingual (mT5)" if "mt5" in hf else "CLIP (RoBERTa text)"
     if "siglip" in low:
-        return "SigLIP (multilingual)" if "i18n" in low else "SigLIP"
+        return "SigLIP i18n" if "i18n" in low else "SigLIP"
     for prefix, fam in (("mobileclip2", "MobileCLIP 2"), ("mobileclip", "MobileCLIP"), ("coca", "CoCa"),
                         ("eva", "EVA-CLIP"), ("convnext", "ConvNeXt CLIP"), ("pe-core", "Perception Encoder"),
                         ("vitamin", "ViTamin"), ("rn", "CLIP ResNet")):

@@ -200,8 +200,10 @@ class IndexStore:
                 return fast
             known = self.meta.get("text_path") or {}
             if known.get("fingerprint") == self.meta["fingerprint"] and known.get("path") == "torch":
-                self.notices.append(f"note: text queries of {self.meta.get('arch')} run on torch, "
-                                    f"slower to start ({known.get('reason')})")
+                note = f"note: text queries of {self.meta.get('arch')} run on torch, slower to start " \
+                       f"({known.get('reason')})"
+                if note not in self.notices:  # a long-lived store (the server) says it once
+                    self.notices.append(note)
                 return self.encoder()
             # missing or written by an older mmsearch: pay for torch once, and heal it for the next query
             self.export_fast_text(self.encoder())

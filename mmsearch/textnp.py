@@ -322,8 +322,9 @@ class NumpyTextTower:
 
     def encode(self, texts: Sequence[str]):
         """(L2-normalised embeddings [n,d], token states per text [len_i, width]) like Encoder.encode_texts."""
-        # a query is a few tokens: BLAS threads only add hand-off cost, and spin badly when cores are busy
-        with _blas_controller().limit(limits=1, user_api="blas"):
+        # a causal query runs a few tokens: BLAS threads only add hand-off cost, and spin badly when cores
+        # are busy; a bidirectional tower runs its whole context (64-77 tokens), worth the cores
+        with _blas_controller().limit(limits=1 if self.meta.get("causal", True) else None, user_api="blas"):
             return self._encode(texts)
 
     def _encode(self, texts: Sequence[str]):

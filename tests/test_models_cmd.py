@@ -34,8 +34,7 @@ def test_families_extras_dims_and_text_paths():
               ("MobileCLIP2-S0", "dfndr2b"): ("MobileCLIP 2", 512, None, "numpy"),
               ("ViT-B-16-SigLIP", "webli"): ("SigLIP", 768, "siglip", "numpy"),
               ("ViT-B-16-SigLIP2", "webli"): ("SigLIP 2", 768, "siglip", "numpy"),
-              ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"): ("multilingual (XLM-R, mT5, RoBERTa)", 512,
-                                                                   "multilingual", "torch"),
+              ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"): ("multilingual (XLM-R)", 512, "multilingual", "torch"),
               ("nllb-clip-base", "v1"): ("multilingual (NLLB)", 512, "multilingual", "torch"),
               ("mmsearch-tiny", None): ("mmsearch", 128, None, "numpy")}
     for key, (fam, dim, extra, path) in expect.items():

@@ -23,13 +23,13 @@ def models(name_filter, published, as_json):
     rows = [r for r in list_models(name_filter) if not published or r["flickr_t2i_r1"] is not None]
     if as_json:
         return [emit_json(r) for r in rows]
-    click.echo(f"{'model':<30} {'pretrained':<34} {'family':<22} {'dim':>4}  {'extra':<22} {'text':<5} "
+    click.echo(f"{'model':<26} {'pretrained':<26} {'family':<20} {'dim':>4}  {'extra':<13} {'text':<5} "
                f"{'cached':<6} {'F t>i':>5} {'C t>i':>5}")
     for r in rows:
         extra = "-" if not r["extra"] else r["extra"] + ("" if r["extra_installed"] else " (missing)")
         cached = "-" if r["weights_cached"] is None else ("yes" if r["weights_cached"] else "no")
-        click.echo(f"{r['model']:<30} {r['pretrained'] or 'none (random)':<34} {r['family']:<22} "
-                   f"{r['embed_dim'] or '-':>4}  {extra:<22} {r['text_query_path']:<5} {cached:<6} "
+        click.echo(f"{r['model']:<26} {r['pretrained'] or 'none (random)':<26} {r['family']:<20} "
+                   f"{r['embed_dim'] or '-':>4}  {extra:<13} {r['text_query_path']:<5} {cached:<6} "
                    f"{_pct(r['flickr_t2i_r1']):>5} {_pct(r['coco_t2i_r1']):>5}")
     click.echo(f"{len(rows)} rows. F/C t>i: text->image R@1 on Flickr30k / MSCOCO (%), from {recall_source()}",
                err=True)

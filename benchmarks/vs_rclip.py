@@ -200,13 +200,46 @@ def main(argv=None):
     names = tools.names()
     times = {}  # (row, tool) -> [seconds]
     load_before = load()
+    first = {}
+
+    def report(final=False):
+        """Table + JSON after every measurement: a run cut short still leaves what it measured."""
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows = list(dict.fromkeys(r for r, _ in times))
+        lines = ["| | rclip | " + " | ".join(f"{n} | rclip / {n.split()[-1]}" for n in names[1:]) + " |",
+                 "|---" * (2 * len(names)) + "|"]
+        for r in rows:
+            cells = [f"{med[(r, 'rclip')]:.2f} s" if (r, "rclip") in med else "—"]
+            for n in names[1:]:
+                ok = (r, n) in med and (r, "rclip") in med
+                cells += [f"{med[(r, n)]:.2f} s" if (r, n) in med else "—",
+                          f"**{med[(r, 'rclip')] / med[(r, n)]:.2f}×**" if ok else "—"]
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        if first:
+            lines.append("| first index of the model on this machine (torch + export, once; rclip: its download) | — | "
+                         + " | ".join(f"{first[n]:.2f} s | —" for n in names[1:] if n in first) + " |")
+        lines.append(f"({'medians of ' + str(args.runs) if final else 'PARTIAL'}; load average before {load_before}, "
+                     f"now {load()}; {os.cpu_count()} CPUs; {platform.machine()})")
+        result = {"complete": final, "runs": args.runs, "load_before": load_before, "load_after": load(),
+                  "cpu_count": os.cpu_count(), "rclip_version": RCLIP_VERSION, "model": MODEL, "precisions": precisions,
+                  "rows": {r: {n: {"median_s": round(med[(r, n)], 3), "runs_s": [round(v, 3) for v in times[(r, n)]]}
+                               for n in names if (r, n) in med} for r in rows},
+                  "first_index_of_model_s": {n: round(v, 3) for n, v in first.items()},
+                  "table": lines, "total_s": round(time.perf_counter() - t0, 1)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        os.replace(tmp, args.out)
+        if final:
+            print("\n".join(lines))
+            print(f"wrote {args.out}", file=sys.stderr)
 
     def rec(row, name, seconds):
         times.setdefault((row, name), []).append(seconds)
-        print(f"  {row:<34} {name:<14} {seconds:7.2f}s  load {load()[0]:.2f}", file=sys.stderr)
+        print(f"  {row:<40} {name:<14} {seconds:7.2f}s  load {load()[0]:.2f}", file=sys.stderr)
+        report()
 
     # the first index of a model on a machine loads torch and exports the towers (then cached): once
-    first = {}
     shutil.rmtree(tools.mcache, ignore_errors=True)
     few = work / "first-photos"
     shutil.rmtree(few, ignore_errors=True)
@@ -217,19 +250,11 @@ def main(argv=None):
         first[name] = tools.index(name, few, "first", cold=True)
         print(f"  first index of the model ({args.n_new} photos)  {name:<14} {first[name]:7.2f}s", file=sys.stderr)
 
-    for tag, folder, row in (("big", big, f"{args.n_big} × 12 MP JPEG, cold"),
-                             ("small", small, f"{args.n_small} × 500×375 JPEG, cold")):
-        for _ in range(args.runs):
-            for name in names:
-                rec(row, name, tools.index(name, folder, tag, cold=True))
-        for _ in range(args.runs):
-            for name in names:
-                rec("unchanged re-run" if tag == "small" else "unchanged re-run (12 MP)", name,
-                    tools.index(name, folder, tag, cold=False))
-        if tag == "small":
-            for _ in range(args.runs):
-                for name in names:
-                    rec("fresh-process text query", name, tools.query(name, folder, tag))
+    # most telling rows first (small photos, the incremental run), so a run cut short still answers them
+    small_row = f"{args.n_small} × 500×375 JPEG, cold"
+    for _ in range(args.runs):
+        for name in names:
+            rec(small_row, name, tools.index(name, small, "small", cold=True))
     # 10 new photos into the existing 500-photo index: new content every run (rclip reuses the vector of
     # bytes it has seen); every index is first brought back to the 500 photos, untimed
     row = f"{args.n_new} new photos into a {args.n_small}-photo index"
@@ -245,34 +270,20 @@ def main(argv=None):
                 rec(row, name, tools.index(name, small, "small", cold=False))
                 for p in new:
                     p.unlink()
-    for name in names:
-        tools.index(name, small, "small", cold=False)  # leave the indexes matching the folder
-    load_after = load()
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rows = list(dict.fromkeys(r for r, _ in times))
-    head = "| | rclip | " + " | ".join(f"{n} | rclip / {n.split()[-1]}" for n in names[1:]) + " |"
-    print(head)
-    print("|---" * (1 + len(names) + len(names) - 1) + "|")
-    for r in rows:
-        cells = [f"{med[(r, 'rclip')]:.2f} s"]
-        for n in names[1:]:
-            cells += [f"{med[(r, n)]:.2f} s", f"**{med[(r, 'rclip')] / med[(r, n)]:.2f}×**"]
-        print(f"| {r} | " + " | ".join(cells) + " |")
-    print("| first index of the model on this machine (torch + export, once; rclip: download) | — | "
-          + " | ".join(f"{first[n]:.2f} s | —" for n in names[1:]) + " |")
-    print(f"(medians of {args.runs}; load average before {load_before}, after {load_after}; "
-          f"{os.cpu_count()} CPUs; {platform.processor() or platform.machine()})")
-    result = {"runs": args.runs, "load_before": load_before, "load_after": load_after, "cpu_count": os.cpu_count(),
-              "rclip_version": RCLIP_VERSION, "model": MODEL, "precisions": precisions,
-              "rows": {r: {n: {"median_s": round(med[(r, n)], 3), "runs_s": [round(v, 3) for v in times[(r, n)]],
-                               "ratio_rclip_over": round(med[(r, "rclip")] / med[(r, n)], 3)}
-                           for n in names} for r in rows},
-              "first_index_of_model_s": {n: round(v, 3) for n, v in first.items()},
-              "total_s": round(time.perf_counter() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    print(f"wrote {args.out}", file=sys.stderr)
+    for _ in range(args.runs):
+        for name in names:
+            rec("unchanged re-run", name, tools.index(name, small, "small", cold=False))
+    for _ in range(args.runs):
+        for name in names:
+            rec("fresh-process text query", name, tools.query(name, small, "small"))
+    big_row = f"{args.n_big} × 12 MP JPEG, cold"
+    for _ in range(args.runs):
+        for name in names:
+            rec(big_row, name, tools.index(name, big, "big", cold=True))
+    for _ in range(args.runs):
+        for name in names:
+            rec("unchanged re-run (12 MP)", name, tools.index(name, big, "big", cold=False))
+    report(final=True)
 
 
 if __name__ == "__main__":

@@ -117,12 +117,22 @@ def make_photos(folder: Path, n: int, w: int, h: int, seed0: int, pool: Pool) ->
 
 
 # ---- timing --------------------------------------------------------------------------------------
+SUMMARIES = []  # mmsearch's --json summaries: where the embedding phase spent its time
+
+
 def timed(cmd, cwd=None, env=None) -> float:
     t = time.perf_counter()
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise SystemExit(f"failed ({res.returncode}): {' '.join(map(str, cmd))}\n{res.stderr[-2000:]}")
+    if "--json" in cmd:
+        try:
+            s = json.loads(res.stdout.strip().splitlines()[-1])
+            SUMMARIES.append({k: s.get(k) for k in ("embedded", "seconds", "embed_seconds", "encode_seconds",
+                                                     "wait_seconds", "images_per_s")} | {"wall_s": round(wall, 3)})
+        except (ValueError, IndexError):
+            pass
     return wall
 
 
@@ -161,7 +171,7 @@ class Tools:
             shutil.rmtree(idx, ignore_errors=True)
         prec = name.split()[-1]
         return timed(self.mm + ["index", folder, "--index", idx, "--model", MODEL, "--pretrained", "none",
-                                "--precision", prec], env=self.menv)
+                                "--precision", prec, "--json"], env=self.menv)
 
     def query(self, name, folder, tag):
         if name == "rclip":
@@ -225,7 +235,7 @@ def main(argv=None):
                   "rows": {r: {n: {"median_s": round(med[(r, n)], 3), "runs_s": [round(v, 3) for v in times[(r, n)]]}
                                for n in names if (r, n) in med} for r in rows},
                   "first_index_of_model_s": {n: round(v, 3) for n, v in first.items()},
-                  "table": lines, "total_s": round(time.perf_counter() - t0, 1)}
+                  "mmsearch_summaries": SUMMARIES, "table": lines, "total_s": round(time.perf_counter() - t0, 1)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))

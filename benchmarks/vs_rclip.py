@@ -130,7 +130,9 @@ def timed(cmd, cwd=None, env=None) -> float:
         try:
             s = json.loads(res.stdout.strip().splitlines()[-1])
             SUMMARIES.append({k: s.get(k) for k in ("embedded", "seconds", "embed_seconds", "encode_seconds",
-                                                     "wait_seconds", "images_per_s")} | {"wall_s": round(wall, 3)})
+                                                     "wait_seconds", "images_per_s")}
+                             | {"wall_s": round(wall, 3), "precision": cmd[cmd.index("--precision") + 1],
+                                "index": Path(cmd[cmd.index("--index") + 1]).name})
         except (ValueError, IndexError):
             pass
     return wall

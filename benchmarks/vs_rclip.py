@@ -282,6 +282,8 @@ def main(argv=None):
                 rec(row, name, tools.index(name, small, "small", cold=False))
                 for p in new:
                     p.unlink()
+    for name in names:  # the last tool's index still holds its new photos: every index back to the folder
+        tools.index(name, small, "small", cold=False)
     for _ in range(args.runs):
         for name in names:
             rec("unchanged re-run", name, tools.index(name, small, "small", cold=False))

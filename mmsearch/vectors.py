@@ -55,6 +55,8 @@ class VectorIndex:
                 raise VectorIndexError(
                     f"factory '{factory}' needs at least {need} vectors to train, the index has {len(train)}; "
                     f"use a smaller one (e.g. 'IVF{max(1, len(train) // 39)},Flat') or 'Flat'")
+            if nlist:  # 10 k-means iterations, not FAISS's 25: 2.5x less training; tuning restores recall
+                faiss.extract_index_ivf(inner).cp.niter = KMEANS_ITERATIONS
             inner.train(train)
         index = inner if _ivf_lists(inner) and _is_plain_ivf(inner) else faiss.IndexIDMap2(inner)
         return cls(index, factory)
@@ -204,6 +206,8 @@ class VectorIndex:
         except (OSError, ValueError):
             return {}
 
+
+KMEANS_ITERATIONS = 10
 
 # A filter keeping at most this many images is answered exactly from their stored vectors: measured
 # at 1M (benchmarks/ann_scale.py), fetching 20k embeddings by id and scoring them costs about what a

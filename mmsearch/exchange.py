@@ -40,7 +40,7 @@ def _pyarrow():
 
 
 def model_record(store) -> dict:
-    return {k: store.meta.get(k) for k in _RECORD_KEYS}
+    return dict({k: store.meta.get(k) for k in _RECORD_KEYS}, precision=store.precision)
 
 
 def export_embeddings(store, out, shard_size: int = 100_000, float16: bool = False,
@@ -116,6 +116,9 @@ def check_compatible(store, src, expected_model=None) -> list[tuple[Path, Path, 
             raise ModelMismatchError(
                 f"{src} was embedded with {record.get('model')} (dim {record.get('dim')}, fingerprint "
                 f"{record.get('fingerprint')}), not the model of {where}; nothing was imported")
+        if record.get("precision", "fp32") != store.precision:  # int8 and fp32 embeddings do not mix
+            raise ModelMismatchError(f"{src} holds {record.get('precision', 'fp32')} embeddings, {where} is "
+                                     f"{store.precision}; nothing was imported")
     elif expected_model is None or not _names_model(expected_model, store):
         raise ModelMismatchError(
             f"{src} has no {MODEL_RECORD} (shards from clip-retrieval?): confirm they were computed with the "
@@ -204,6 +207,7 @@ def open_for_import(index_dir, src, spec=None, max_index_memory=None):
             raise ModelMismatchError(f"{src} was embedded with weights {record.get('fingerprint')} (dim "
                                      f"{record.get('dim')}), {spec.describe()} has {enc.fingerprint} (dim "
                                      f"{enc.dim}); nothing was imported")
-    store = IndexStore.open_or_create(index_dir, spec=spec, max_index_memory=max_index_memory, encoder=enc)
+    store = IndexStore.open_or_create(index_dir, spec=spec, max_index_memory=max_index_memory, encoder=enc,
+                                      precision=(record or {}).get("precision"))
     store.export_fast_text(store.encoder())  # text queries on the new index skip torch
     return store

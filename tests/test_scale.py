@@ -220,6 +220,9 @@ def test_import_with_wrong_model_or_dimension_is_refused_and_changes_nothing(sma
     rec_path.write_text(json.dumps(dict(rec, fingerprint="0123456789abcdef")))
     with pytest.raises(ModelMismatchError, match="nothing was imported"):
         import_embeddings(store, tmp_path / "emb")
+    rec_path.write_text(json.dumps(dict(rec, precision="int8")))
+    with pytest.raises(ModelMismatchError, match="holds int8 embeddings"):
+        import_embeddings(store, tmp_path / "emb")
     rec_path.write_text(json.dumps(rec))
     np.save(tmp_path / "emb" / "img_emb" / "img_emb_0.npy", np.ones((150, 16), np.float32))
     with pytest.raises(ModelMismatchError, match="needs dim"):

@@ -81,17 +81,7 @@ def load_image(path, min_size: Optional[int] = None, max_pixels: int = DEFAULT_M
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
-                if w * h > max_pixels:
-                    raise MediaError(path, f"too large ({w}×{h} pixels, cap {max_pixels:,})")
-                if img.format == "JPEG" and min_size:
-                    scale = min(w, h) / float(min_size)
-                    if scale >= 2:  # draft picks the largest reduction keeping size >= the request
-                        img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
-                img.seek(0)  # first frame of GIF / animated WebP
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                out = _to_rgb(img)
-                out.load()
+                out = decode_opened(img, path, min_size, max_pixels)
     except MediaError:
         raise
     except OSError as exc:
@@ -105,6 +95,25 @@ def load_image(path, min_size: Optional[int] = None, max_pixels: int = DEFAULT_M
     except (ValueError, SyntaxError, EOFError, struct_error(), MemoryError) as exc:
         raise MediaError(path, f"truncated or corrupt image ({exc.__class__.__name__}: {exc})") from exc
     out.info["original_size"] = (w, h)
+    return out
+
+
+def decode_opened(img: Image.Image, name: str, min_size: Optional[int] = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An opened PIL image -> loaded RGB image, with the safeguards every reader shares: the pixel cap
+    (MediaError), JPEG draft decoding to the smallest scale >= min_size, the first frame, EXIF orientation."""
+    w, h = img.size
+    if w * h > max_pixels:
+        raise MediaError(name, f"too large ({w}×{h} pixels, cap {max_pixels:,})")
+    if img.format == "JPEG" and min_size:
+        scale = min(w, h) / float(min_size)
+        if scale >= 2:  # draft picks the largest reduction keeping size >= the request
+            img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+    img.seek(0)  # first frame of GIF / animated WebP
+    img.load()
+    img = ImageOps.exif_transpose(img) or img
+    out = _to_rgb(img)
+    out.load()
     return out
 
 

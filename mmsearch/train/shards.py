@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..errors import DatasetError, MediaError
-from ..media import DEFAULT_MAX_PIXELS, _to_rgb
+from ..media import DEFAULT_MAX_PIXELS, decode_opened
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_BYTES = 1 << 16  # a caption member larger than this is not a caption
@@ -119,17 +119,7 @@ def decode_image(data: bytes, name: str, min_size: Optional[int] = None,
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise MediaError(name, f"too large ({w}×{h} pixels, cap {max_pixels:,})")
-                if img.format == "JPEG" and min_size and min(w, h) >= 2 * min_size:
-                    scale = min(w, h) / float(min_size)
-                    img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
-                img.seek(0)
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                out = _to_rgb(img)
-                out.load()
+                out = decode_opened(img, name, min_size, max_pixels)
     except MediaError:
         raise
     except Exception as exc:  # PIL raises many kinds for a corrupt file; a bad sample is never fatal

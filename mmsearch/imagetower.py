@@ -1,12 +1,13 @@
-"""The image tower in ONNX Runtime, so `mmsearch index` on an existing index never imports torch.
+"""The image tower exported to ONNX and run without torch (mmsearch.towerruntime), so `mmsearch index` on an existing index never imports torch.
 
 At index time (torch loaded anyway) `export_image_tower` writes open_clip's visual tower with its
 projection and L2 normalisation as `image_tower/model.onnx` (int8: dynamically quantised MatMuls),
 and the parameters of the model's own eval transform in meta.json. `OnnxImageTower` rebuilds that
 transform without torch: the PIL half (resize, centre crop) runs in decode workers exactly as
 torchvision does it, ToTensor + Normalize run in numpy on the batch. tests/test_imagetower.py
-proves pixels and embeddings equal open_clip's. Saves ~7 s of torch start-up per run, and ONNX
-Runtime runs ViT-B-32 faster than torch on a CPU.
+proves pixels and embeddings equal open_clip's. Saves ~7 s of torch start-up per run, and OpenVINO
+(or ONNX Runtime) runs ViT-B-32 faster than torch on a CPU. amp-bf16 exports the same fp32 graph and
+runs it with bfloat16 products where the CPU has them.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, UnknownModelError
+from .errors import UnknownModelError
 from .exported import fresh_export_meta, read_export_meta, write_export
+from .towerruntime import open_model
 
 DIR_NAME = "image_tower"
 FORMAT = "mmsearch-image-tower-1"
 MODEL_FILE = "model.onnx"
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "amp-bf16")
 _PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
@@ -155,11 +157,6 @@ def fresh_meta(index_dir, fingerprint: str, precision: str) -> Optional[dict]:
     return fresh_export_meta(index_dir, DIR_NAME, FORMAT, fingerprint=fingerprint, precision=precision)
 
 
-def _threads() -> int:
-    env = os.environ.get("MMSEARCH_ORT_THREADS")
-    return int(env) if env else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 class OnnxImageTower:
     """Duck-types the image half of encoder.Encoder for the indexer: image_size, pil_transform,
     pixels(), encode_image_tensor(), encode_images(). No token output: the re-ranker's tokens use torch."""
@@ -174,6 +171,7 @@ class OnnxImageTower:
         self.pil_transform = PilTransform(meta["transform"])
         self.preprocess = None
         self._session = None
+        self.runtime = None  # 'openvino' or 'onnxruntime' once opened
 
     @classmethod
     def load(cls, index_dir) -> "OnnxImageTower":
@@ -182,20 +180,9 @@ class OnnxImageTower:
 
     @property
     def session(self):
+        """The compiled model, opened on first use: run(pixels) -> embeddings."""
         if self._session is None:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = _threads()
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            # spinning intra-op threads would take the cores the (niced) decode threads need between batches
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.log_severity_level = 3
-            try:
-                self._session = ort.InferenceSession(str(self.dir / MODEL_FILE), so, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # ORT raises its own exception types for a bad file
-                raise CheckpointError(f"image tower {self.dir} is damaged ({exc.__class__.__name__}: {exc})") from exc
+            self.runtime, self._session = open_model(self.dir / MODEL_FILE, self.precision)
         return self._session
 
     def pixels(self, images: Sequence) -> np.ndarray:
@@ -205,8 +192,7 @@ class OnnxImageTower:
     def encode_image_tensor(self, pixels, token_grid: Optional[int] = None) -> np.ndarray:
         if token_grid is not None:
             raise UnknownModelError("the ONNX image tower has no token output; use the torch encoder")
-        (emb,) = self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
-        return emb
+        return self.session(pixels)
 
     def encode_images(self, images: Sequence, token_grid: Optional[int] = None) -> np.ndarray:
         return self.encode_image_tensor(self.pixels([self.pil_transform(im) for im in images]), token_grid)

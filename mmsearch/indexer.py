@@ -8,6 +8,7 @@ most the batch in flight; the FAISS file is a cache rebuilt from the catalog whe
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -168,9 +169,9 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules.
 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
-    (None: the index's own, fp32 for a new one) is recorded in the index. `executor` replaces the local
+    (None: the index's own, devices.default_precision for a new one) is recorded in the index. `executor` replaces the local
     decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way."""
-    from .devices import check_precision, device_type, select_device
+    from .devices import check_precision, default_precision, device_type, select_device
 
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
@@ -179,6 +180,8 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
             raise MediaError(r, "no such file or folder")
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
     dev = select_device(device if executor is None else "cpu")
+    if precision is None and executor is None and not Catalog.exists(index_dir):
+        precision = default_precision(dev, reranker=bool(reranker))
     if precision is not None and executor is None:
         check_precision(precision, dev)
     store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
@@ -218,14 +221,14 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         from .devices import default_batch_size, default_decode_workers
 
         token_grid = store.token_grid()
-        amp = store.precision.startswith("amp-")  # mixed precision is torch's (ONNX runs fp32 and int8)
-        encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu" or amp)
-        if amp:
-            encoder.precision = store.precision
+        encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu")
+        if store.precision.startswith("amp-") and not hasattr(encoder, "runtime"):
+            encoder.precision = store.precision  # the torch encoder runs under autocast
 
         started = time.perf_counter()
         _embed_all(store, encoder, plan, vectors, summary, batch_size or default_batch_size(dev),
-                   workers or default_decode_workers(dev), token_grid, progress)
+                   workers or default_decode_workers(dev), token_grid, progress,
+                   take_turns=device_type(dev) == "cpu")
         summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text()
         store.share_exports()
@@ -236,12 +239,23 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
 
 
 def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexSummary, batch_size: int,
-               workers: Optional[int], token_grid: Optional[int], progress: Progress) -> None:
+               workers: Optional[int], token_grid: Optional[int], progress: Progress, take_turns: bool = False) -> None:
+    """Decode in worker threads, encode in batches. `take_turns` (a CPU encoder, whose threads use every
+    core): decoders start no new file while a batch encodes. The encoder's threads meet at a barrier
+    after every operator, so one core lent to a decoder stalls them all; taking turns measured
+    ~20 % faster on small photos on 2 cores than overlapping."""
     cat = store.catalog
     todo = plan.embed
     prep = _worker_transform(encoder)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     done = 0
+    turn = threading.Event()
+    turn.set()
+
+    def decode_in_turn(info, image_size, pil_transform):
+        turn.wait()
+        return _decode(info, image_size, pil_transform)
+
     if progress:
         progress(0, len(todo), stage="embed")
     with ThreadPoolExecutor(max_workers=workers, initializer=_background_thread) as pool:
@@ -249,7 +263,7 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
         pending: deque = deque()
         it = iter(todo)
         for f in it:
-            pending.append((f, pool.submit(_decode, f, encoder.image_size, prep)))
+            pending.append((f, pool.submit(decode_in_turn, f, encoder.image_size, prep)))
             if len(pending) >= 2 * batch_size:
                 break
         # a small first batch gets the encoder busy while the decoders fill the queue
@@ -263,14 +277,19 @@ def _embed_all(store: IndexStore, encoder, plan: _Plan, vectors, summary: IndexS
                 summary.wait_seconds += time.perf_counter() - t
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(_decode, nxt, encoder.image_size, prep)))
+                    pending.append((nxt, pool.submit(decode_in_turn, nxt, encoder.image_size, prep)))
             good = [(f, r) for f, r in batch if not isinstance(r, MediaError)]
             bad = [(f, r) for f, r in batch if isinstance(r, MediaError)]
             emb = toks = None
             if good:
                 t = time.perf_counter()
                 pixels = _batch_pixels(encoder, [r[0] for _, r in good])
-                out = encoder.encode_image_tensor(pixels, token_grid=token_grid)
+                if take_turns:
+                    turn.clear()
+                try:
+                    out = encoder.encode_image_tensor(pixels, token_grid=token_grid)
+                finally:
+                    turn.set()
                 summary.encode_seconds += time.perf_counter() - t
                 emb, toks = out if token_grid else (out, None)
             size = batch_size

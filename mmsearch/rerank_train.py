@@ -29,6 +29,7 @@ from .query import DEFAULT_RERANK_K
 from .rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_states
 from .safeload import safe_torch_load
 from .train import lr_at, save_atomic
+from .train.optim import adamw
 
 
 class _Features:
@@ -154,7 +155,7 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
     torch.manual_seed(args["seed"])
     model = FusionModel(encoder.text_width, encoder.vision_width, 1 + TOKEN_GRID ** 2, d=args["d"],
                         layers=args["layers"], heads=args["heads"])
-    opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=0.05)
+    opt = adamw(list(model.parameters()), lr=args["lr"], weight_decay=0.05)
     start = 0
     if state is not None:
         model.load_state_dict(state["state_dict"])

@@ -157,11 +157,13 @@ class IndexStore:
         return self._encoder
 
     def image_encoder(self, token_grid: Optional[int] = None, prefer_torch: bool = False):
-        """What embeds images for this index: the ONNX tower (no torch start-up) when exported for these
+        """What embeds images for this index: the exported tower (no torch start-up) when exported for these
         weights and this precision, else the torch encoder, exporting the tower for the next run.
-        Torch serves GPUs (`prefer_torch`), re-ranker tokens and models ONNX cannot take; int8 is ONNX only."""
+        Torch serves GPUs (`prefer_torch`), re-ranker tokens, models ONNX cannot take and amp-* on a CPU
+        without bfloat16 arithmetic; int8 is ONNX only."""
         int8 = self.precision == "int8"
-        if (token_grid is not None or prefer_torch or os.environ.get("MMSEARCH_TORCH_IMAGE")) and not int8:
+        if (token_grid is not None or prefer_torch or os.environ.get("MMSEARCH_TORCH_IMAGE")
+                or not self._tower_runs_here()) and not int8:
             return self.encoder()
         if token_grid is not None:
             raise UnknownModelError(f"index {self.dir} is int8: its ONNX image tower cannot give re-ranker tokens")
@@ -176,7 +178,7 @@ class IndexStore:
                     export_image_tower(self.encoder(), self.dir, self.precision)
                 tower = OnnxImageTower.load(self.dir)
                 tower.session  # a damaged model file fails here (then it is exported again), not mid-run
-                self._image_tower = tower  # one ONNX session per store: a server embeds many uploads
+                self._image_tower = tower  # one compiled model per store: a server embeds many uploads
                 return tower
             except (MmsearchError, ImportError, OSError):
                 if attempt == 0 and fresh_meta(self.dir, self.meta["fingerprint"], self.precision) is not None:
@@ -184,6 +186,21 @@ class IndexStore:
                 if int8:
                     raise
                 return self.encoder()  # an architecture the exporter cannot take, or a read-only index
+
+    def _tower_runs_here(self) -> bool:
+        """False when no exported-tower runtime here keeps this index's precision (amp-fp16; amp-bf16 on
+        a CPU without bfloat16 arithmetic): torch's autocast then embeds."""
+        from .errors import DeviceError
+        from .imagetower import PRECISIONS as TOWER_PRECISIONS
+        from .towerruntime import runtime_for
+
+        if self.precision not in TOWER_PRECISIONS:
+            return False
+        try:
+            runtime_for(self.precision)
+        except DeviceError:
+            return False
+        return True
 
     def image_embedder(self):
         """What embeds an image that is not in the index (a query image, an upload): something with

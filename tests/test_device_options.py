@@ -95,7 +95,7 @@ def _recall_at(store, ds, k):
 def test_amp_bf16_is_recorded_close_to_fp32_keeps_recall_and_refuses_mixing(tiny_checkpoint, test_split, tmp_path):
     spec = ModelSpec(checkpoint=str(tiny_checkpoint))
     files = test_split.images
-    index_folders(tmp_path / "fp32", files, spec=spec)
+    index_folders(tmp_path / "fp32", files, spec=spec, precision="fp32")
     index_folders(tmp_path / "amp", files, spec=spec, precision="amp-bf16")
     fp32, amp = IndexStore.open(tmp_path / "fp32"), IndexStore.open(tmp_path / "amp")
     assert fp32.precision == "fp32" and amp.meta["precision"] == "amp-bf16"

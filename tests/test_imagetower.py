@@ -58,11 +58,16 @@ def test_pixels_equal_open_clip_preprocess(exported, tmp_path, synth_dir):
     assert np.abs(got - ref).max() < 1e-6  # same resampling, same crop, same float ops
 
 
-def test_embeddings_equal_torch(exported):
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_embeddings_equal_torch(exported, runtime, monkeypatch):
+    pytest.importorskip(runtime)
+    monkeypatch.setenv("MMSEARCH_TOWER_RUNTIME", runtime)
     enc, tower = exported
+    tower = OnnxImageTower.load(tower.dir.parent)  # opened afresh under this runtime
     x = np.random.default_rng(0).standard_normal((5, 3, enc.image_size, enc.image_size)).astype(np.float32)
     ref = enc.encode_image_tensor(torch.from_numpy(x))
     got = tower.encode_image_tensor(x)
+    assert tower.runtime == runtime
     assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
     assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
 
@@ -71,7 +76,7 @@ def test_int8_keeps_direction_and_is_refused_across_precisions(tiny_checkpoint, 
     photos = tmp_path / "photos"
     _photos(photos, 6, seed=2)
     spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
-    index_folders(tmp_path / "fp32", [photos], spec=spec)
+    index_folders(tmp_path / "fp32", [photos], spec=spec, precision="fp32")
     index_folders(tmp_path / "int8", [photos], spec=spec, precision="int8")
     with pytest.raises(ModelMismatchError, match="fp32, not int8"):
         index_folders(tmp_path / "fp32", [photos], precision="int8")
@@ -84,6 +89,29 @@ def test_int8_keeps_direction_and_is_refused_across_precisions(tiny_checkpoint, 
     assert ea.keys() == eb.keys() and len(ea) == 6
     cos = np.array([ea[p] @ eb[p] for p in ea])
     assert cos.min() > 0.99 and max(np.abs(ea[p] - eb[p]).max() for p in ea) > 1e-4  # close, and really int8
+
+
+def test_bf16_runs_bfloat16_products_where_the_cpu_has_them(tiny_checkpoint, tmp_path):
+    """amp-bf16 on a CPU: OpenVINO with bf16 products where the CPU multiplies bf16, else torch autocast;
+    either way the vectors stay within cosine 0.999 of fp32, really differ, and the precision is kept."""
+    from mmsearch.towerruntime import cpu_has_bf16
+
+    photos = tmp_path / "photos"
+    _photos(photos, 6, seed=4)
+    spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
+    index_folders(tmp_path / "fp32", [photos], spec=spec, precision="fp32")
+    index_folders(tmp_path / "bf16", [photos], spec=spec, precision="amp-bf16")
+    with pytest.raises(ModelMismatchError, match="amp-bf16, not fp32"):
+        index_folders(tmp_path / "bf16", [photos], spec=spec, precision="fp32")
+    b = IndexStore.open(tmp_path / "bf16")
+    enc = b.image_encoder()
+    if cpu_has_bf16():
+        assert isinstance(enc, OnnxImageTower) and enc.runtime == "openvino" and enc.precision == "amp-bf16"
+    else:
+        assert not isinstance(enc, OnnxImageTower)
+    ea, eb = _by_path(IndexStore.open(tmp_path / "fp32")), _by_path(b)
+    cos = np.array([ea[p] @ eb[p] for p in ea])
+    assert cos.min() > 0.999 and max(np.abs(ea[p] - eb[p]).max() for p in ea) > 1e-5
 
 
 def test_missing_stale_or_damaged_export_is_rebuilt(tiny_checkpoint, tmp_path):
@@ -114,7 +142,8 @@ def test_incremental_index_imports_no_torch(tiny_checkpoint, tmp_path):
     photos = tmp_path / "photos"
     _photos(photos, 5, seed=4)
     idx = tmp_path / "idx"
-    first = index_folders(idx, [photos], spec=ModelSpec(model="mmsearch-tiny", checkpoint=str(tiny_checkpoint)))
+    first = index_folders(idx, [photos], spec=ModelSpec(model="mmsearch-tiny", checkpoint=str(tiny_checkpoint)),
+                          precision="fp32")  # compared with torch's fp32 vectors below
     _photos(photos, 3, seed=5)
     heavy = "('torch', 'open_clip', 'torchvision')"
     code = ("import sys; from mmsearch.cli import main; sys.argv=['mmsearch']+sys.argv[1:];\n"
@@ -160,3 +189,20 @@ def test_new_index_of_a_known_model_reuses_cached_towers_without_torch(tiny_chec
     # other weights in the same file (same path, new mtime) are another model: torch loads again
     os.utime(ckpt, ns=(1, 1))
     assert IndexStore.open_or_create(tmp_path / "third", spec=spec)._encoder is not None
+
+
+def test_a_new_index_gets_bf16_only_where_the_cpu_multiplies_it_and_an_old_one_keeps_its_own(tiny_checkpoint,
+                                                                                              tmp_path):
+    from mmsearch.devices import default_precision
+    from mmsearch.towerruntime import cpu_has_bf16
+
+    photos = tmp_path / "photos"
+    _photos(photos, 3, seed=6)
+    spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
+    index_folders(tmp_path / "new", [photos], spec=spec)
+    assert IndexStore.open(tmp_path / "new").precision == ("amp-bf16" if cpu_has_bf16() else "fp32")
+    assert default_precision("cpu", reranker=True) == "fp32"  # re-ranker tokens come from torch
+    index_folders(tmp_path / "old", [photos], spec=spec, precision="fp32")
+    _photos(photos, 1, seed=7)
+    s = index_folders(tmp_path / "old", [photos])  # no precision given: the index's own, not the default
+    assert s.added == 1 and IndexStore.open(tmp_path / "old").precision == "fp32"

@@ -79,7 +79,7 @@ def test_ray_gives_the_local_catalog_vectors_errors_and_results(cluster, tiny_ch
     folder = make_photo_folder(tmp_path / "photos")
     _images(synth_dir, folder.root / "synth", 40)
     spec = ModelSpec(checkpoint=str(tiny_checkpoint))
-    local = index_folders(tmp_path / "local", [folder.root], spec=spec, batch_size=8)
+    local = index_folders(tmp_path / "local", [folder.root], spec=spec, batch_size=8, precision="fp32")
     executor = _executor(batch_size=32)  # 4 encoder slices per actor call
     dist = index_folders(tmp_path / "ray", [folder.root], spec=spec, executor=executor)
     assert executor.stats["actors"] == 2 and executor.stats["nodes"] == 3
@@ -201,7 +201,8 @@ def test_commit_drops_a_second_answer_and_refuses_a_path_a_node_cannot_read(tiny
 
     folder = _images(synth_dir, tmp_path / "photos", 6)
     first = sorted((synth_dir / "images").glob("*.png"))[-1]
-    index_folders(tmp_path / "idx", [first], spec=ModelSpec(checkpoint=str(tiny_checkpoint)))  # a real FAISS file
+    index_folders(tmp_path / "idx", [first], spec=ModelSpec(checkpoint=str(tiny_checkpoint)),
+                  precision="fp32")  # a real FAISS file, in the precision the actors below run
     store = IndexStore.open(tmp_path / "idx")
     plan = _plan(store.catalog, [str(folder)], (), False)
     pending.record(store.catalog, plan.embed)

@@ -42,8 +42,9 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
 @device_option
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Image tower arithmetic, part of the model record (an index keeps its own) [default: the "
-                   "index's, fp32 for a new one]: int8 is ~2x faster on CPUs with AVX-512 VNNI/AMX; amp-bf16 "
-                   "(CPU, CUDA) and amp-fp16 (CUDA, MPS) are torch mixed precision for GPUs.")
+                   "index's; for a new one amp-bf16 on a CPU with bfloat16 arithmetic (AVX512_BF16, AMX) and no "
+                   "re-ranker, else fp32]: amp-bf16 is ~2x fp32's speed there, int8 ~3x on CPUs with AVX-512 "
+                   "VNNI/AMX; amp-fp16 is for CUDA and MPS.")
 @click.option("--batch-size", default=None, type=int, help="Images per encoder batch [default: 32, 256 on CUDA].")
 @click.option("--workers", default=None, type=int, help="Decoding threads [default: CPU count, max 4; 16 on a GPU].")
 @click.option("--exclude", multiple=True, help="Glob of paths to skip (repeatable), e.g. '*/thumbs/*'.")

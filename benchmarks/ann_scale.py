@@ -185,10 +185,17 @@ def cli_part(x, qt, gt, work: Path, out: dict) -> None:
     shards = work / "shards"
     (shards / "img_emb").mkdir(parents=True, exist_ok=True)
     (shards / "metadata").mkdir(parents=True, exist_ok=True)
+    # a real folder behind the catalog (empty files: `index` only stats them when nothing changed), so
+    # an unchanged re-run of `mmsearch index` over 1M files can be timed and its memory measured
+    photos = work / "photos"
     step = 250_000
     for j, s in enumerate(range(0, n, step)):
         np.save(shards / "img_emb" / f"img_emb_{j}.npy", x[s:s + step])
-        paths = [f"/photos/{i // 1000:04d}/{i:07d}.jpg" for i in range(s, min(n, s + step))]
+        paths = [str(photos / f"{i // 1000:04d}" / f"{i:07d}.jpg") for i in range(s, min(n, s + step))]
+        for i, p in zip(range(s, min(n, s + step)), paths):
+            if i % 1000 == 0:
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+            open(p, "wb").close()
         pq.write_table(pa.table({"image_path": paths}), shards / "metadata" / f"metadata_{j}.parquet")
     enc = load_encoder(ModelSpec(model="ViT-B-32", pretrained=None))
     (shards / MODEL_RECORD).write_text(json.dumps({
@@ -206,6 +213,16 @@ def cli_part(x, qt, gt, work: Path, out: dict) -> None:
             raise RuntimeError(res.stderr)
         return time.perf_counter() - t, res.stdout
 
+    def run_rss(*args):
+        """(seconds, peak RSS in MB, stdout) of a fresh `mmsearch` process (GNU time's %M)."""
+        rss_file = work / "rss.txt"
+        t = time.perf_counter()
+        res = subprocess.run(["/usr/bin/time", "-o", str(rss_file), "-f", "%M", *mm, *args], capture_output=True,
+                             text=True, env=env)
+        if res.returncode:
+            raise RuntimeError(res.stderr)
+        return round(time.perf_counter() - t, 3), round(int(rss_file.read_text().split()[-1]) / 1024, 1), res.stdout
+
     out["import_s"], out["import_output"] = run("import", str(shards), "--index", str(idx))
     out["import_s"] = round(out["import_s"], 1)
     meta = json.loads(run("info", "--index", str(idx), "--json")[1])
@@ -217,6 +234,19 @@ def cli_part(x, qt, gt, work: Path, out: dict) -> None:
         times.append(run("search", q, "--index", str(idx), "-k", "10")[0])
     out["fresh_search_s"] = [round(t, 3) for t in times]
     out["fresh_search_output"] = run("search", "a red circle on a beach", "--index", str(idx), "-k", "5")[1]
+    # the catalog at 1M: bounded memory for an unchanged re-run, info, errors, and filtered searches
+    t, rss, stdout = run_rss("index", str(photos), "--index", str(idx), "--json")
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    out["unchanged_rerun"] = {"s": t, "peak_rss_mb": rss, "unchanged": summary["unchanged"],
+                              "embedded": summary["embedded"], "removed": summary["removed"]}
+    for name, args in (("info", ("info", "--index", str(idx))), ("errors", ("errors", "--index", str(idx))),
+                       ("search", ("search", "two dogs", "--index", str(idx))),
+                       ("search --under (0.1 %)", ("search", "two dogs", "--index", str(idx), "--under",
+                                                   str(photos / "0001"))),
+                       ("search --ext png (0 %)", ("search", "two dogs", "--index", str(idx), "--ext", "png")),
+                       ("search --ext jpg (100 %)", ("search", "two dogs", "--index", str(idx), "--ext", "jpg"))):
+        t, rss, stdout = run_rss(*args)
+        out.setdefault("fresh_process", {})[name] = {"s": t, "peak_rss_mb": rss, "lines": len(stdout.splitlines())}
     np.save(work / "qt.npy", qt[:20])
     side = subprocess.run([sys.executable, "-c", _INDEX_SIDE, str(idx), str(work / "qt.npy")], capture_output=True,
                           text=True, env=env, check=True)
@@ -312,6 +342,11 @@ def render(r: dict) -> str:
                       f"(python + numpy + faiss imports alone: {c['python_numpy_faiss_import_s']} s); dupes: "
                       f"{c['dupes_s']} s, {c['dupes_groups']} groups; catalog {c['catalog_bytes_per_image']} B/image; "
                       f"load average {c['load_avg_cli']}", f"fresh process, index side: {c['fresh_index_side']}"]
+        if "unchanged_rerun" in c:
+            u = c["unchanged_rerun"]
+            lines += ["", "| fresh process at this size | s | peak RSS MB |", "|---|---|---|",
+                      f"| `index` of the unchanged {u['unchanged']:,}-file folder | {u['s']} | {u['peak_rss_mb']} |"]
+            lines += [f"| `{name}` | {v['s']} | {v['peak_rss_mb']} |" for name, v in c["fresh_process"].items()]
     return "\n".join(lines)
 
 

@@ -166,8 +166,7 @@ class Catalog:
     def db(self):
         """sqlite-utils view of the same connection, for writes (imported lazily: queries never need it)."""
         if not hasattr(self, "_db"):
-            import sqlite_utils
-            self._db = sqlite_utils.Database(self.conn)
+            self._db = _sqlite_utils().Database(self.conn)
         return self._db
 
     def close(self) -> None:
@@ -210,6 +209,15 @@ class Catalog:
     def image_states(self) -> dict[str, tuple]:
         """path -> (id, size, mtime_ns, quick_hash), for the incremental diff."""
         return {r[0]: r[1:] for r in self.conn.execute("SELECT path, id, size, mtime_ns, quick_hash FROM images")}
+
+    def image_states_under(self, root: str) -> Iterator[tuple]:
+        """(path, id, size, mtime_ns, quick_hash) of the images at or under `root`, ascending by path,
+        streamed from the covering index: the incremental diff never holds the whole catalog."""
+        root = root.rstrip("/") or "/"
+        prefix = root if root.endswith("/") else root + "/"
+        yield from self.conn.execute(
+            "SELECT path, id, size, mtime_ns, quick_hash FROM images INDEXED BY images_state "
+            "WHERE (path >= ? AND path < ?) OR path = ? ORDER BY path", (prefix, prefix[:-1] + "0", root))
 
     def insert_image(self, row: dict, embedding: np.ndarray, tokens: Optional[np.ndarray] = None) -> int:
         cols = dict(row, embedding=to_blob(embedding), indexed_at=time.time(),
@@ -325,23 +333,24 @@ class Catalog:
     def filtered_ids(self, under: Optional[str] = None, exts: Optional[list[str]] = None,
                      after: Optional[float] = None, before: Optional[float] = None) -> list[int]:
         """Ids passing the metadata filters. The date is EXIF DateTimeOriginal, else the file's mtime."""
-        where, args = [], []
-        if under:  # a range on the path index ('/' + 1 == '0'), not a scan of every row
-            prefix = under.rstrip("/") + "/"
-            where.append("((path >= ? AND path < ?) OR path = ?)")
-            args += [prefix, prefix[:-1] + "0", under.rstrip("/")]
-        if exts:
-            where.append(f"ext IN ({','.join('?' * len(exts))})")
-            args += exts
-        date = "coalesce(taken_at, mtime_ns / 1e9)"
-        if after is not None:
-            where.append(f"{date} >= ?")
-            args.append(after)
-        if before is not None:
-            where.append(f"{date} < ?")
-            args.append(before)
-        q = "SELECT id FROM images" + (" WHERE " + " AND ".join(where) if where else "")
-        return [r[0] for r in self.conn.execute(q, args)]
+        cond, args = _filter_sql(under, exts, after, before)
+        return [r[0] for r in self.conn.execute("SELECT id FROM images" + (f" WHERE {cond}" if cond else ""), args)]
+
+    def filter_selection(self, total: int, under: Optional[str] = None, exts: Optional[list[str]] = None,
+                         after: Optional[float] = None, before: Optional[float] = None) -> tuple[np.ndarray, bool]:
+        """(ids, excluded) for a search filter over `total` indexed images: the ids that pass when they
+        are at most half, else the ids that fail (excluded=True). Listing the smaller side keeps a filter
+        that passes nearly everything as cheap as one that passes nearly nothing (SQLite counts in C)."""
+        cond, args = _filter_sql(under, exts, after, before)
+        if not cond:
+            return np.empty(0, np.int64), True
+        kept = self.conn.execute(f"SELECT count(*) FROM images WHERE {cond}", args).fetchone()[0]
+        if kept * 2 <= total:
+            sql, excluded = f"SELECT id FROM images WHERE {cond}", False
+        else:  # coalesce: a NULL condition fails the filter, so its row belongs to the complement
+            sql, excluded = f"SELECT id FROM images WHERE NOT coalesce(({cond}), 0)", True
+        ids = np.fromiter((r[0] for r in self.conn.execute(sql, args)), dtype=np.int64)
+        return ids, excluded
 
     # ---- failures -----------------------------------------------------------------------------
     def failure_states(self) -> dict[str, tuple]:
@@ -414,3 +423,41 @@ class Catalog:
     def bytes_on_disk(self) -> int:
         """Everything the index keeps: catalog (+ WAL), vector caches and the exported text tower."""
         return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
+
+
+def _filter_sql(under: Optional[str], exts: Optional[list[str]], after: Optional[float],
+                before: Optional[float]) -> tuple[str, list]:
+    """The WHERE clause of the metadata filters ('' when none), each on an index of its own."""
+    where, args = [], []
+    if under:  # a range on the path index ('/' + 1 == '0'), not a scan of every row
+        prefix = under.rstrip("/") + "/"
+        where.append("((path >= ? AND path < ?) OR path = ?)")
+        args += [prefix, prefix[:-1] + "0", under.rstrip("/")]
+    if exts:
+        where.append(f"ext IN ({','.join('?' * len(exts))})")
+        args += exts
+    date = "coalesce(taken_at, mtime_ns / 1e9)"
+    if after is not None:
+        where.append(f"{date} >= ?")
+        args.append(after)
+    if before is not None:
+        where.append(f"{date} < ?")
+        args.append(before)
+    return " AND ".join(where), args
+
+
+def _sqlite_utils():
+    """sqlite_utils without pandas: it imports pandas whenever installed (0.5 s here, for guessing
+    column types from DataFrames, which we never pass), which tripled an unchanged re-run's time."""
+    import sys
+
+    if "sqlite_utils" in sys.modules or "pandas" in sys.modules:
+        import sqlite_utils
+
+        return sqlite_utils
+    sys.modules["pandas"] = None  # `import pandas` raises ImportError: sqlite_utils then does without
+    try:
+        import sqlite_utils
+    finally:
+        del sys.modules["pandas"]
+    return sqlite_utils

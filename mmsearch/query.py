@@ -159,15 +159,17 @@ class Searcher:
             raise QueryError("no re-ranker configured for this index (`mmsearch rerank enable FILE`)")
         rerank = bool(rerank and single_text)
         vec, states = self.embed(terms, want_states=rerank)
-        allowed = None
+        selection = None
         if under or exts or after is not None or before is not None:
             norm_exts = [e.lower() if e.startswith(".") else "." + e.lower() for e in exts or []]
-            allowed = np.array(cat.filtered_ids(os.path.abspath(under) if under else None, norm_exts or None,
-                                                after, before), dtype=np.int64)
-            if len(allowed) == 0:
+            total = self.store.image_vectors().ntotal
+            selection = cat.filter_selection(total, os.path.abspath(under) if under else None, norm_exts or None,
+                                             after, before)
+            ids, excluded = selection
+            if (len(ids) >= total) if excluded else (len(ids) == 0):
                 return []
         depth = max(offset + k, rerank_k) if rerank else offset + k
-        scores, found = self._search_vectors(vec, depth, allowed)
+        scores, found = self._search_vectors(vec, depth, selection)
         pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
         itm = {}
         if rerank and pairs:
@@ -186,17 +188,21 @@ class Searcher:
             out.append(Hit(offset + len(out) + 1, final, r["path"], i, sim, logit, r["taken_at"], r["width"], r["height"]))
         return out
 
-    def _search_vectors(self, vec: np.ndarray, depth: int, allowed: Optional[np.ndarray]):
+    def _search_vectors(self, vec: np.ndarray, depth: int, selection: Optional[tuple[np.ndarray, bool]]):
         """The ANN search, exact over a filter's subset when it is small (its stored vectors), else
-        through a bitmap selector with the tuned search widened as the filter narrows: the k allowed
-        neighbours are the ~k/f nearest overall (measured in benchmarks/ann_scale.py: 1 + log10(1/f)
-        keeps filtered recall at or above unfiltered from f = 50% down to 2%)."""
+        through a bitmap selector (of the ids kept, or of the ids removed when the filter keeps most)
+        with the tuned search widened as the filter narrows: the k allowed neighbours are the ~k/f
+        nearest overall (measured in benchmarks/ann_scale.py: 1 + log10(1/f) keeps filtered recall at
+        or above unfiltered from f = 50% down to 2%)."""
         index = self.store.image_vectors()
-        widen = 1.0
-        if allowed is not None and index.ntotal:
-            widen = 1.0 + float(np.log10(max(1.0, index.ntotal / max(1, len(allowed)))))
-        return index.search(vec[None, :], depth, allowed_ids=allowed, stored=self.store.stored_vectors,
-                            widen=widen)
+        if selection is None:
+            return index.search(vec[None, :], depth)
+        ids, excluded = selection
+        kept = index.ntotal - len(ids) if excluded else len(ids)
+        widen = 1.0 + float(np.log10(max(1.0, index.ntotal / max(1, kept)))) if index.ntotal else 1.0
+        if excluded:
+            return index.search(vec[None, :], depth, excluded_ids=ids, widen=widen)
+        return index.search(vec[None, :], depth, allowed_ids=ids, stored=self.store.stored_vectors, widen=widen)
 
     def _rerank_images(self, states: np.ndarray, ids: list[int]) -> dict[int, float]:
         toks = self.store.catalog.tokens(ids, self.store.token_shape())

@@ -35,25 +35,33 @@ def _excluded(rel: str, name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
+def normalise_roots(roots) -> list[str]:
+    """Absolute, sorted roots with duplicates and roots inside another root dropped: every file is
+    reached through one root only, so a walk needs no set of the paths it has yielded."""
+    out: list[str] = []
+    for root in sorted({os.path.abspath(os.fspath(r)) for r in roots}):
+        if not any(root == o or root.startswith(o.rstrip("/") + "/") for o in out):
+            out.append(root)
+    return out
+
+
 def scan(roots, exclude: Iterable[str] = (), include_hidden: bool = False, on_error: OnError = None) -> Iterator[FileInfo]:
-    """Yield image files under `roots` (files or folders) in a deterministic order.
+    """Yield image files under `roots` (files or folders), each root in ascending order of path as
+    strings compare (the catalog's ORDER BY path), so the incremental diff can merge the two streams.
 
     Other extensions are ignored; hidden entries are skipped unless asked; directory symlinks are
     followed with loop detection; a file that cannot be stat'ed is reported through on_error."""
     exclude = tuple(exclude)
     report = on_error or (lambda path, reason: None)
-    seen_files: set[str] = set()
-    for root in roots:
-        root = os.path.abspath(os.fspath(root))
+    for root in normalise_roots(roots):
         if not os.path.lexists(root):
             raise MediaError(root, "no such file or folder")
         if not os.path.isdir(root):
             info = _file_info(root, report)
-            if info and root not in seen_files and os.path.splitext(root)[1].lower() in IMAGE_EXTENSIONS:
-                seen_files.add(root)
+            if info and os.path.splitext(root)[1].lower() in IMAGE_EXTENSIONS:
                 yield info
             continue
-        yield from _walk(root, root, exclude, include_hidden, report, seen_files, set())
+        yield from _walk(root, root, exclude, include_hidden, report, set())
 
 
 def _file_info(path: str, report) -> Optional[FileInfo]:
@@ -65,7 +73,16 @@ def _file_info(path: str, report) -> Optional[FileInfo]:
     return FileInfo(path, st.st_size, st.st_mtime_ns)
 
 
-def _walk(root, folder, exclude, include_hidden, report, seen_files, visiting) -> Iterator[FileInfo]:
+def _path_order(entry) -> str:
+    """Sort key that walks a folder in full-path order: a folder's children follow its name plus '/',
+    so 'b-c/x' comes before 'b/x' ('-' < '/') as the strings 'dir/b-c/x' < 'dir/b/x' do."""
+    try:
+        return entry.name + "/" if entry.is_dir() else entry.name
+    except OSError:
+        return entry.name
+
+
+def _walk(root, folder, exclude, include_hidden, report, visiting) -> Iterator[FileInfo]:
     try:
         st = os.stat(folder)
         key = (st.st_dev, st.st_ino)
@@ -73,7 +90,7 @@ def _walk(root, folder, exclude, include_hidden, report, seen_files, visiting) -
             report(folder, "symlink loop")
             return
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            entries = sorted(it, key=_path_order)
     except OSError as exc:
         report(folder, _reason(folder, exc))
         return
@@ -93,9 +110,8 @@ def _walk(root, folder, exclude, include_hidden, report, seen_files, visiting) -
                 report(path, _reason(path, exc))
                 continue
         if is_dir:
-            yield from _walk(root, path, exclude, include_hidden, report, seen_files, visiting)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and path not in seen_files:
-            seen_files.add(path)
+            yield from _walk(root, path, exclude, include_hidden, report, visiting)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
             info = _file_info(path, report)
             if info:
                 yield info

@@ -341,6 +341,12 @@ class IndexStore:
         except Exception:  # sqlite3.OperationalError on a read-only catalog: the sidecar still has it
             pass
 
+    def vectors_fresh(self) -> bool:
+        """Whether the FAISS file exists and was built from the catalog as it is (its sidecar says so)."""
+        from .vectors import VectorIndex
+
+        return VectorIndex.is_fresh(self.dir / IMAGE_VECTORS, self.catalog.generation())
+
     def vectors_for_update(self) -> _PendingVectors:
         from .vectors import VectorIndex
 

@@ -103,17 +103,22 @@ class VectorIndex:
         return True
 
     def search(self, queries: np.ndarray, k: int, allowed_ids: Optional[np.ndarray] = None,
-               stored: Optional[Callable[[np.ndarray], np.ndarray]] = None, widen: float = 1.0):
+               stored: Optional[Callable[[np.ndarray], np.ndarray]] = None, widen: float = 1.0,
+               excluded_ids: Optional[np.ndarray] = None):
         """(scores [n,k], ids [n,k]); missing slots have id -1.
 
         allowed_ids restricts the search to those ids, so a filter still yields k hits when k exist:
         a small subset is searched exactly over its stored vectors (`stored(ids)` -> float32 [n, d],
         when given); a larger one through a bitmap id selector inside FAISS, with the tuned search
-        widened by `widen` (the k allowed neighbours lie deeper than the k nearest overall)."""
+        widened by `widen` (the k allowed neighbours lie deeper than the k nearest overall).
+        excluded_ids is the other way to say the same, for a filter that keeps most ids: a selector
+        that passes every id but those (its cost grows with what the filter removes)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = int(min(k, self.ntotal))
         if k <= 0:
             return _empty(len(queries))
+        if excluded_ids is not None:
+            return self._search_excluding(queries, k, np.unique(np.asarray(excluded_ids, dtype=np.int64)), widen)
         if allowed_ids is None:
             return self.index.search(queries, k)
         allowed_ids = np.unique(np.asarray(allowed_ids, dtype=np.int64))
@@ -129,16 +134,30 @@ class VectorIndex:
         try:
             return self.index.search(queries, k, params=params)
         except RuntimeError:  # structures without selector support (PQ, ...): widen and filter
-            return self._search_widening(queries, k, allowed_ids)
+            return self._search_widening(queries, k, lambda ids: np.isin(ids, allowed_ids))
 
-    def _search_widening(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray):
+    def _search_excluding(self, queries: np.ndarray, k: int, excluded: np.ndarray, widen: float):
+        if len(excluded) == 0:
+            return self.index.search(queries, k)
+        k = int(min(k, max(0, self.ntotal - len(excluded))))
+        if k <= 0:
+            return _empty(len(queries))
+        inner = _bitmap_selector(excluded)
+        selector = faiss.IDSelectorNot(inner)
+        params = _search_params(self.index, selector, widen)
+        try:
+            return self.index.search(queries, k, params=params)
+        except RuntimeError:
+            return self._search_widening(queries, k, lambda ids: ~np.isin(ids, excluded))
+
+    def _search_widening(self, queries: np.ndarray, k: int, passes: Callable[[np.ndarray], np.ndarray]):
         out_s = np.full((len(queries), k), -np.inf, np.float32)
         out_i = np.full((len(queries), k), -1, np.int64)
         for q in range(len(queries)):
             kk = min(self.ntotal, 4 * k)
             while True:
                 s, i = self.index.search(queries[q:q + 1], kk)
-                ok = np.isin(i[0], allowed_ids)
+                ok = passes(i[0]) & (i[0] >= 0)
                 keep_s, keep_i = s[0][ok][:k], i[0][ok][:k]
                 if len(keep_i) == k or kk >= self.ntotal:
                     break
@@ -174,6 +193,16 @@ class VectorIndex:
         _atomic_write_json(path.with_suffix(".json"), {
             "generation": generation, "factory": self.factory, "ntotal": self.ntotal, "params": self.params,
             **(extra or {})})
+
+    @staticmethod
+    def is_fresh(path: Path, generation: int) -> bool:
+        """The sidecar's word that the file at `path` was built from this catalog generation."""
+        path = Path(path)
+        try:
+            return json.loads(path.with_suffix(".json").read_text()).get("generation") == generation \
+                and path.is_file()
+        except (OSError, ValueError):
+            return False
 
     @classmethod
     def load(cls, path: Path, generation: int, mmap: bool = True) -> Optional["VectorIndex"]:

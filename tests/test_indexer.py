@@ -204,3 +204,52 @@ def test_decode_workers_run_below_the_encoder_priority(folder, tmp_path, monkeyp
     index_folders(tmp_path / "idx", [folder.root], spec=TINY, batch_size=4, workers=2)
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen and all(p > main for p in seen)
+
+
+def test_walk_yields_paths_in_the_catalogs_order(tmp_path):
+    """The incremental diff merges the walk with the catalog's ORDER BY path: the walk must be in
+    plain string order even where a folder name is a prefix of a sibling's ('b' / 'b-c' / 'b.jpg')."""
+    from mmsearch import scan
+
+    for rel in ("b/x.jpg", "b-c/y.jpg", "b.jpg", "b0.png", "a/b/c.jpg", "a/b.jpg", "a-/z.jpg", "é/1.jpg", "Z.jpg"):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    got = [f.path for f in scan.scan([tmp_path, tmp_path / "b", tmp_path / "b.jpg"])]  # nested roots: once
+    assert got == sorted(got) and len(got) == len(set(got)) == 9
+
+
+def test_unchanged_rerun_plans_without_holding_the_catalog(tmp_path, monkeypatch):
+    """The plan of a 20,000-file folder that has not changed, against a naive reference that loads
+    every catalog row and every walked file into memory (what _plan did before): same counts, and a
+    peak of Python memory that does not grow with the folder."""
+    import tracemalloc
+
+    from mmsearch import scan
+    from mmsearch.catalog import Catalog
+    from mmsearch.indexer import _plan
+
+    root = tmp_path / "photos"
+    rows = []
+    for i in range(20_000):
+        d = root / f"d{i % 50:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"img_{i:05d}.jpg"
+        p.write_bytes(b"\xff\xd8" + i.to_bytes(4, "little"))
+        st = p.stat()
+        rows.append(dict(path=str(p), size=st.st_size, mtime_ns=st.st_mtime_ns, ext=".jpg"))
+    cat = Catalog.create(tmp_path / "idx", {"dim": 4, "fingerprint": "x", "model": {"model": "x"}})
+    with cat.transaction():
+        cat.upsert_images(rows[:-5], np.ones((len(rows) - 5, 4), np.float32))  # 5 files are new
+        cat.upsert_images([dict(path=str(root / "gone.jpg"), size=1, mtime_ns=1, ext=".jpg")], np.ones((1, 4), np.float32))
+
+    tracemalloc.start()
+    plan = _plan(cat, [str(root)], (), False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    known, files = cat.image_states(), list(scan.scan([str(root)]))  # the naive plan's two inputs
+    naive_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert plan.unchanged == 19_995 and len(plan.embed) == 5 and len(plan.deleted_ids) == 1
+    assert sum(1 for f in files if f.path in known) == plan.unchanged  # the naive diff agrees
+    assert peak < naive_peak / 10, (peak, naive_peak)

@@ -129,16 +129,31 @@ def test_filters_keep_k_hits_with_unfiltered_recall(tmp_path, monkeypatch, facto
 
     searcher = Searcher(store)
     rng = np.random.default_rng(0)
-    for frac in (0.001, 0.01, 0.1, 1.0):
+    for frac in (0.001, 0.01, 0.1, 0.5, 0.9, 0.999, 1.0):
         allowed = np.sort(rng.choice(ids, int(len(ids) * frac), replace=False))
         truth = allowed[exact_topk(x[allowed - 1], qt, 10)]
-        found = np.stack([searcher._search_vectors(q, 10, allowed)[1][0] for q in qt])
+        # past half the filter is passed as the ids it removes (Catalog.filter_selection)
+        selection = (np.setdiff1d(ids, allowed), True) if frac > 0.5 else (allowed, False)
+        found = np.stack([searcher._search_vectors(q, 10, selection)[1][0] for q in qt])
         assert (found >= 0).sum(1).min() == min(10, len(allowed))  # k hits whenever k exist
         assert set(found.ravel().tolist()) <= set(allowed.tolist())
         if factory == "Flat":
             assert np.array_equal(found, truth)
         else:
             assert _recall(truth, found) >= 0.95, frac
+
+
+def test_filter_selection_lists_the_smaller_side(tmp_path):
+    mix, x = _mixture_vectors(600)
+    cat = _catalog_store(tmp_path, x).catalog
+    every = set(range(1, 601))
+    for kw in (dict(exts=[".jpg"]), dict(under="/img/a"), dict(under="/img/a", exts=[".png"]),
+               dict(under="/img/b", exts=[".jpg", ".png"]), dict(after=0.0), dict(before=0.0)):
+        kept = set(cat.filtered_ids(**kw))
+        ids, excluded = cat.filter_selection(600, **kw)
+        assert excluded == (len(kept) > 300), kw
+        assert set(ids.tolist()) == (every - kept if excluded else kept), kw
+        assert len(ids) <= 300, kw  # never lists more than half
 
 
 def test_bitmap_selector_not_a_hash_set_of_every_id():

@@ -1,13 +1,14 @@
-"""int8 vs fp32 image tower: embedding cosine, held-out recall@k, and speed, in one run.
+"""The image tower's precisions and runtimes: embedding cosine to torch fp32, held-out recall@k, speed.
 
-    python benchmarks/int8_quality.py [--checkpoint FILE --data captions.csv] [--n 1500 --steps 300]
-                                      [--speed-model ViT-B-32-256] [--repeat 3]
+    python benchmarks/tower_precision.py [--checkpoint FILE --data captions.csv] [--n 1500 --steps 300]
+                                         [--speed-model ViT-B-32-256] [--repeat 3]
 
-Quality: a trained model (yours, or mmsearch-tiny trained here on the demo's synthetic data with the
-demo's settings) embeds the held-out split with torch, the exported ONNX fp32 tower and the int8
-tower; texts use the torch text tower for all three. Speed: the ONNX fp32 and int8 towers of
-`--speed-model` (random weights: speed does not depend on them) on a batch of 32, alternating,
-medians of --repeat. Prints a Markdown table, writes benchmarks/results/int8_quality.json.
+Towers: ONNX Runtime fp32, OpenVINO fp32, OpenVINO amp-bf16 (bf16 products: only on a CPU with
+bfloat16 arithmetic), ONNX Runtime int8. Quality: a trained model (yours, or mmsearch-tiny trained
+here on the demo's synthetic data with the demo's settings) embeds the held-out split with torch and
+with each tower; texts use the torch text tower for all. Speed: the towers of `--speed-model` (random
+weights: speed does not depend on them) on a batch of 32, alternating, medians of --repeat. Prints a
+Markdown table, writes benchmarks/results/tower_precision.json.
 """
 from __future__ import annotations
 
@@ -26,19 +27,44 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def _vnni() -> str:
+def _flags() -> str:
     try:
         flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
     except (OSError, IndexError):
         return "unknown"
-    return ",".join(f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "none"
+    wanted = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
+    return ",".join(f for f in wanted if f in flags) or "none"
+
+
+TOWERS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "amp-bf16"), ("onnxruntime", "int8"))
+
+
+def _towers(enc, tag: str) -> dict:
+    """name -> opened tower, for every (runtime, precision) this machine runs."""
+    from mmsearch.imagetower import OnnxImageTower, export_image_tower
+    from mmsearch.towerruntime import cpu_has_bf16
+
+    out = {}
+    for runtime, prec in TOWERS:
+        if prec == "amp-bf16" and not cpu_has_bf16():
+            continue
+        d = tempfile.mkdtemp(prefix=f"towerq-{tag}-{prec}-")
+        export_image_tower(enc, d, prec)
+        os.environ["MMSEARCH_TOWER_RUNTIME"] = runtime
+        try:
+            tower = OnnxImageTower.load(d)
+            tower.session  # the runtime is chosen when the model opens
+        finally:
+            del os.environ["MMSEARCH_TOWER_RUNTIME"]
+        if tower.runtime == runtime:
+            out[f"{runtime} {prec}"] = tower
+    return out
 
 
 def quality(ckpt: Path, data: Path) -> dict:
     from mmsearch.config import ModelSpec
     from mmsearch.datasets import load_dataset
     from mmsearch.encoder import load_encoder
-    from mmsearch.imagetower import OnnxImageTower, export_image_tower
     from mmsearch.media import load_image
     from mmsearch.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 
@@ -47,11 +73,8 @@ def quality(ckpt: Path, data: Path) -> dict:
     images = [load_image(p, min_size=enc.image_size) for p in ds.images]
     txt = enc.encode_texts(ds.captions)
     embs = {"torch fp32": np.concatenate([enc.encode_images(images[i:i + 64]) for i in range(0, len(images), 64)])}
-    for prec in ("fp32", "int8"):
-        d = tempfile.mkdtemp(prefix=f"int8q-{prec}-")
-        export_image_tower(enc, d, prec)
-        tower = OnnxImageTower.load(d)
-        embs[f"onnx {prec}"] = np.concatenate([tower.encode_images(images[i:i + 64]) for i in range(0, len(images), 64)])
+    for name, tower in _towers(enc, "q").items():
+        embs[name] = np.concatenate([tower.encode_images(images[i:i + 64]) for i in range(0, len(images), 64)])
     ref = embs["torch fp32"]
     out = {"images": len(ds.images), "captions": len(ds.captions)}
     for name, e in embs.items():
@@ -67,27 +90,24 @@ def quality(ckpt: Path, data: Path) -> dict:
 def speed(model: str, repeat: int, batch: int = 32) -> dict:
     from mmsearch.config import ModelSpec
     from mmsearch.encoder import load_encoder
-    from mmsearch.imagetower import OnnxImageTower, export_image_tower
 
     enc = load_encoder(ModelSpec(model=model, pretrained=None))
-    towers = {}
-    for prec in ("fp32", "int8"):
-        d = tempfile.mkdtemp(prefix=f"int8s-{prec}-")
-        export_image_tower(enc, d, prec)
-        towers[prec] = OnnxImageTower.load(d)
+    towers = _towers(enc, "s")
     x = np.random.default_rng(0).standard_normal((batch, 3, enc.image_size, enc.image_size)).astype(np.float32)
     runs = {p: [] for p in towers}
     for t in towers.values():
         t.encode_image_tensor(x[:4])
+        t.encode_image_tensor(x)
     for _ in range(repeat):
         for p, t in towers.items():
             s = time.perf_counter()
             t.encode_image_tensor(x)
             runs[p].append(batch / (time.perf_counter() - s))
-    cos = (towers["fp32"].encode_image_tensor(x) * towers["int8"].encode_image_tensor(x)).sum(1)
+    ref = towers["onnxruntime fp32"].encode_image_tensor(x)
+    cos = {p: float((t.encode_image_tensor(x) * ref).sum(1).min()) for p, t in towers.items()}
     return {"model": model, "batch": batch, "runs": {p: [round(v, 2) for v in r] for p, r in runs.items()},
             "images_per_s": {p: round(statistics.median(r), 2) for p, r in runs.items()},
-            "cos_int8_fp32_random_input_min": float(cos.min())}
+            "cos_to_onnxruntime_fp32_random_input_min": cos}
 
 
 def main(argv=None):
@@ -98,7 +118,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300, help="training steps when training here (demo: 300)")
     ap.add_argument("--speed-model", default="ViT-B-32-256")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "int8_quality.json")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "tower_precision.json")
     args = ap.parse_args(argv)
     load0 = os.getloadavg()
     if args.checkpoint is None:
@@ -106,27 +126,29 @@ def main(argv=None):
         from mmsearch.datasets import synthesize
         from mmsearch.train import train_encoder
 
-        work = Path(tempfile.mkdtemp(prefix="int8q-"))
+        work = Path(tempfile.mkdtemp(prefix="towerq-"))
         synthesize(work, n=args.n, seed=0, size=64)
         args.checkpoint, args.data = work / "tiny.pt", work / "captions.csv"
         train_encoder(args.data, ModelSpec(model="mmsearch-tiny", pretrained=None), args.checkpoint,
                       steps=args.steps, batch_size=64, lr=1e-3)
     q = quality(args.checkpoint, args.data)
     s = speed(args.speed_model, args.repeat)
-    res = {"quality": q, "speed": s, "cpu_int8_flags": _vnni(), "load_before": load0, "load_after": os.getloadavg(),
-           "trained_here": {"n": args.n, "steps": args.steps} if args.data.parent.name.startswith("int8q-") else None}
+    res = {"quality": q, "speed": s, "cpu_flags": _flags(), "load_before": load0, "load_after": os.getloadavg(),
+           "trained_here": {"n": args.n, "steps": args.steps} if args.data.parent.name.startswith("towerq-") else None}
     print(f"held-out: {q['images']} images, {q['captions']} captions; model {args.checkpoint}")
     print("| image tower | min / mean cos to torch | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | top-1 = torch's |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("torch fp32", "onnx fp32", "onnx int8"):
+    for name in [n for n in q if isinstance(q[n], dict)]:
         r = q[name]
         print(f"| {name} | {r['cos_to_torch_min']:.4f} / {r['cos_to_torch_mean']:.4f} | {r['t2i']['R@1']:.3f} | "
               f"{r['t2i']['R@5']:.3f} | {r['t2i']['R@10']:.3f} | {r['i2t']['R@1']:.3f} | {r['i2t']['R@5']:.3f} | "
               f"{r['text_top1_same_as_torch']:.3f} |")
-    ips = s["images_per_s"]
-    print(f"\nspeed, {s['model']} batch {s['batch']} (ONNX Runtime, {os.cpu_count()} CPUs, {res['cpu_int8_flags']}): "
-          f"fp32 {ips['fp32']} img/s, int8 {ips['int8']} img/s = {ips['int8'] / ips['fp32']:.2f}x "
-          f"(runs {s['runs']}); min cos int8/fp32 on random input {s['cos_int8_fp32_random_input_min']:.4f}")
+    ips, base = s["images_per_s"], s["images_per_s"]["onnxruntime fp32"]
+    print(f"\nspeed, {s['model']} batch {s['batch']}, {os.cpu_count()} CPUs ({res['cpu_flags']}), medians of {args.repeat}:")
+    print("| tower | img/s | vs ONNX Runtime fp32 | min cos to ONNX Runtime fp32 (random input) |")
+    print("|---|---|---|---|")
+    for name, v in ips.items():
+        print(f"| {name} | {v} | {v / base:.2f}× | {s['cos_to_onnxruntime_fp32_random_input_min'][name]:.5f} |")
     print(f"load average before {tuple(round(v, 2) for v in load0)}, after {tuple(round(v, 2) for v in res['load_after'])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))

@@ -55,13 +55,22 @@ def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, reranker
     out = Path(out)
     bar = progress_factory or (lambda desc, unit="it": None)
     t0 = time.perf_counter()
+    started: list = []
+
+    def stage(line: str) -> None:
+        """A numbered stage line; the previous stage's wall time first, so a user sees where time goes."""
+        if started:
+            log(f"    ({time.perf_counter() - started[-1]:.0f}s)")
+        started.append(time.perf_counter())
+        log(line)
+
     data = out / "data"
-    log(f"1/6 synthesising {n or DEMO_IMAGES} captioned images into {data}")
+    stage(f"1/6 synthesising {n or DEMO_IMAGES} captioned images into {data}")
     synthesize(data, n=n or DEMO_IMAGES, seed=DEMO_SEED, size=64)
 
     ckpt = out / "mmsearch-tiny.pt"
     cfg = dict(DEMO_TRAIN, steps=steps or DEMO_TRAIN["steps"])
-    log(f"2/6 training {TINY_MODEL} for {cfg['steps']} steps (batch {cfg['batch_size']}) -> {ckpt}")
+    stage(f"2/6 training {TINY_MODEL} for {cfg['steps']} steps (batch {cfg['batch_size']}) -> {ckpt}")
     p = bar("train", "step")
     res = train_encoder(data / "captions.csv", ModelSpec(model=TINY_MODEL, pretrained=None), ckpt,
                         progress=p, log=lambda line: log("    " + line), **cfg)
@@ -70,7 +79,7 @@ def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, reranker
 
     rr = out / "reranker.pt"
     rcfg = dict(DEMO_RERANKER, steps=reranker_steps or DEMO_RERANKER["steps"])
-    log(f"3/6 training the fusion re-ranker for {rcfg['steps']} steps over the frozen towers -> {rr}")
+    stage(f"3/6 training the fusion re-ranker for {rcfg['steps']} steps over the frozen towers -> {rr}")
     p = bar("train-reranker", "step")
     rres = train_reranker(data / "captions.csv", ckpt, rr, progress=p, log=lambda line: log("    " + line), **rcfg)
     if p is not None:
@@ -79,14 +88,14 @@ def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, reranker
     rows = _test_rows(data)
     test_images = sorted({str((data / r["image"]).resolve()) for r in rows})
     idx = out / "index"
-    log(f"4/6 indexing the {len(test_images)} held-out test images into {idx}, with re-ranker tokens")
+    stage(f"4/6 indexing the {len(test_images)} held-out test images into {idx}, with re-ranker tokens")
     p = bar("embed")
     summary = index_folders(idx, test_images, spec=ModelSpec(checkpoint=str(ckpt)), reranker=str(rr), progress=p)
     if p is not None:
         p.close()
     log(f"    added {summary.added}, failed {summary.failed} in {summary.seconds:.1f}s")
 
-    log("5/6 example queries (top 3; the image the caption describes is marked *)")
+    stage("5/6 example queries (top 3; the image the caption describes is marked *)")
     searcher = Searcher(IndexStore.open(idx))
     truth = {}
     for r in rows:
@@ -101,7 +110,7 @@ def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, reranker
     for h in searcher.search(images=[q], k=3):
         log(f"      {h.rank}. {h.score:.3f} {Path(h.path).name}")
 
-    log("6/6 held-out recall@k (CLIP_benchmark definitions), plain and re-ranked")
+    stage("6/6 held-out recall@k (CLIP_benchmark definitions), plain and re-ranked")
     ds = load_dataset(data / "captions.csv", split="test")
     p = bar("eval")
     report = evaluate(load_encoder(ModelSpec(checkpoint=str(ckpt))), ds, ks=(1, 5, 10), reranker=Reranker.load(rr),
@@ -111,6 +120,7 @@ def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, reranker
     for line in render_markdown(report).splitlines():
         log("    " + line)
     chance = 1.0 / max(1, report["n_images"])
+    log(f"    ({time.perf_counter() - started[-1]:.0f}s)")
     elapsed = time.perf_counter() - t0
     log(f"done in {elapsed:.0f}s; chance R@1 for text->image is {chance:.3f}. Try:\n"
         f'    mmsearch search "a red circle left of a blue square" --index {idx}             # re-ranked\n'

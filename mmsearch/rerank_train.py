@@ -30,6 +30,7 @@ from .rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_stat
 from .safeload import safe_torch_load
 from .train import lr_at, save_atomic
 from .train.optim import adamw
+from .train.threads import one_thread
 
 
 class _Features:
@@ -54,9 +55,11 @@ class _Features:
             self.neg_states_t, self.neg_len = pad_states(self.neg_states)
         self.cap_neg = torch.tensor([self.neg_index[n] if n else -1 for n in ds.negatives])
         self.swap_image_t = torch.tensor(self.swap_image)
-        self.by_image: list[list[int]] = [[] for _ in ds.images]
-        for c, i in enumerate(ds.caption_image):
-            self.by_image[int(i)].append(c)
+        # captions grouped by image (CSR): a batch draws one caption per image without a Python loop
+        cap_image = torch.as_tensor(np.asarray(ds.caption_image), dtype=torch.long)
+        self.caps_by_image = torch.argsort(cap_image, stable=True)
+        self.n_caps = torch.bincount(cap_image, minlength=len(ds.images))
+        self.first_cap = torch.cumsum(self.n_caps, 0) - self.n_caps
 
 
 def _hard(sim: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -71,8 +74,8 @@ def _batch(f: _Features, step: int, batch_size: int, seed: int):
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     n = len(f.ds.images)
     imgs = torch.randperm(n, generator=gen)[:batch_size]
-    caps = torch.tensor([f.by_image[int(i)][int(torch.randint(len(f.by_image[int(i)]), (1,), generator=gen))]
-                         for i in imgs])
+    pick = (torch.rand(len(imgs), generator=gen) * f.n_caps[imgs]).long().clamp(max=f.n_caps[imgs] - 1)
+    caps = f.caps_by_image[f.first_cap[imgs] + pick]
     sim = torch.as_tensor(f.txt[caps] @ f.img[imgs].T)
     neg_img = imgs[_hard(sim, gen)]  # for each caption, a confusable other image
     neg_cap = caps[_hard(sim.T, gen)]  # for each image, a confusable other caption
@@ -180,7 +183,8 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
     for step in range(start, args["steps"]):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args["steps"], args["lr"], warmup)
-        text, lengths, image, labels = _batch(train, step, args["batch_size"], args["seed"])
+        with one_thread():  # hundreds of tiny ops: 2 ms on one thread, 20 ms on two (train/threads.py)
+            text, lengths, image, labels = _batch(train, step, args["batch_size"], args["seed"])
         logits = model(text, lengths, image)
         pos_weight = (labels == 0).sum() / labels.sum().clamp(min=1)  # balance the many negatives
         loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)

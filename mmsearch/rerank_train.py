@@ -30,7 +30,6 @@ from .rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_stat
 from .safeload import safe_torch_load
 from .train import lr_at, save_atomic
 from .train.optim import adamw
-from .train.threads import one_thread
 
 
 class _Features:
@@ -183,8 +182,7 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
     for step in range(start, args["steps"]):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args["steps"], args["lr"], warmup)
-        with one_thread():  # hundreds of tiny ops: 2 ms on one thread, 20 ms on two (train/threads.py)
-            text, lengths, image, labels = _batch(train, step, args["batch_size"], args["seed"])
+        text, lengths, image, labels = _batch(train, step, args["batch_size"], args["seed"])
         logits = model(text, lengths, image)
         pos_weight = (labels == 0).sum() / labels.sum().clamp(min=1)  # balance the many negatives
         loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)

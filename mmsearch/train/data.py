@@ -18,7 +18,6 @@ from ..datasets import CaptionDataset, load_dataset
 from ..errors import DatasetError, MediaError, TrainingError
 from ..media import load_image
 from . import shards as shard_io
-from .threads import one_thread
 
 MAX_REPLACEMENTS = 20  # unreadable images in a row before a step gives up
 
@@ -141,16 +140,15 @@ class StepBatches(torch.utils.data.Dataset):
         return 1 << 62
 
     def __getitem__(self, step: int) -> dict:
-        with one_thread():  # per-image transforms are tiny ops (see threads.py)
-            idx = self.plan.indices(step)
-            pixels, texts, bad = [], [], []
-            for p in self.plan.positions(self.rank):
-                image, i = self._image(step, p, int(idx[p]), bad)
-                caps = self.source.captions[i]
-                texts.append(caps[np.random.default_rng([self.plan.seed, step, p, 1]).integers(len(caps))])
-                # the augmentation's random numbers depend only on (seed, step, position)
-                pixels.append(seeded(self.transform, image, item_seed(self.plan.seed, step, p)))
-            return {"step": step, "pixels": torch.stack(pixels), "texts": texts, "bad": bad}
+        idx = self.plan.indices(step)
+        pixels, texts, bad = [], [], []
+        for p in self.plan.positions(self.rank):
+            image, i = self._image(step, p, int(idx[p]), bad)
+            caps = self.source.captions[i]
+            texts.append(caps[np.random.default_rng([self.plan.seed, step, p, 1]).integers(len(caps))])
+            # the augmentation's random numbers depend only on (seed, step, position)
+            pixels.append(seeded(self.transform, image, item_seed(self.plan.seed, step, p)))
+        return {"step": step, "pixels": torch.stack(pixels), "texts": texts, "bad": bad}
 
     def _image(self, step: int, p: int, i: int, bad: list):
         for attempt in range(MAX_REPLACEMENTS + 1):

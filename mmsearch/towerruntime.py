@@ -1,6 +1,6 @@
 """Run an exported ONNX tower on the CPU in the fastest runtime that keeps its precision.
 
-OpenVINO runs ViT-B-32 faster than ONNX Runtime on x86 CPUs (fp32: 17.2 against 14.5 img/s on
+OpenVINO runs ViT-B-32 a little faster than ONNX Runtime on x86 CPUs (fp32: 16.1 against 14.6 img/s on
 our 2 AVX-512 cores, same graph, outputs equal within 3e-7), and it is the only one of the two
 that runs bfloat16 matrix products on CPUs that have them (AVX512_BF16, AMX): 34 img/s. ONNX
 Runtime stays the fallback (no OpenVINO wheel for the platform, or `MMSEARCH_TOWER_RUNTIME=onnxruntime`)

@@ -40,6 +40,8 @@ class IndexSummary:
     encode_seconds: float = 0.0  # of which the image tower itself ran (the rest: waiting for decodes, commits)
     wait_seconds: float = 0.0  # of which the encoder waited for decode threads
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
+    created: bool = False  # this run created the index
+    precision: str = ""  # the index's precision (part of its model record)
 
     @property
     def embedded(self) -> int:
@@ -207,7 +209,8 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
             raise MediaError(r, "no such file or folder")
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
     dev = select_device(device if executor is None else "cpu")
-    if precision is None and executor is None and not Catalog.exists(index_dir):
+    created = not Catalog.exists(index_dir)
+    if precision is None and executor is None and created:
         precision = default_precision(dev, reranker=bool(reranker))
     if precision is not None and executor is None:
         check_precision(precision, dev)
@@ -224,7 +227,8 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
         cat.set_meta(roots=sorted(set(store.meta.get("roots") or []) | set(roots)))
     plan = _plan(cat, roots, exclude, include_hidden)
-    summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids))
+    summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
+                           created=created, precision=store.precision)
     # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images)
     unchanged = not (plan.embed or plan.moves or plan.deleted_ids) and store.vectors_fresh()
     vectors = None if unchanged else store.vectors_for_update()

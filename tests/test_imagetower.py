@@ -72,12 +72,18 @@ def test_embeddings_equal_torch(exported, runtime, monkeypatch):
     assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
 
 
-def test_int8_keeps_direction_and_is_refused_across_precisions(tiny_checkpoint, tmp_path):
+def _fp32_and(precision: str, tiny_checkpoint, tmp_path, seed: int):
+    """Six photos indexed twice, into tmp_path/fp32 and tmp_path/<precision>: (photos, spec)."""
     photos = tmp_path / "photos"
-    _photos(photos, 6, seed=2)
+    _photos(photos, 6, seed=seed)
     spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
     index_folders(tmp_path / "fp32", [photos], spec=spec, precision="fp32")
-    index_folders(tmp_path / "int8", [photos], spec=spec, precision="int8")
+    index_folders(tmp_path / precision, [photos], spec=spec, precision=precision)
+    return photos, spec
+
+
+def test_int8_keeps_direction_and_is_refused_across_precisions(tiny_checkpoint, tmp_path):
+    photos, spec = _fp32_and("int8", tiny_checkpoint, tmp_path, seed=2)
     with pytest.raises(ModelMismatchError, match="fp32, not int8"):
         index_folders(tmp_path / "fp32", [photos], precision="int8")
     with pytest.raises(ModelMismatchError, match="int8, not fp32"):
@@ -96,14 +102,10 @@ def test_bf16_runs_bfloat16_products_where_the_cpu_has_them(tiny_checkpoint, tmp
     either way the vectors stay within cosine 0.999 of fp32, really differ, and the precision is kept."""
     from mmsearch.towerruntime import cpu_has_bf16
 
-    photos = tmp_path / "photos"
-    _photos(photos, 6, seed=4)
-    spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
-    index_folders(tmp_path / "fp32", [photos], spec=spec, precision="fp32")
-    index_folders(tmp_path / "bf16", [photos], spec=spec, precision="amp-bf16")
+    photos, spec = _fp32_and("amp-bf16", tiny_checkpoint, tmp_path, seed=4)
     with pytest.raises(ModelMismatchError, match="amp-bf16, not fp32"):
-        index_folders(tmp_path / "bf16", [photos], spec=spec, precision="fp32")
-    b = IndexStore.open(tmp_path / "bf16")
+        index_folders(tmp_path / "amp-bf16", [photos], spec=spec, precision="fp32")
+    b = IndexStore.open(tmp_path / "amp-bf16")
     enc = b.image_encoder()
     if cpu_has_bf16():
         assert isinstance(enc, OnnxImageTower) and enc.runtime == "openvino" and enc.precision == "amp-bf16"

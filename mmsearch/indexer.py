@@ -224,9 +224,9 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     if reranker:
         store.configure_reranker(reranker)
     cat = store.catalog
+    plan = _plan(cat, roots, exclude, include_hidden)
     with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
         cat.set_meta(roots=sorted(set(store.meta.get("roots") or []) | set(roots)))
-    plan = _plan(cat, roots, exclude, include_hidden)
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
                            created=created, precision=store.precision)
     # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images)

@@ -161,9 +161,11 @@ class IndexStore:
         weights and this precision, else the torch encoder, exporting the tower for the next run.
         Torch serves GPUs (`prefer_torch`), re-ranker tokens, models ONNX cannot take and amp-* on a CPU
         without bfloat16 arithmetic; int8 is ONNX only."""
+        from .towerruntime import runs_here
+
         int8 = self.precision == "int8"
         if (token_grid is not None or prefer_torch or os.environ.get("MMSEARCH_TORCH_IMAGE")
-                or not self._tower_runs_here()) and not int8:
+                or not runs_here(self.precision)) and not int8:
             return self.encoder()
         if token_grid is not None:
             raise UnknownModelError(f"index {self.dir} is int8: its ONNX image tower cannot give re-ranker tokens")
@@ -186,21 +188,6 @@ class IndexStore:
                 if int8:
                     raise
                 return self.encoder()  # an architecture the exporter cannot take, or a read-only index
-
-    def _tower_runs_here(self) -> bool:
-        """False when no exported-tower runtime here keeps this index's precision (amp-fp16; amp-bf16 on
-        a CPU without bfloat16 arithmetic): torch's autocast then embeds."""
-        from .errors import DeviceError
-        from .imagetower import PRECISIONS as TOWER_PRECISIONS
-        from .towerruntime import runtime_for
-
-        if self.precision not in TOWER_PRECISIONS:
-            return False
-        try:
-            runtime_for(self.precision)
-        except DeviceError:
-            return False
-        return True
 
     def image_embedder(self):
         """What embeds an image that is not in the index (a query image, an upload): something with

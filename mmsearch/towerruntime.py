@@ -54,7 +54,18 @@ def runtime_for(precision: str) -> str:
             raise DeviceError("precision amp-bf16 on a CPU needs OpenVINO and a CPU with bfloat16 arithmetic "
                               "(AVX512_BF16 or AMX); this one has none")
         return "openvino"
-    return "openvino" if _openvino() is not None else "onnxruntime"
+    if precision == "fp32":
+        return "openvino" if _openvino() is not None else "onnxruntime"
+    raise DeviceError(f"precision {precision} has no exported-tower runtime on a CPU (torch's autocast runs it)")
+
+
+def runs_here(precision: str) -> bool:
+    """Whether an exported tower of this precision can run on this machine (else torch embeds)."""
+    try:
+        runtime_for(precision)
+    except DeviceError:
+        return False
+    return True
 
 
 def open_model(path, precision: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:

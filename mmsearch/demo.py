@@ -4,6 +4,7 @@ ways. Reports through `log` (one line at a time)."""
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,8 +12,8 @@ from typing import Callable, Optional
 from .config import ModelSpec, TINY_MODEL
 
 DEMO_IMAGES = 1500
-DEMO_TRAIN = dict(steps=300, batch_size=64, lr=1e-3)
-DEMO_RERANKER = dict(steps=500, batch_size=64, lr=1e-3)
+DEMO_TRAIN = dict(steps=300, batch_size=64, lr=1e-3, val_every=2)
+DEMO_RERANKER = dict(steps=500, batch_size=48, lr=1e-3)
 DEMO_SEED = 0
 
 
@@ -88,6 +89,8 @@ def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, reranker
     rows = _test_rows(data)
     test_images = sorted({str((data / r["image"]).resolve()) for r in rows})
     idx = out / "index"
+    if (idx / "catalog.db").is_file():  # the demo's own index from an earlier run, of an older model
+        shutil.rmtree(idx)
     stage(f"4/6 indexing the {len(test_images)} held-out test images into {idx}, with re-ranker tokens")
     p = bar("embed")
     summary = index_folders(idx, test_images, spec=ModelSpec(checkpoint=str(ckpt)), reranker=str(rr), progress=p)

@@ -71,7 +71,7 @@ def test_accumulation_and_two_processes_equal_the_full_batch(synth_dir, tmp_path
 def _torchrun(data, out, *extra) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "mmsearch", "train", str(data), "--out", str(out), "--steps", "14", "--batch-size", "16",
-           "--lr", "1e-3", "--device", "cpu", "--workers", "0", "--save-every", "2", *extra]
+           "--lr", "1e-3", "--device", "cpu", "--precision", "fp32", "--workers", "0", "--save-every", "2", *extra]
     return subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -109,7 +109,7 @@ def test_two_process_run_resumes_after_kill_and_matches_one_process(synth_dir, t
     one = tmp_path / "one.pt"
     with one_torch_thread():
         train_encoder(data, ModelSpec(model="mmsearch-tiny", pretrained=None), one, steps=14, batch_size=16,
-                      lr=1e-3, workers=0, val_split="none")
+                      lr=1e-3, workers=0, val_split="none", precision="fp32")
     single = load_checkpoint_file(one)
     for k, v in single["state_dict"].items():
         assert torch.allclose(v, resumed["state_dict"][k], atol=2e-4), (k, (v - resumed["state_dict"][k]).abs().max())

@@ -74,12 +74,13 @@ def train_encoder(data, spec: ModelSpec, out, steps: Optional[int] = None, epoch
                   weight_decay: Optional[float] = None, lock_image: bool = False, lock_text: bool = False,
                   resume=None, train_split: str = "train", val_split: str = "val", images_root=None, seed: int = 0,
                   save_every: Optional[int] = None, device="cpu", precision: str = "auto", accum_steps: int = 1,
-                  workers: Optional[int] = None, progress: Optional[Callable] = None,
+                  workers: Optional[int] = None, val_every: int = 1, progress: Optional[Callable] = None,
                   log: Optional[Callable[[str], None]] = None) -> dict:
     """Train (or fine-tune) and write a single-file checkpoint to `out`. Returns the final metrics.
 
     `batch_size` is the global batch (what one step's loss sees), split over torchrun's processes and
-    `accum_steps` micro-batches; unset hyper-parameters come from the recipe (recipe.py)."""
+    `accum_steps` micro-batches; unset hyper-parameters come from the recipe (recipe.py). Validation
+    runs every `val_every` epochs and after the last step (open_clip's --val-frequency)."""
     from ..devices import resolve_device
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -90,14 +91,14 @@ def train_encoder(data, spec: ModelSpec, out, steps: Optional[int] = None, epoch
     try:
         return _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay, lock_image, lock_text,
                       resume, train_split, val_split, images_root, seed, save_every, device, precision,
-                      accum_steps, workers, world, progress, log)
+                      accum_steps, workers, world, progress, log, val_every)
     finally:
         dist_.stop(world)
 
 
 def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay, lock_image, lock_text, resume,
            train_split, val_split, images_root, seed, save_every, device, precision, accum_steps, workers, world,
-           progress, log) -> dict:
+           progress, log, val_every=1) -> dict:
     state = None
     if resume:
         state = load_checkpoint_file(resume)
@@ -120,6 +121,8 @@ def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay,
     if state is None:
         args = _new_args(data, spec, source, steps, epochs, batch_size, lr, warmup, weight_decay, lock_image,
                          lock_text, seed, train_split, val_split, images_root, accum_steps)
+    if state is None:
+        args["val_every"] = max(1, int(val_every))
     prec = Precision.create(args.get("precision", precision) if state is not None else precision, device)
     args.update(precision=prec.name, device=device.type, world_size=world.world_size,
                 accum_steps=int(args.get("accum_steps", 1)))
@@ -169,44 +172,46 @@ def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay,
         save_atomic(obj, out)
 
     model.train()
-    for batch in batch_loader(batches, range(start, n_steps), n_workers, pin=device.type == "cuda"):
-        step = batch["step"]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, n_steps, args["lr"], args["warmup"])
-        for line in batch["bad"]:
-            n_bad += 1
-            if n_bad <= 20:  # then only counted (metrics.skipped_images), not one line each
-                bad_images.append(line)
-                log(f"skipped unreadable image {line}" + (" (further ones are counted, not listed)"
-                                                           if n_bad == 20 else ""))
-        pixels = batch["pixels"].to(device, non_blocking=True)
-        tokens = encoder.tokenize(batch["texts"])
-        m = plan.micro_size
-        micro = [(pixels[j:j + m], tokens[j:j + m]) for j in range(0, plan.local_size, m)]
-        opt.zero_grad(set_to_none=True)
-        loss = contrastive_backward(features, micro, model.logit_scale, loss_fn, prec)
-        dist_.average_gradients(params, world)
-        prec.step(opt, params)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss)
-        done = step + 1
-        if progress:
-            progress(done, n_steps, stage="train", loss=float(np.mean(losses[-20:])))
-        if done % plan.per_epoch == 0 or done == n_steps:
-            recent = losses[-plan.per_epoch:]
-            total, count = dist_.all_sum([float(np.sum(recent)), float(len(recent))], world, device)
-            seconds = time.perf_counter() - t0
-            entry = {"step": done, "epoch": done / plan.per_epoch, "loss": total / max(1.0, count),
-                     "images_per_s": round(len(losses) * plan.batch_size / max(seconds, 1e-9), 1)}
-            if val_ds is not None:
-                model.eval()
-                entry["val"] = validate(encoder, val_ds, val_pixels)
-                model.train()
-            history.append(entry)
-            log(_format(entry, n_steps))
-        if done % save_every == 0 and done < n_steps:
-            checkpoint(done, final=False)
+    with prec.kernels():  # process-wide kernel choices for this precision
+        for batch in batch_loader(batches, range(start, n_steps), n_workers, pin=device.type == "cuda"):
+            step = batch["step"]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, n_steps, args["lr"], args["warmup"])
+            for line in batch["bad"]:
+                n_bad += 1
+                if n_bad <= 20:  # then only counted (metrics.skipped_images), not one line each
+                    bad_images.append(line)
+                    log(f"skipped unreadable image {line}" + (" (further ones are counted, not listed)"
+                                                               if n_bad == 20 else ""))
+            pixels = batch["pixels"].to(device, non_blocking=True)
+            tokens = encoder.tokenize(batch["texts"])
+            m = plan.micro_size
+            micro = [(pixels[j:j + m], tokens[j:j + m]) for j in range(0, plan.local_size, m)]
+            opt.zero_grad(set_to_none=True)
+            loss = contrastive_backward(features, micro, model.logit_scale, loss_fn, prec)
+            dist_.average_gradients(params, world)
+            prec.step(opt, params)
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss)
+            done = step + 1
+            if progress:
+                progress(done, n_steps, stage="train", loss=float(np.mean(losses[-20:])))
+            if done % plan.per_epoch == 0 or done == n_steps:
+                recent = losses[-plan.per_epoch:]
+                total, count = dist_.all_sum([float(np.sum(recent)), float(len(recent))], world, device)
+                seconds = time.perf_counter() - t0
+                entry = {"step": done, "epoch": done / plan.per_epoch, "loss": total / max(1.0, count),
+                         "images_per_s": round(len(losses) * plan.batch_size / max(seconds, 1e-9), 1)}
+                if val_ds is not None and (done // plan.per_epoch % args.get("val_every", 1) == 0
+                                           or done == n_steps):
+                    model.eval()
+                    entry["val"] = validate(encoder, val_ds, val_pixels)
+                    model.train()
+                history.append(entry)
+                log(_format(entry, n_steps))
+            if done % save_every == 0 and done < n_steps:
+                checkpoint(done, final=False)
     model.eval()
     metrics = {"steps": n_steps, "train_seconds": round(time.perf_counter() - t0, 2),
                "final_loss": history[-1]["loss"] if history else None,

@@ -1,6 +1,7 @@
-"""Numeric precision of a training run: bf16 autocast where the GPU supports it, else fp16 with loss
-scaling (GradScaler), fp32 on the CPU. Weights and optimiser state stay fp32 in every mode, so a
-checkpoint is the same kind of file whatever trained it."""
+"""Numeric precision of a training run: bf16 autocast where the device multiplies bf16 natively (GPUs
+from Ampere on; CPUs with AVX512_BF16 or AMX), fp16 with loss scaling (GradScaler) on older GPUs, fp32
+elsewhere. Weights and optimiser state stay fp32 in every mode, so a checkpoint is the same kind of
+file whatever trained it."""
 from __future__ import annotations
 
 import contextlib
@@ -17,16 +18,17 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def choose_precision(requested: str, device_type: str, bf16_supported: bool) -> str:
     """'auto' | 'fp32' | 'bf16' | 'fp16' -> the precision to run, or TrainingError saying why not.
 
-    auto: bf16 on CUDA when supported (no loss scaling needed: bf16 has fp32's range), fp16 with loss
-    scaling on older GPUs, fp32 elsewhere (CPU autocast is slower than fp32 for these models on
-    x86 without AMX, and MPS autocast is still incomplete)."""
+    auto: bf16 where supported (no loss scaling needed: bf16 has fp32's range), fp16 with loss scaling
+    on older GPUs, fp32 elsewhere. On a CPU "supported" means native bf16 products: there a training
+    step of mmsearch-tiny takes 0.61x fp32's time (benchmarks/train_throughput.py --precisions);
+    without them bf16 is emulated and slower than fp32. MPS autocast is still incomplete."""
     requested = (requested or "auto").lower()
     if requested not in PRECISIONS:
         raise TrainingError(f"unknown precision '{requested}' (choose {', '.join(PRECISIONS)})")
     if requested == "auto":
         if device_type == "cuda":
             return "bf16" if bf16_supported else "fp16"
-        return "fp32"
+        return "bf16" if device_type == "cpu" and bf16_supported else "fp32"
     if requested == "fp16" and device_type != "cuda":
         raise TrainingError(f"--precision fp16 needs a CUDA device (this run is on {device_type}); use bf16 or fp32")
     if requested == "bf16" and device_type == "cuda" and not bf16_supported:
@@ -34,6 +36,13 @@ def choose_precision(requested: str, device_type: str, bf16_supported: bool) -> 
     if requested == "bf16" and device_type not in ("cuda", "cpu"):
         raise TrainingError(f"--precision bf16 is supported on CUDA and CPU, not {device_type}; use fp32")
     return requested
+
+
+def cpu_multiplies_bf16() -> bool:
+    """True when torch's CPU kernels multiply bf16 natively here (AVX512_BF16 or AMX tiles)."""
+    cpu = getattr(torch, "cpu", None)
+    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(p() for p in probes if p is not None)
 
 
 @dataclass
@@ -44,16 +53,30 @@ class Precision:
 
     @classmethod
     def create(cls, requested: str, device: torch.device) -> "Precision":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_multiplies_bf16()
         name = choose_precision(requested, device.type, bf16)
         scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
         return cls(name, device.type, scaler)
 
     def autocast(self):
+        """Thread-local: a thread that runs the model enters it itself (train/lanes.py)."""
         if self.name == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
         return torch.autocast(self.device_type, dtype=dtype)
+
+    def kernels(self):
+        """Kernel choices for the whole run; process-wide, so entered once by the thread that drives the
+        loop, never per lane. bf16 attention on a CPU takes the math path (batched products and a
+        softmax): the fused flash kernel's bf16 backward takes 6x its fp32 time here (mmsearch-tiny:
+        197 vs 32 ms a step), while the math path's products run at bf16 speed."""
+        if self.name != "bf16" or self.device_type != "cpu":
+            return contextlib.nullcontext()
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch < 2.3: its CPU attention has no fused bf16 kernel to avoid
+            return contextlib.nullcontext()
+        return sdpa_kernel([SDPBackend.MATH])
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -1,8 +1,10 @@
 """Training throughput and memory: `mmsearch train` (streaming DataLoader) against a plain open_clip
 training loop that decodes in the main process (same architecture, batch, data, optimiser), peak RSS
-on 2k and 20k images, and the overhead of two torchrun processes on the same global batch.
+on 2k and 20k images, the overhead of two torchrun processes on the same global batch, and what bf16
+autocast buys on this CPU (`--precisions`; the like-for-like rows are fp32, as the plain loop is).
 
     python benchmarks/train_throughput.py [--steps 30] [--batch-size 64] [--sizes 2000,20000] [--threads 1]
+                                          [--precisions fp32,bf16]
 
 Every run is a fresh subprocess (so its peak RSS is its own), trains mmsearch-tiny from random weights
 on the synthetic set (cached under benchmarks/.cache/), without validation; steps/s counts the
@@ -67,13 +69,14 @@ import json, resource, sys, time
 import torch
 from mmsearch.config import ModelSpec
 from mmsearch.train import train_encoder
-data, out, steps, bs, warm, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+data, out, workers, precision = sys.argv[1], sys.argv[2], sys.argv[6], sys.argv[7]
+steps, bs, warm = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 marks = {}
 def progress(done, total, **kw):
     marks[done] = time.perf_counter()
 res = train_encoder(data, ModelSpec(model="mmsearch-tiny", pretrained=None), out, steps=steps, batch_size=bs,
                     lr=1e-3, val_split="none", workers=None if workers == "auto" else int(workers), progress=progress,
-                    device="cpu")
+                    device="cpu", precision=precision)
 if int(__import__("os").environ.get("RANK", 0)) == 0:
     print(json.dumps({"timed_steps": steps - warm, "timed_s": marks[steps] - marks[warm],
                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -101,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--sizes", default="2000,20000", help="dataset sizes (synthetic images)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per process (the same for every run; 2 processes x 1 thread use 2 cores)")
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="of the 'workers 0' run; the other mmsearch runs are fp32, like the plain loop")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "train_throughput.json")
     args = ap.parse_args(argv)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
@@ -115,13 +120,16 @@ def main(argv=None):
         data = data_dir(CACHE, n, 0, 64) / "captions.csv"
         common = [str(args.steps), str(args.batch_size), str(args.warmup)]
         ckpt = str(CACHE / f"throughput-{os.getpid()}.pt")
-        configs = [
-            ("plain open_clip loop (main-process decode)", 1, [py, str(scripts["plain"]), str(data), *common]),
-            ("mmsearch train, workers 0", 1, [py, str(scripts["mmsearch"]), str(data), ckpt, *common, "0"]),
-            ("mmsearch train, workers 1", 1, [py, str(scripts["mmsearch"]), str(data), ckpt, *common, "1"]),
-            ("mmsearch train, torchrun 2 processes", 2,
+        configs = [("plain open_clip loop (main-process decode)", 1, [py, str(scripts["plain"]), str(data), *common])]
+        configs += [(f"mmsearch train, workers 0, {p}", 1,
+                     [py, str(scripts["mmsearch"]), str(data), ckpt, *common, "0", p])
+                    for p in args.precisions.split(",")]
+        configs += [
+            ("mmsearch train, workers 1, fp32", 1,
+             [py, str(scripts["mmsearch"]), str(data), ckpt, *common, "1", "fp32"]),
+            ("mmsearch train, torchrun 2 processes, fp32", 2,
              [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(scripts["mmsearch"]),
-              str(data), ckpt, *common, "0"]),
+              str(data), ckpt, *common, "0", "fp32"]),
         ]
         for name, procs, cmd in configs:
             if procs == 2 and n != int(args.sizes.split(",")[0]):

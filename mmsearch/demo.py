@@ -12,8 +12,8 @@ from typing import Callable, Optional
 from .config import ModelSpec, TINY_MODEL
 
 DEMO_IMAGES = 1500
-DEMO_TRAIN = dict(steps=300, batch_size=64, lr=1e-3, val_every=2)
-DEMO_RERANKER = dict(steps=500, batch_size=48, lr=1e-3)
+DEMO_TRAIN = dict(steps=300, batch_size=64, lr=1e-3, val_every=3)
+DEMO_RERANKER = dict(steps=500, batch_size=64, lr=1e-3)
 DEMO_SEED = 0
 
 

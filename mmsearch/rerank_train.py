@@ -10,9 +10,7 @@ split (evaluate.fit_alpha) and stored in the checkpoint as the default for searc
 """
 from __future__ import annotations
 
-import math
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np

@@ -51,7 +51,7 @@ def _reference_gradients(model, f, batch):
     pos_weight = (labels == 0).sum() / labels.sum()
     loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)
     loss.backward()
-    return float(loss), [p.grad.clone() for p in model.parameters()]
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
 
 
 def test_shared_work_gives_every_pairs_own_logit(setup):

@@ -19,7 +19,7 @@ import torch
 from ..config import ModelSpec
 from ..datasets import CaptionDataset, load_dataset
 from ..encoder import CHECKPOINT_FORMAT, Encoder, load_checkpoint_file, load_encoder, weights_fingerprint
-from ..errors import CheckpointError, DatasetError, MediaError, TrainingError
+from ..errors import CheckpointError, DatasetError, TrainingError
 from ..media import load_image
 from ..metrics import image_to_text_ranks, summarize, text_to_image_ranks
 from . import distributed as dist_

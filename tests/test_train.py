@@ -98,3 +98,16 @@ def test_resume_after_kill_is_exact(synth_dir, tmp_path):
     assert "resume" not in b and a["train_args"] == b["train_args"]
     for k in a["state_dict"]:
         assert torch.allclose(a["state_dict"][k], b["state_dict"][k], atol=1e-5), k
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last_step(synth_dir, tmp_path):
+    out = tmp_path / "m.pt"
+    r = CliRunner().invoke(cli, ["train", str(synth_dir / "captions.csv"), "--epochs", "5", "--batch-size", "64",
+                                 "--val-every", "2", "--lr", "1e-3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    ckpt = load_checkpoint_file(out)
+    history = ckpt["metrics"]["history"]
+    assert [round(h["epoch"]) for h in history] == [1, 2, 3, 4, 5]
+    assert [round(h["epoch"]) for h in history if "val" in h] == [2, 4, 5]
+    assert ckpt["train_args"]["val_every"] == 2 and ckpt["metrics"]["val"] == history[-1]["val"]
+    assert sum("| val" in line for line in r.output.splitlines()) == 3

@@ -49,7 +49,9 @@ class FusionLayer(nn.Module):
             kv = kv[image_rows]
         k, v = kv.chunk(2, dim=-1)
         b, n = x.shape[0], x.shape[1]
-        heads_of = lambda t: t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
+
+        def heads_of(t):
+            return t.reshape(b, t.shape[1], heads, d // heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(heads_of(q), heads_of(k), heads_of(v))
         return x + a.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -82,8 +84,8 @@ class FusionModel(nn.Module):
 
         Work that sees only one side runs once per distinct text or image, not once per pair: the text
         and image projections, the first layer's self-attention (no image has entered the text yet)
-        and every layer's image keys and values. A training batch of 48 has ~200 pairs over ~75 distinct
-        captions and ~75 distinct images; a query re-scoring K candidates has one."""
+        and every layer's image keys and values. A training batch of 64 has ~265 pairs over ~100 distinct
+        captions and ~100 distinct images; a query re-scoring K candidates has one."""
         pad = torch.arange(text.shape[1])[None, :] >= lengths[:, None]
         x = self.text_in(text) + self.text_pos[: text.shape[1]]
         img = self.image_in(image) + self.image_pos
@@ -132,28 +134,22 @@ class Reranker:
                    {k: ckpt.get(k) for k in ("encoder_arch", "train_args", "metrics")}, ckpt.get("alpha"))
 
     @torch.inference_mode()
-    def score_pairs(self, text_states: Sequence[np.ndarray], image_tokens: np.ndarray, text_rows: np.ndarray,
-                    image_rows: np.ndarray) -> np.ndarray:
+    def score_pairs(self, text_states: Sequence[np.ndarray], image_tokens: np.ndarray, text_rows=None,
+                    image_rows=None) -> np.ndarray:
         """Logits of pairs (text_states[text_rows[b]], image_tokens[image_rows[b]]) in one forward pass;
-        each text and image is read once, however many pairs share it (evaluation scores many queries'
-        candidates at a time this way)."""
+        each text and image is read once, however many pairs share it. Rows left out pair item b with
+        item b."""
         text, lengths = pad_states(text_states)
         image = torch.as_tensor(np.asarray(image_tokens, dtype=np.float32))
-        return self.model(text, lengths, image, torch.as_tensor(np.asarray(text_rows), dtype=torch.long),
-                          torch.as_tensor(np.asarray(image_rows), dtype=torch.long)).numpy()
+        rows = [None if r is None else torch.as_tensor(np.asarray(r), dtype=torch.long)
+                for r in (text_rows, image_rows)]
+        return self.model(text, lengths, image, *rows).numpy()
 
-    @torch.inference_mode()
     def score_text_to_images(self, text_states: np.ndarray, image_tokens: np.ndarray) -> np.ndarray:
         """One query's text states [L,tw] against K candidates' tokens [K,T,vw] -> logits [K]."""
-        k = len(image_tokens)
-        text = torch.as_tensor(np.asarray(text_states, dtype=np.float32))[None]
-        lengths = torch.tensor([text.shape[1]])
-        image = torch.as_tensor(np.asarray(image_tokens, dtype=np.float32))
-        return self.model(text, lengths, image, text_rows=torch.zeros(k, dtype=torch.long)).numpy()
+        return self.score_pairs([text_states], image_tokens, text_rows=np.zeros(len(image_tokens), np.int64))
 
-    @torch.inference_mode()
     def score_image_to_texts(self, image_tokens: np.ndarray, text_states: Sequence[np.ndarray]) -> np.ndarray:
         """One query image's tokens [T,vw] against K candidate texts' states -> logits [K]."""
-        text, lengths = pad_states(text_states)
-        image = torch.as_tensor(np.asarray(image_tokens, dtype=np.float32))[None]
-        return self.model(text, lengths, image, image_rows=torch.zeros(len(text_states), dtype=torch.long)).numpy()
+        return self.score_pairs(text_states, np.asarray(image_tokens)[None],
+                                image_rows=np.zeros(len(text_states), np.int64))

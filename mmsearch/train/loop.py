@@ -121,7 +121,6 @@ def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay,
     if state is None:
         args = _new_args(data, spec, source, steps, epochs, batch_size, lr, warmup, weight_decay, lock_image,
                          lock_text, seed, train_split, val_split, images_root, accum_steps)
-    if state is None:
         args["val_every"] = max(1, int(val_every))
     prec = Precision.create(args.get("precision", precision) if state is not None else precision, device)
     args.update(precision=prec.name, device=device.type, world_size=world.world_size,

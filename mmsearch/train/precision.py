@@ -40,7 +40,8 @@ def choose_precision(requested: str, device_type: str, bf16_supported: bool) -> 
 
 
 def cpu_multiplies_bf16() -> bool:
-    """True when torch's CPU kernels multiply bf16 natively here (AVX512_BF16 or AMX tiles)."""
+    """True when torch's CPU kernels multiply bf16 natively here (AVX512_BF16 or AMX tiles). Training
+    asks torch, whose kernels it runs; the exported index tower asks OpenVINO (towerruntime.cpu_has_bf16)."""
     cpu = getattr(torch, "cpu", None)
     probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(p() for p in probes if p is not None)

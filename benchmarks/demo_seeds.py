@@ -8,7 +8,8 @@ models for each seed and evaluates each pair of models on the demo's own test sp
 10001, ..., which no training run uses), reporting their mean. That leaves mostly training noise,
 which the mean over seeds and the paired comparison (`--compare`) address.
 
-    python benchmarks/demo_seeds.py [--seeds 0,1,2] [--heldout 8] [--work DIR] [--heldout-dir DIR] [--out JSON] [--reuse]
+    python benchmarks/demo_seeds.py [--seeds 0,1,2] [--heldout 8] [--work DIR] [--heldout-dir DIR]
+                                    [--out JSON] [--reuse] [--train-args JSON] [--reranker-args JSON]
     python benchmarks/demo_seeds.py --compare OLD.json NEW.json
 
 To measure other code (a previous release), run this script with that checkout first on PYTHONPATH;

@@ -171,8 +171,9 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
     else:
         args = dict(data=str(data), encoder=str(encoder_checkpoint), steps=steps, batch_size=batch_size, lr=lr,
                     d=d, layers=layers, heads=heads, seed=seed, images_root=str(images_root) if images_root else None,
-                    precision=Precision.create("fp32" if precision == "auto" else precision, torch.device("cpu")).name)
+                    precision="fp32" if precision == "auto" else precision)
     prec = Precision.create(args.get("precision", "fp32"), torch.device("cpu"))  # a resumed run keeps its own
+    args["precision"] = prec.name
     encoder = load_encoder(ModelSpec(checkpoint=args["encoder"]), device=device)
     train = _Features(encoder, load_dataset(data, split="train", images_root=images_root), progress)
     try:

@@ -100,8 +100,13 @@ def run_seed(seed: int, work: Path, heldout: list, reuse: bool, train_args: dict
     return run
 
 
+def _value(run: dict, key: str, block=None) -> float:
+    """A run's R@1 for `key` on the demo's own split (block None) or a block such as 'heldout'."""
+    return (run[block] if block else run)[key]
+
+
 def _mean(runs: list, key: str, block=None) -> float:
-    vals = [(r[block] if block else r)[key] for r in runs]
+    vals = [_value(r, key, block) for r in runs]
     return sum(vals) / len(vals)
 
 
@@ -138,8 +143,8 @@ def compare(old: dict, new: dict) -> str:
         blocks.append(("heldout", f"{new['heldout_sets']} more test splits"))
     for block, label in blocks:
         for k in KEYS:
-            o = [(by_seed[0][s][block] if block else by_seed[0][s])[k] for s in seeds]
-            v = [(by_seed[1][s][block] if block else by_seed[1][s])[k] for s in seeds]
+            o = [_value(by_seed[0][s], k, block) for s in seeds]
+            v = [_value(by_seed[1][s], k, block) for s in seeds]
             d = [b - a for a, b in zip(o, v)]
             md = sum(d) / len(d)
             se = math.sqrt(sum((x - md) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")

@@ -1,4 +1,4 @@
-"""ANN at scale on synthetic CLIP-like vectors (mmsearch/synthvec.py): structures, memory, latency, recall.
+"""ANN at scale on synthetic CLIP-like vectors (mmsearch/datasets/synthvec.py): structures, memory, latency, recall.
 
     PYTHONPATH=. python benchmarks/ann_scale.py --n 100000              # every structure, in process
     PYTHONPATH=. python benchmarks/ann_scale.py --n 1000000 --cli       # + import, fresh-process search, dupes
@@ -29,9 +29,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmsearch import ann  # noqa: E402
-from mmsearch.synthvec import exact_topk, image_queries, make_mixture, sample_images, text_queries  # noqa: E402
-from mmsearch.vectors import VectorIndex  # noqa: E402
+from mmsearch.storage import ann  # noqa: E402
+from mmsearch.datasets.synthvec import exact_topk, image_queries, make_mixture, sample_images, text_queries  # noqa: E402
+from mmsearch.storage.vectors import VectorIndex  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "ann_scale.json"
 K = 10
@@ -65,8 +65,8 @@ _INDEX_SIDE = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
-from mmsearch.query import Searcher
-from mmsearch.store import IndexStore
+from mmsearch.search.query import Searcher
+from mmsearch.storage.store import IndexStore
 t1 = time.perf_counter()
 store = IndexStore.open(sys.argv[1]); store.catalog.has_images()
 t2 = time.perf_counter()
@@ -178,8 +178,8 @@ def cli_part(x, qt, gt, work: Path, out: dict) -> None:
     import pyarrow.parquet as pq
 
     from mmsearch.config import ModelSpec
-    from mmsearch.encoder import load_encoder
-    from mmsearch.exchange import MODEL_RECORD
+    from mmsearch.towers.encoder import load_encoder
+    from mmsearch.storage.exchange import MODEL_RECORD
 
     n = len(x)
     shards = work / "shards"

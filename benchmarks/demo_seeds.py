@@ -46,7 +46,7 @@ def heldout_sets(folder: Path, count: int) -> list:
     """`count` extra test splits of the demo's size; same seed, same bytes, so they are made once
     (and two checkouts compared can share them)."""
     from mmsearch import demo
-    from mmsearch.datasets import synthesize
+    from mmsearch.datasets.readers import synthesize
 
     paths = []
     for i in range(count):
@@ -60,11 +60,11 @@ def heldout_sets(folder: Path, count: int) -> list:
 def run_seed(seed: int, work: Path, heldout: list, reuse: bool, train_args: dict, reranker_args: dict) -> dict:
     from mmsearch import demo
     from mmsearch.config import ModelSpec, TINY_MODEL
-    from mmsearch.datasets import load_dataset, synthesize
-    from mmsearch.encoder import load_encoder
-    from mmsearch.evaluate import evaluate
-    from mmsearch.rerank import Reranker
-    from mmsearch.rerank_train import train_reranker
+    from mmsearch.datasets.readers import load_dataset, synthesize
+    from mmsearch.towers.encoder import load_encoder
+    from mmsearch.evaluation.evaluate import evaluate
+    from mmsearch.rerank.model import Reranker
+    from mmsearch.train.reranker import train_reranker
     from mmsearch.train import train_encoder
 
     out = work / f"seed{seed}"

@@ -1,5 +1,5 @@
 """How similar is an edited copy of an image to its original, compared with distinct images?
-This is the measurement behind `mmsearch dupes`' default threshold (mmsearch/dupes.py).
+This is the measurement behind `mmsearch dupes`' default threshold (mmsearch/search/dupes.py).
 
     PYTHONPATH=. python benchmarks/dupes_threshold.py [--checkpoint tiny.pt] [--n 300]
 
@@ -47,8 +47,8 @@ def main():
     ap.add_argument("--n", type=int, default=300)
     args = ap.parse_args()
     from mmsearch.config import ModelSpec
-    from mmsearch.datasets import synthesize
-    from mmsearch.encoder import load_encoder
+    from mmsearch.datasets.readers import synthesize
+    from mmsearch.towers.encoder import load_encoder
 
     work = Path(tempfile.mkdtemp(prefix="dupes_threshold_"))
     synthesize(work / "synth", n=max(args.n, 600), seed=0, size=64)

@@ -7,7 +7,7 @@ Runs the real CLI (`python -m mmsearch eval DATA --checkpoint CKPT --json --out 
 in a subprocess, with the demo configuration's checkpoint (benchmarks/.cache/, trained by
 benchmarks/train_synth.py; trained here with the same configuration if missing). Then recomputes every
 metric from the .npz with a naive full-matrix numpy computation that shares no code with
-mmsearch.metrics, and checks both agree. Prints Markdown tables and writes benchmarks/results/eval_synth.json.
+mmsearch.evaluation.metrics, and checks both agree. Prints Markdown tables and writes benchmarks/results/eval_synth.json.
 """
 from __future__ import annotations
 

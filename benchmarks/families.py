@@ -55,7 +55,7 @@ def main(argv=None):
                          "--pretrained", "none", "--json"], env)
         summary = json.loads(out)
         sys.path.insert(0, str(ROOT))
-        from mmsearch.store import IndexStore
+        from mmsearch.storage.store import IndexStore
 
         meta = IndexStore.open(idx, readonly=True).meta
         times = [run(["search", "a red circle left of a blue square", "--index", str(idx), "-k", "5", "--json"],

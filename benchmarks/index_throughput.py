@@ -58,7 +58,7 @@ def model_only(spec, n: int, batch_size: int) -> float:
     """Images/s of the image tower alone on pre-made input tensors."""
     import torch
 
-    from mmsearch.encoder import load_encoder
+    from mmsearch.towers.encoder import load_encoder
 
     enc = load_encoder(spec)
     x = torch.randn(batch_size, 3, enc.image_size, enc.image_size)
@@ -72,9 +72,9 @@ def model_only(spec, n: int, batch_size: int) -> float:
 
 def decode_seconds(spec, files) -> float:
     """CPU seconds per image of what a decode worker does (open, draft decode, EXIF, resize, hash)."""
-    from mmsearch import scan
-    from mmsearch.encoder import load_encoder
-    from mmsearch.indexer import _decode, _worker_transform
+    from mmsearch.indexing import scan
+    from mmsearch.towers.encoder import load_encoder
+    from mmsearch.indexing.pipeline import _decode, _worker_transform
 
     enc = load_encoder(spec)
     prep = _worker_transform(enc)
@@ -86,7 +86,7 @@ def decode_seconds(spec, files) -> float:
 
 
 def pipeline(spec, folder: Path, batch_size: int, workers) -> dict:
-    from mmsearch.indexer import index_folders
+    from mmsearch.indexing.pipeline import index_folders
 
     marks = {}
 

@@ -27,8 +27,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `mmsearch index` does
 
 
 def _run(folder: Path, spec, executor=None, on_progress=None) -> dict:
-    from mmsearch.indexer import index_folders
-    from mmsearch.store import IndexStore
+    from mmsearch.indexing.pipeline import index_folders
+    from mmsearch.storage.store import IndexStore
 
     marks: list = []
 

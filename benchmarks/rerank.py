@@ -26,15 +26,15 @@ import numpy as np
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
-from mmsearch.blend import blend  # noqa: E402
+from mmsearch.rerank.blend import blend  # noqa: E402
 from mmsearch.config import TINY_MODEL, ModelSpec  # noqa: E402
-from mmsearch.datasets import load_dataset  # noqa: E402
-from mmsearch.encoder import load_encoder  # noqa: E402
-from mmsearch.evaluate import embed_dataset  # noqa: E402
-from mmsearch.metrics import reranked_ranks, summarize, text_to_image_ranks, topk  # noqa: E402
-from mmsearch.rerank import FusionModel, Reranker  # noqa: E402
-from mmsearch.rerank_train import train_reranker  # noqa: E402
-from mmsearch.synth import synthesize  # noqa: E402
+from mmsearch.datasets.readers import load_dataset  # noqa: E402
+from mmsearch.towers.encoder import load_encoder  # noqa: E402
+from mmsearch.evaluation.evaluate import embed_dataset  # noqa: E402
+from mmsearch.evaluation.metrics import reranked_ranks, summarize, text_to_image_ranks, topk  # noqa: E402
+from mmsearch.rerank.model import FusionModel, Reranker  # noqa: E402
+from mmsearch.train.reranker import train_reranker  # noqa: E402
+from mmsearch.datasets.synth import synthesize  # noqa: E402
 from mmsearch.train import train_encoder  # noqa: E402
 
 

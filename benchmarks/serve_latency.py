@@ -45,8 +45,8 @@ def queries(n: int, seed: int = 0) -> list[str]:
 
 def build_index(work: Path, size: int, model: str) -> Path:
     from mmsearch.config import ModelSpec
-    from mmsearch.indexer import index_folders
-    from mmsearch.store import IndexStore
+    from mmsearch.indexing.pipeline import index_folders
+    from mmsearch.storage.store import IndexStore
 
     photos = work / "photos"
     make_photos(photos, N_PHOTOS, (1600, 1200))
@@ -134,7 +134,7 @@ def run_clients(server: Server, urls: list[str], clients: int) -> dict:
 
 
 def thumbnails(server: Server, idx: Path) -> dict:
-    from mmsearch.catalog import Catalog
+    from mmsearch.storage.catalog import Catalog
 
     cat = Catalog.open(idx, readonly=True)
     rows = cat.conn.execute("SELECT id, mtime_ns FROM images WHERE size > 1 ORDER BY id").fetchall()

@@ -41,8 +41,8 @@ TOWERS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "amp-bf16"
 
 def _towers(enc, tag: str) -> dict:
     """name -> opened tower, for every (runtime, precision) this machine runs."""
-    from mmsearch.imagetower import OnnxImageTower, export_image_tower
-    from mmsearch.towerruntime import cpu_has_bf16
+    from mmsearch.towers.imagetower import OnnxImageTower, export_image_tower
+    from mmsearch.towers.runtime import cpu_has_bf16
 
     out = {}
     for runtime, prec in TOWERS:
@@ -63,10 +63,10 @@ def _towers(enc, tag: str) -> dict:
 
 def quality(ckpt: Path, data: Path) -> dict:
     from mmsearch.config import ModelSpec
-    from mmsearch.datasets import load_dataset
-    from mmsearch.encoder import load_encoder
+    from mmsearch.datasets.readers import load_dataset
+    from mmsearch.towers.encoder import load_encoder
     from mmsearch.media import load_image
-    from mmsearch.metrics import image_to_text_ranks, summarize, text_to_image_ranks
+    from mmsearch.evaluation.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 
     enc = load_encoder(ModelSpec(checkpoint=str(ckpt)))
     ds = load_dataset(data, split="test")
@@ -89,7 +89,7 @@ def quality(ckpt: Path, data: Path) -> dict:
 
 def speed(model: str, repeat: int, batch: int = 32) -> dict:
     from mmsearch.config import ModelSpec
-    from mmsearch.encoder import load_encoder
+    from mmsearch.towers.encoder import load_encoder
 
     enc = load_encoder(ModelSpec(model=model, pretrained=None))
     towers = _towers(enc, "s")
@@ -123,7 +123,7 @@ def main(argv=None):
     load0 = os.getloadavg()
     if args.checkpoint is None:
         from mmsearch.config import ModelSpec
-        from mmsearch.datasets import synthesize
+        from mmsearch.datasets.readers import synthesize
         from mmsearch.train import train_encoder
 
         work = Path(tempfile.mkdtemp(prefix="towerq-"))

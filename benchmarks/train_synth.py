@@ -5,7 +5,7 @@ configuration and for a longer run.
 
 For each run: synthesise the data (cached under benchmarks/.cache/), train mmsearch-tiny from scratch
 with `mmsearch.train.train_encoder` (what `mmsearch train` calls), then compute text→image and
-image→text R@1/5/10 on the held-out test split with `mmsearch.evaluate` (CLIP_benchmark definitions).
+image→text R@1/5/10 on the held-out test split with `mmsearch.evaluation.evaluate` (CLIP_benchmark definitions).
 The demo-configuration checkpoint is kept under benchmarks/.cache/ for benchmarks/eval_synth.py.
 Prints a Markdown table and writes benchmarks/results/train_synth.json.
 
@@ -39,7 +39,7 @@ def data_dir(cache: Path, n: int, seed: int, size: int) -> Path:
     """Synthetic data for (n, seed, size), generated once; written to a temp folder, then renamed."""
     folder = cache / f"synth-n{n}-seed{seed}-px{size}"
     if not (folder / "captions.csv").exists():
-        from mmsearch.datasets import synthesize
+        from mmsearch.datasets.readers import synthesize
 
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,9 +90,9 @@ def demo_checkpoint(cache: Path = CACHE, log=print) -> Path:
 
 
 def held_out(data: Path, ckpt: Path) -> dict:
-    from mmsearch.datasets import load_dataset
-    from mmsearch.encoder import load_encoder
-    from mmsearch.evaluate import evaluate
+    from mmsearch.datasets.readers import load_dataset
+    from mmsearch.towers.encoder import load_encoder
+    from mmsearch.evaluation.evaluate import evaluate
 
     ds = load_dataset(data / "captions.csv", split="test")
     t = time.perf_counter()
@@ -132,7 +132,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from mmsearch.datasets import load_dataset
+    from mmsearch.datasets.readers import load_dataset
 
     configs = {"demo": DEMO, "long": dict(DEMO, n=args.long_n, steps=args.long_steps)}
     runs = []

@@ -146,7 +146,7 @@ class Tools:
     def __init__(self, rclip: Path, datadir: Path, work: Path, precisions):
         self.rclip, self.work, self.precisions = rclip, work, precisions
         self.renv = dict(os.environ, RCLIP_DATADIR=str(datadir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        # mmsearch keeps exported towers per model (mmsearch.towercache), as rclip keeps its ONNX files
+        # mmsearch keeps exported towers per model (mmsearch.towers.cache), as rclip keeps its ONNX files
         self.mcache = work / "mmsearch-cache"
         self.menv = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                          MMSEARCH_CACHE_DIR=str(self.mcache))

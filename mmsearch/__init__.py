@@ -7,6 +7,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "Index":
-        from .api import Index
+        from mmsearch.api import Index
         return Index
     raise AttributeError(name)

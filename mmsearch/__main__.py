@@ -1,3 +1,3 @@
-from .cli import main
+from mmsearch.cli import main
 
 main()

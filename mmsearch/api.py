@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ModelSpec, default_index_dir
-from .store import IndexStore
+from mmsearch.config import ModelSpec, default_index_dir
+from mmsearch.storage.store import IndexStore
 
 
 class Index:
@@ -27,7 +27,7 @@ class Index:
     @classmethod
     def build(cls, directory, paths: Sequence, spec: Optional[ModelSpec] = None, **kwargs) -> "Index":
         """Create or update the index at `directory` from image folders; kwargs as `add`."""
-        from .indexer import index_folders
+        from mmsearch.indexing.pipeline import index_folders
 
         index_folders(directory, paths, spec=spec, **kwargs)
         return cls.open(directory)
@@ -35,7 +35,7 @@ class Index:
     def add(self, paths: Sequence, **kwargs):
         """Index folders incrementally (kwargs as index_folders: device, precision, executor=RayExecutor(...),
         batch_size, ...); returns an IndexSummary."""
-        from .indexer import index_folders
+        from mmsearch.indexing.pipeline import index_folders
 
         self._searcher = None
         summary = index_folders(self.store.dir, paths, **kwargs)
@@ -45,7 +45,7 @@ class Index:
     @property
     def searcher(self):
         if self._searcher is None:
-            from .query import Searcher
+            from mmsearch.search.query import Searcher
 
             self._searcher = Searcher(self.store)
         return self._searcher
@@ -61,7 +61,7 @@ class Index:
         return self.searcher.search_texts(query, images, k=k, **kwargs)
 
     def add_texts(self, texts, **kwargs) -> dict:
-        from .corpus import add_texts
+        from mmsearch.indexing.corpus import add_texts
 
         return add_texts(self.store, texts, **kwargs)
 

@@ -20,7 +20,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", 
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).parent / "towers" / "model_configs"
 
 
 def shipped_architectures() -> set[str]:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import ModelSpec, TINY_MODEL
+from mmsearch.config import ModelSpec, TINY_MODEL
 
 DEMO_IMAGES = 1500
 DEMO_TRAIN = dict(steps=300, batch_size=64, lr=1e-3, val_every=3)
@@ -43,15 +43,15 @@ def _side_by_side(plain, reranked, truth: str) -> list[str]:
 
 def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, reranker_steps: Optional[int] = None,
              log: Callable[[str], None] = print, progress_factory=None) -> dict:
-    from .datasets import load_dataset, synthesize
-    from .encoder import load_encoder
-    from .evaluate import evaluate, render_markdown
-    from .indexer import index_folders
-    from .query import Searcher
-    from .rerank import Reranker
-    from .rerank_train import train_reranker
-    from .store import IndexStore
-    from .train import train_encoder
+    from mmsearch.datasets.readers import load_dataset, synthesize
+    from mmsearch.towers.encoder import load_encoder
+    from mmsearch.evaluation.evaluate import evaluate, render_markdown
+    from mmsearch.indexing.pipeline import index_folders
+    from mmsearch.search.query import Searcher
+    from mmsearch.rerank.model import Reranker
+    from mmsearch.train.reranker import train_reranker
+    from mmsearch.storage.store import IndexStore
+    from mmsearch.train import train_encoder
 
     out = Path(out)
     bar = progress_factory or (lambda desc, unit="it": None)

@@ -15,8 +15,8 @@ from typing import Optional
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
-from .errors import MediaError
+from mmsearch.config import HEIC_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
+from mmsearch.errors import MediaError
 
 DEFAULT_MAX_PIXELS = 200_000_000
 _heif_state: Optional[bool] = None

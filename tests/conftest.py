@@ -5,7 +5,7 @@ import os
 import pytest
 
 from mmsearch.config import ModelSpec
-from mmsearch.datasets import synthesize
+from mmsearch.datasets.readers import synthesize
 
 
 @contextlib.contextmanager
@@ -23,7 +23,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session", autouse=True)
 def tower_cache(tmp_path_factory):
-    """Exported towers shared between indexes (mmsearch.towercache) go to a temporary folder, not ~/.cache."""
+    """Exported towers shared between indexes (mmsearch.towers.cache) go to a temporary folder, not ~/.cache."""
     os.environ["MMSEARCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("mmsearch-cache"))
     return os.environ["MMSEARCH_CACHE_DIR"]
 

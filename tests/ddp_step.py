@@ -7,7 +7,7 @@ import torch
 
 def step_gradients(data, accum_steps: int, batch_size: int = 16, step: int = 3) -> dict:
     from mmsearch.config import ModelSpec
-    from mmsearch.encoder import load_encoder
+    from mmsearch.towers.encoder import load_encoder
     from mmsearch.train import distributed as dist_
     from mmsearch.train.data import BatchPlan, StepBatches, open_source
     from mmsearch.train.precision import Precision

@@ -6,9 +6,9 @@ import shutil
 from PIL import Image
 
 from mmsearch.config import ModelSpec
-from mmsearch.corpus import add_texts
-from mmsearch.indexer import index_folders
-from mmsearch.store import IndexStore
+from mmsearch.indexing.corpus import add_texts
+from mmsearch.indexing.pipeline import index_folders
+from mmsearch.storage.store import IndexStore
 
 
 def exif_rotated_jpeg(path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmsearch.datasets import load_dataset, synthesize
+from mmsearch.datasets.readers import load_dataset, synthesize
 from mmsearch.errors import DatasetError
 
 

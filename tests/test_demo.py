@@ -3,7 +3,7 @@ report it prints holds plain and re-ranked recall. (`make demo` runs the full si
 from click.testing import CliRunner
 
 from mmsearch.cli import cli
-from mmsearch.store import IndexStore
+from mmsearch.storage.store import IndexStore
 from conftest import one_torch_thread
 
 

@@ -23,9 +23,9 @@ from badfiles import make_photo_folder
 from mmsearch.config import ModelSpec
 from mmsearch.distributed import RayExecutor
 from mmsearch.distributed import pending
-from mmsearch.indexer import index_folders
-from mmsearch.query import Searcher
-from mmsearch.store import IndexStore
+from mmsearch.indexing.pipeline import index_folders
+from mmsearch.search.query import Searcher
+from mmsearch.storage.store import IndexStore
 
 NODE = dict(num_cpus=2, object_store_memory=80 * 1024 ** 2)
 TIMEOUT_S = 60  # Ray's no-progress default is 30 min: a hang must fail the test, not the CI job
@@ -175,7 +175,7 @@ def _batch(files):
 
 def test_worker_rows_ok_bad_unreachable_and_a_model_it_cannot_load(tiny_checkpoint, synth_dir, tmp_path):
     from mmsearch.distributed.worker import EmbedActor
-    from mmsearch.encoder import load_encoder
+    from mmsearch.towers.encoder import load_encoder
     from mmsearch.media import load_image
 
     enc = load_encoder(ModelSpec(checkpoint=str(tiny_checkpoint)))
@@ -197,7 +197,7 @@ def test_worker_rows_ok_bad_unreachable_and_a_model_it_cannot_load(tiny_checkpoi
 def test_commit_drops_a_second_answer_and_refuses_a_path_a_node_cannot_read(tiny_checkpoint, synth_dir, tmp_path):
     from mmsearch.distributed.worker import EmbedActor
     from mmsearch.errors import DistributedError
-    from mmsearch.indexer import IndexSummary, _plan
+    from mmsearch.indexing.pipeline import IndexSummary, _plan
 
     folder = _images(synth_dir, tmp_path / "photos", 6)
     first = sorted((synth_dir / "images").glob("*.png"))[-1]

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mmsearch.cli import cli
-from mmsearch.datasets import load_dataset
+from mmsearch.datasets.readers import load_dataset
 
 METRICS = ["R@1", "R@5", "R@10", "mean_rank", "median_rank"]
 # the README's documented shape, plus the three keys that say what was evaluated

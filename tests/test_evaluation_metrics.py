@@ -3,9 +3,9 @@ re-ranked score blend and its fitting against a by-hand reference."""
 import numpy as np
 import pytest
 
-from mmsearch.blend import blend
-from mmsearch.evaluate import ALPHA_GRID, fit_alpha, reranked
-from mmsearch.metrics import (ann_overlap, image_to_text_ranks, reranked_ranks, summarize, text_to_image_ranks,
+from mmsearch.rerank.blend import blend
+from mmsearch.evaluation.evaluate import ALPHA_GRID, fit_alpha, reranked
+from mmsearch.evaluation.metrics import (ann_overlap, image_to_text_ranks, reranked_ranks, summarize, text_to_image_ranks,
                               topk)
 
 

@@ -15,8 +15,8 @@ from PIL import Image
 from badfiles import make_photo_folder
 from mmsearch.config import ModelSpec
 from mmsearch.errors import ModelMismatchError, VectorIndexError
-from mmsearch.indexer import index_folders
-from mmsearch.store import IndexStore
+from mmsearch.indexing.pipeline import index_folders
+from mmsearch.storage.store import IndexStore
 
 TINY = ModelSpec(model="mmsearch-tiny", pretrained=None)
 
@@ -151,7 +151,7 @@ def test_reindex_changes_structure_without_reembedding(folder, tmp_path):
 CRASH_SCRIPT = textwrap.dedent("""
     import sys
     from mmsearch.config import ModelSpec
-    from mmsearch.indexer import index_folders
+    from mmsearch.indexing.pipeline import index_folders
     def progress(done, total, **kw):
         if done:
             print("BATCH", done, flush=True)
@@ -191,7 +191,7 @@ def test_decode_workers_run_below_the_encoder_priority(folder, tmp_path, monkeyp
     """Decoders yield the cores to the model's threads (measured: 98 % of model-only instead of 91 %)."""
     import threading
 
-    from mmsearch import indexer
+    from mmsearch.indexing import pipeline as indexer
 
     seen = []
     original = indexer._decode
@@ -209,7 +209,7 @@ def test_decode_workers_run_below_the_encoder_priority(folder, tmp_path, monkeyp
 def test_walk_yields_paths_in_the_catalogs_order(tmp_path):
     """The incremental diff merges the walk with the catalog's ORDER BY path: the walk must be in
     plain string order even where a folder name is a prefix of a sibling's ('b' / 'b-c' / 'b.jpg')."""
-    from mmsearch import scan
+    from mmsearch.indexing import scan
 
     for rel in ("b/x.jpg", "b-c/y.jpg", "b.jpg", "b0.png", "a/b/c.jpg", "a/b.jpg", "a-/z.jpg", "é/1.jpg", "Z.jpg"):
         p = tmp_path / rel
@@ -225,9 +225,9 @@ def test_unchanged_rerun_plans_without_holding_the_catalog(tmp_path, monkeypatch
     peak of Python memory that does not grow with the folder."""
     import tracemalloc
 
-    from mmsearch import scan
-    from mmsearch.catalog import Catalog
-    from mmsearch.indexer import _plan
+    from mmsearch.indexing import scan
+    from mmsearch.storage.catalog import Catalog
+    from mmsearch.indexing.pipeline import _plan
 
     root = tmp_path / "photos"
     rows = []

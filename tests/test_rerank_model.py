@@ -15,15 +15,15 @@ from PIL import Image
 
 from mmsearch.cli import cli
 from mmsearch.config import ModelSpec
-from mmsearch.datasets import load_dataset, synthesize
-from mmsearch.encoder import load_encoder
-from mmsearch.evaluate import embed_dataset
+from mmsearch.datasets.readers import load_dataset, synthesize
+from mmsearch.towers.encoder import load_encoder
+from mmsearch.evaluation.evaluate import embed_dataset
 from mmsearch.errors import ModelMismatchError, QueryError
-from mmsearch.indexer import index_folders
-from mmsearch.query import Searcher, parse_query
-from mmsearch.rerank import TOKEN_GRID, FusionModel, Reranker
-from mmsearch.rerank_train import train_reranker
-from mmsearch.store import IndexStore
+from mmsearch.indexing.pipeline import index_folders
+from mmsearch.search.query import Searcher, parse_query
+from mmsearch.rerank.model import TOKEN_GRID, FusionModel, Reranker
+from mmsearch.train.reranker import train_reranker
+from mmsearch.storage.store import IndexStore
 from conftest import one_torch_thread
 
 DAY = 86400

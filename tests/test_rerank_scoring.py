@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from mmsearch.evaluate import LATENCY_QUERIES, rerank_candidates
-from mmsearch.rerank import FusionModel, Reranker
+from mmsearch.evaluation.evaluate import LATENCY_QUERIES, rerank_candidates
+from mmsearch.rerank.model import FusionModel, Reranker
 
 
 def test_grouped_scoring_equals_one_query_at_a_time():

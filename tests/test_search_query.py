@@ -9,9 +9,9 @@ from PIL import Image
 from mmsearch import Index
 from mmsearch.config import ModelSpec
 from mmsearch.errors import EmptyIndexError, IndexNotFoundError, QueryError
-from mmsearch.indexer import index_folders
-from mmsearch.query import Searcher
-from mmsearch.store import IndexStore
+from mmsearch.indexing.pipeline import index_folders
+from mmsearch.search.query import Searcher
+from mmsearch.storage.store import IndexStore
 
 TINY = ModelSpec(model="mmsearch-tiny", pretrained=None)
 DAY = 86400
@@ -46,7 +46,7 @@ def test_text_search_equals_brute_force(indexed):
     idx, _ = indexed
     searcher = Searcher(IndexStore.open(idx))
     hits = searcher.search("a red square", k=7)
-    vec, _ = searcher.embed([__import__("mmsearch.query", fromlist=["Term"]).Term(1.0, text="a red square")])
+    vec, _ = searcher.embed([__import__("mmsearch.search.query", fromlist=["Term"]).Term(1.0, text="a red square")])
     ref, _ = _reference(searcher.store, vec)
     assert [h.id for h in hits] == ref[:7]
     assert [h.rank for h in hits] == list(range(1, 8))
@@ -105,7 +105,7 @@ def test_filters_keep_k_hits_and_match_brute_force(indexed, filters):
     allowed = {i for i, r in rows.items() if ok(r)}
     assert 5 <= len(allowed) < len(rows)
     hits = searcher.search("a green circle", k=5, **kw)
-    vec, _ = searcher.embed(__import__("mmsearch.query", fromlist=["parse_query"]).parse_query("a green circle"))
+    vec, _ = searcher.embed(__import__("mmsearch.search.query", fromlist=["parse_query"]).parse_query("a green circle"))
     ref, _ = _reference(store, vec, allowed)
     assert len(hits) == 5
     assert [h.id for h in hits] == ref[:5]
@@ -135,7 +135,7 @@ def test_errors_are_typed(indexed, tmp_path):
 def test_missing_numpy_text_tower_falls_back_to_torch_and_is_rebuilt(indexed, tmp_path):
     import shutil
 
-    from mmsearch.store import _FastText
+    from mmsearch.storage.store import _FastText
 
     idx, _ = indexed
     copy = tmp_path / "idx"

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from mmsearch.errors import QueryError
-from mmsearch.query import Term, parse_query
+from mmsearch.search.query import Term, parse_query
 
 
 def test_plain_text_is_one_term():

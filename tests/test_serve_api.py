@@ -13,10 +13,10 @@ from PIL import Image
 
 from fastapi.testclient import TestClient  # the dev extra installs the serve extra: a missing one fails, never skips
 
-from mmsearch.indexer import index_folders
-from mmsearch.query import Searcher, parse_query
+from mmsearch.indexing.pipeline import index_folders
+from mmsearch.search.query import Searcher, parse_query
 from mmsearch.serve import create_app
-from mmsearch.store import IndexStore
+from mmsearch.storage.store import IndexStore
 from serve_fixtures import build_served_index, exif_rotated_jpeg
 
 HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "taken_at", "name", "thumbnail"}
@@ -412,8 +412,8 @@ def test_rerank_switch_and_stable_pages(served, tmp_path):
     switched off, and pages of a re-ranked query concatenate to the same list as one long page."""
     import torch
 
-    from mmsearch.indexer import enable_reranker
-    from mmsearch.rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel
+    from mmsearch.indexing.pipeline import enable_reranker
+    from mmsearch.rerank.model import RERANKER_FORMAT, TOKEN_GRID, FusionModel
 
     idx = tmp_path / "idx"
     shutil.copytree(served[0], idx)

@@ -6,12 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from mmsearch import ann, vectors
-from mmsearch.catalog import Catalog
-from mmsearch.dupes import brute_force_groups, find_duplicates
+from mmsearch.storage import ann
+
+from mmsearch.storage import vectors
+from mmsearch.storage.catalog import Catalog
+from mmsearch.search.dupes import brute_force_groups, find_duplicates
 from mmsearch.errors import ModelMismatchError
-from mmsearch.store import IndexStore
-from mmsearch.synthvec import exact_topk, image_queries, make_mixture, sample_images, text_queries
+from mmsearch.storage.store import IndexStore
+from mmsearch.datasets.synthvec import exact_topk, image_queries, make_mixture, sample_images, text_queries
 
 DIM = 64
 
@@ -125,7 +127,7 @@ def test_filters_keep_k_hits_with_unfiltered_recall(tmp_path, monkeypatch, facto
     index = store.image_vectors()
     ids = np.arange(1, len(x) + 1)
     qt = text_queries(mix, 60, seed=21)
-    from mmsearch.query import Searcher
+    from mmsearch.search.query import Searcher
 
     searcher = Searcher(store)
     rng = np.random.default_rng(0)
@@ -189,7 +191,7 @@ def test_dupes_equal_brute_force(tmp_path, factory):
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory, synth_dir):
     from mmsearch.config import ModelSpec
-    from mmsearch.indexer import index_folders
+    from mmsearch.indexing.pipeline import index_folders
 
     idx = tmp_path_factory.mktemp("scale") / "idx"
     files = sorted((synth_dir / "images").glob("*.png"))[:150]  # a file list is a valid root list too
@@ -224,7 +226,7 @@ def test_export_import_round_trip_gives_identical_results(small_index, tmp_path)
 
 
 def test_import_with_wrong_model_or_dimension_is_refused_and_changes_nothing(small_index, tmp_path):
-    from mmsearch.exchange import export_embeddings, import_embeddings, MODEL_RECORD
+    from mmsearch.storage.exchange import export_embeddings, import_embeddings, MODEL_RECORD
 
     store = IndexStore.open(small_index)
     export_embeddings(store, tmp_path / "emb", shard_size=1000)

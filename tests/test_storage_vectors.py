@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mmsearch.errors import VectorIndexError
-from mmsearch.vectors import VectorIndex
+from mmsearch.storage.vectors import VectorIndex
 
 
 def _data(n=400, d=32, seed=0):

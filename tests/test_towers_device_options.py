@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 from mmsearch.cli import cli
 from mmsearch.config import ModelSpec
-from mmsearch.datasets import load_dataset
-from mmsearch.devices import check_precision, default_batch_size, default_decode_workers
+from mmsearch.datasets.readers import load_dataset
+from mmsearch.towers.devices import check_precision, default_batch_size, default_decode_workers
 from mmsearch.errors import DeviceError, ModelMismatchError
-from mmsearch.indexer import index_folders
-from mmsearch.store import IndexStore
+from mmsearch.indexing.pipeline import index_folders
+from mmsearch.storage.store import IndexStore
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mmsearch.devices import resolve_device
+from mmsearch.towers.devices import resolve_device
 from mmsearch.errors import DeviceError
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsearch.config import ModelSpec
-from mmsearch.encoder import load_encoder
+from mmsearch.towers.encoder import load_encoder
 
 # mixed lengths in one batch: truncation cuts to the longest, the short ones still see only their own tokens
 TEXTS = ["dog", "a red circle left of a blue square", "a photo of a cat sleeping on a sofa in the sun", "x y"]

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import mmsearch.encoder as encoder_mod
+import mmsearch.towers.encoder as encoder_mod
 from mmsearch.cli import cli
 from mmsearch.config import ModelSpec
-from mmsearch.datasets import load_dataset
+from mmsearch.datasets.readers import load_dataset
 from mmsearch.errors import MissingExtraError, UnknownModelError, WeightsUnavailableError
-from mmsearch.evaluate import evaluate
-from mmsearch.indexer import index_folders
-from mmsearch.query import Searcher
-from mmsearch.store import IndexStore
+from mmsearch.evaluation.evaluate import evaluate
+from mmsearch.indexing.pipeline import index_folders
+from mmsearch.search.query import Searcher
+from mmsearch.storage.store import IndexStore
 from conftest import one_torch_thread
 from hf_fixture import build_hf_cache
 

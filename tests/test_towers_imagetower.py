@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from mmsearch.config import ModelSpec
-from mmsearch.encoder import load_encoder
+from mmsearch.towers.encoder import load_encoder
 from mmsearch.errors import ModelMismatchError
-from mmsearch.imagetower import OnnxImageTower, export_image_tower
-from mmsearch.indexer import index_folders
-from mmsearch.store import IndexStore
+from mmsearch.towers.imagetower import OnnxImageTower, export_image_tower
+from mmsearch.indexing.pipeline import index_folders
+from mmsearch.storage.store import IndexStore
 
 
 def _by_path(store):
@@ -100,7 +100,7 @@ def test_int8_keeps_direction_and_is_refused_across_precisions(tiny_checkpoint, 
 def test_bf16_runs_bfloat16_products_where_the_cpu_has_them(tiny_checkpoint, tmp_path):
     """amp-bf16 on a CPU: OpenVINO with bf16 products where the CPU multiplies bf16, else torch autocast;
     either way the vectors stay within cosine 0.999 of fp32, really differ, and the precision is kept."""
-    from mmsearch.towerruntime import cpu_has_bf16
+    from mmsearch.towers.runtime import cpu_has_bf16
 
     photos, spec = _fp32_and("amp-bf16", tiny_checkpoint, tmp_path, seed=4)
     with pytest.raises(ModelMismatchError, match="amp-bf16, not fp32"):
@@ -177,7 +177,7 @@ def test_new_index_of_a_known_model_reuses_cached_towers_without_torch(tiny_chec
     ckpt.write_bytes(tiny_checkpoint.read_bytes())
     spec = ModelSpec(model="mmsearch-tiny", checkpoint=str(ckpt))
     index_folders(tmp_path / "first", [photos], spec=spec)
-    code = ("import sys, json; from mmsearch.indexer import index_folders; from mmsearch.config import ModelSpec\n"
+    code = ("import sys, json; from mmsearch.indexing.pipeline import index_folders; from mmsearch.config import ModelSpec\n"
             f"s = index_folders({str(tmp_path / 'second')!r}, [{str(photos)!r}], "
             f"spec=ModelSpec(model='ViT-B-32', checkpoint={str(ckpt)!r}))\n"
             "print(s.added, any(m in sys.modules for m in ('torch', 'open_clip')))")
@@ -195,8 +195,8 @@ def test_new_index_of_a_known_model_reuses_cached_towers_without_torch(tiny_chec
 
 def test_a_new_index_gets_bf16_only_where_the_cpu_multiplies_it_and_an_old_one_keeps_its_own(tiny_checkpoint,
                                                                                               tmp_path):
-    from mmsearch.devices import default_precision
-    from mmsearch.towerruntime import cpu_has_bf16
+    from mmsearch.towers.devices import default_precision
+    from mmsearch.towers.runtime import cpu_has_bf16
 
     photos = tmp_path / "photos"
     _photos(photos, 3, seed=6)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from mmsearch.cli import cli
-from mmsearch.models import list_models, published_recall
+from mmsearch.towers.models import list_models, published_recall
 
 
 def _rows(*args):

@@ -9,12 +9,12 @@ from click.testing import CliRunner
 
 from mmsearch.cli import cli
 from mmsearch.config import ModelSpec
-from mmsearch.datasets import synthesize
-from mmsearch.encoder import CHECKPOINT_FORMAT, load_checkpoint_file, load_encoder
+from mmsearch.datasets.readers import synthesize
+from mmsearch.towers.encoder import CHECKPOINT_FORMAT, load_checkpoint_file, load_encoder
 from mmsearch.errors import CheckpointError
-from mmsearch.rerank import RERANKER_FORMAT, Reranker
-from mmsearch.rerank_train import train_reranker
-from mmsearch.safeload import safe_torch_load
+from mmsearch.rerank.model import RERANKER_FORMAT, Reranker
+from mmsearch.train.reranker import train_reranker
+from mmsearch.towers.safeload import safe_torch_load
 from mmsearch.train import train_encoder
 from conftest import one_torch_thread
 

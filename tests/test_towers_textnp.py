@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mmsearch.config import ModelSpec
-from mmsearch.encoder import load_encoder
+from mmsearch.towers.encoder import load_encoder
 from mmsearch.errors import CheckpointError
-from mmsearch.textnp import NumpyTextTower, export_text_tower
+from mmsearch.towers.textnp import NumpyTextTower, export_text_tower
 
 TEXTS = ["a dog on a beach", "A RED Circle, left of a blue square!", "2:dog + beach - people",
          "café déjà vu naïve", "fish &amp; chips", "emoji 🐶🏖️ time", "numbers 12345 and 3.14",
@@ -42,7 +42,7 @@ def test_embeddings_and_states_equal_torch(exported):
 
 def test_fresh_process_does_not_import_torch(exported):
     _, _, d = exported
-    code = ("import sys; from mmsearch.textnp import NumpyTextTower; "
+    code = ("import sys; from mmsearch.towers.textnp import NumpyTextTower; "
             f"NumpyTextTower.load({str(d)!r}).encode(['a dog']); "
             "print('torch' in sys.modules, 'open_clip' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from mmsearch.cli import cli
 from mmsearch.config import ModelSpec
-from mmsearch.datasets import load_dataset
-from mmsearch.encoder import load_checkpoint_file, load_encoder
+from mmsearch.datasets.readers import load_dataset
+from mmsearch.towers.encoder import load_checkpoint_file, load_encoder
 from mmsearch.errors import CheckpointError
-from mmsearch.evaluate import evaluate
+from mmsearch.evaluation.evaluate import evaluate
 from mmsearch.train import train_encoder
 
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from mmsearch.config import ModelSpec
-from mmsearch.datasets import load_dataset
-from mmsearch.encoder import load_encoder
+from mmsearch.datasets.readers import load_dataset
+from mmsearch.towers.encoder import load_encoder
 from mmsearch.errors import DatasetError, TrainingError
 from mmsearch.media import load_image
 from mmsearch.train.data import BatchPlan, StepBatches, batch_loader, item_seed, open_source

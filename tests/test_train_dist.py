@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmsearch.config import ModelSpec
-from mmsearch.encoder import load_checkpoint_file
+from mmsearch.towers.encoder import load_checkpoint_file
 from mmsearch.errors import TrainingError
 from mmsearch.train import train_encoder
 from conftest import one_torch_thread

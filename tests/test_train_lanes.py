@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmsearch.rerank import FusionModel
-from mmsearch.rerank_train import fusion_backward, pair_logits
+from mmsearch.rerank.model import FusionModel
+from mmsearch.train.reranker import fusion_backward, pair_logits
 from mmsearch.train.lanes import ThreadLanes, length_chunks
 from mmsearch.train.precision import Precision
 

@@ -55,7 +55,7 @@ def test_a_bf16_step_follows_the_fp32_gradient(synth_dir):
     """One contrastive step of mmsearch-tiny in bf16 (autocast, math attention) against fp32: same loss
     to 2 %, and a gradient pointing the same way (cosine > 0.99)."""
     from mmsearch.config import ModelSpec
-    from mmsearch.encoder import load_encoder
+    from mmsearch.towers.encoder import load_encoder
     from mmsearch.train.data import BatchPlan, StepBatches, open_source
     from mmsearch.train.step import clip_loss, contrastive_backward, tower_features
 
@@ -77,7 +77,7 @@ def test_a_bf16_step_follows_the_fp32_gradient(synth_dir):
 
 
 def test_train_records_precision_device_and_world(trained):
-    from mmsearch.encoder import load_checkpoint_file
+    from mmsearch.towers.encoder import load_checkpoint_file
 
     args = load_checkpoint_file(trained[0])["train_args"]
     auto = "bf16" if cpu_multiplies_bf16() else "fp32"

@@ -4,5 +4,5 @@ Each command parses options, calls one library function, renders. Only this pack
 modules (torch, open_clip, faiss, web and cluster stacks) are imported inside commands, so
 `mmsearch --help` and a text query stay fast. A new command group is a new module here, imported below.
 """
-from .app import cli, main  # noqa: F401
-from . import index_cmds, models_cmds, scale_cmds, search_cmds, serve_cmds, train_cmds  # noqa: F401,E402
+from mmsearch.cli.app import cli, main  # noqa: F401
+from mmsearch.cli import index_cmds, models_cmds, scale_cmds, search_cmds, serve_cmds, train_cmds  # noqa: F401,E402

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import MmsearchError
+from mmsearch.errors import MmsearchError
 
 
 class _Group(click.Group):

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
-from ..config import ModelSpec
-from .app import cli
-from ..devices import PRECISIONS
-from .options import (device_option, emit_json, index_dir_of, index_option, model_options, model_spec, with_bar,
+from mmsearch.config import ModelSpec
+from mmsearch.cli.app import cli
+from mmsearch.towers.devices import PRECISIONS
+from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_option, model_options, model_spec, with_bar,
                       yielding_openmp)
 
 
@@ -28,7 +28,7 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
         if actors is not None:
             raise click.UsageError("--ray-actors needs --ray")
         return None
-    from ..distributed import RayExecutor
+    from mmsearch.distributed import RayExecutor
 
     return RayExecutor(address, actors=actors, device=device, precision=precision, batch_size=batch_size,
                        decode_workers=workers)
@@ -63,7 +63,7 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
     """Index image folders (or files): new and changed files are embedded, moved ones reuse their
     embedding, deleted ones are removed. Re-running on an unchanged folder embeds nothing."""
     yielding_openmp()
-    from ..indexer import index_folders
+    from mmsearch.indexing.pipeline import index_folders
 
     executor = ray_executor(ray_address, ray_actors, device, precision, batch_size, workers)
     summary = index_folders(index_dir_of(index_dir), paths, spec=model_spec(model, pretrained, checkpoint),
@@ -101,7 +101,7 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def info(index_dir, as_json):
     """Show what an index holds: images, failures, vectors, model, dim, factory, size on disk."""
-    from ..store import IndexStore
+    from mmsearch.storage.store import IndexStore
 
     data = IndexStore.open(index_dir_of(index_dir)).info()
     if as_json:
@@ -138,7 +138,7 @@ def _ann_rows(ann):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def errors(index_dir, as_json):
     """List files that could not be indexed, with the reason. They are retried when they change."""
-    from ..store import IndexStore
+    from mmsearch.storage.store import IndexStore
 
     rows = IndexStore.open(index_dir_of(index_dir)).catalog.failures()
     for r in rows:
@@ -155,7 +155,7 @@ def errors(index_dir, as_json):
 @with_bar("reindex")
 def reindex(index_dir, factory, max_index_memory, progress):
     """Rebuild the vector index with another FAISS structure from stored embeddings (no re-embedding)."""
-    from ..store import IndexStore
+    from mmsearch.storage.store import IndexStore
 
     store = IndexStore.open(index_dir_of(index_dir))
     n = store.reindex(factory, max_index_memory=max_index_memory, progress=progress)
@@ -179,7 +179,7 @@ def rerank():
 def rerank_enable(file, index_dir, progress):
     """Use re-ranker FILE for this index; back-fills image tokens (one read per image)."""
     yielding_openmp()
-    from ..indexer import enable_reranker
+    from mmsearch.indexing.pipeline import enable_reranker
 
     res = enable_reranker(index_dir_of(index_dir), file, progress=progress)
     progress.close()
@@ -191,7 +191,7 @@ def rerank_enable(file, index_dir, progress):
 @index_option
 def rerank_disable(index_dir):
     """Stop re-ranking by default (cached tokens are kept)."""
-    from ..store import IndexStore
+    from mmsearch.storage.store import IndexStore
 
     IndexStore.open(index_dir_of(index_dir)).disable_reranker()
     click.echo("re-ranker disabled")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .app import cli
-from .options import emit_json
+from mmsearch.cli.app import cli
+from mmsearch.cli.options import emit_json
 
 
 def _pct(v):
@@ -18,7 +18,7 @@ def _pct(v):
 def models(name_filter, published, as_json):
     """Models open_clip knows: family, embedding size, the extra a family needs, text-query path
     (numpy: no torch at query time), whether weights are cached, published Flickr30k/COCO R@1."""
-    from ..models import list_models, recall_source
+    from mmsearch.towers.models import list_models, recall_source
 
     rows = [r for r in list_models(name_filter) if not published or r["flickr_t2i_r1"] is not None]
     if as_json:

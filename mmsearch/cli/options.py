@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..config import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, default_index_dir, shipped_architectures
+from mmsearch.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, default_index_dir, shipped_architectures
 
 
 def index_option(f):
@@ -29,7 +29,7 @@ def model_options(f=None, *, default_model=DEFAULT_MODEL, default_pretrained=DEF
 
 
 def device_option(f):
-    """--device for every command that runs a torch model; resolved (and refused) by mmsearch.devices."""
+    """--device for every command that runs a torch model; resolved (and refused) by mmsearch.towers.devices."""
     return click.option("--device", default="auto", show_default=True,
                         help="Torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")(f)
 

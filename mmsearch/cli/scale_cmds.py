@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from .app import cli
-from .options import emit_json, index_dir_of, index_option, model_options, model_spec, output_options, with_bar
+from mmsearch.cli.app import cli
+from mmsearch.cli.options import emit_json, index_dir_of, index_option, model_options, model_spec, output_options, with_bar
 
 
 @cli.command()
@@ -18,8 +18,8 @@ from .options import emit_json, index_dir_of, index_option, model_options, model
 @with_bar("dupes")
 def dupes(index_dir, threshold, as_json, as_paths, progress):
     """Groups of near-duplicate images (resized, re-encoded, lightly edited copies), largest first."""
-    from ..dupes import DEFAULT_THRESHOLD, find_duplicates
-    from ..store import IndexStore
+    from mmsearch.search.dupes import DEFAULT_THRESHOLD, find_duplicates
+    from mmsearch.storage.store import IndexStore
 
     groups = find_duplicates(IndexStore.open(index_dir_of(index_dir)),
                              DEFAULT_THRESHOLD if threshold is None else threshold, progress=progress)
@@ -45,8 +45,8 @@ def dupes(index_dir, threshold, as_json, as_paths, progress):
 @with_bar("export")
 def export_cmd(out, index_dir, shard_size, float16, progress):
     """Write embeddings + metadata in clip-retrieval's layout (img_emb/, metadata/) plus the model record."""
-    from ..exchange import export_embeddings
-    from ..store import IndexStore
+    from mmsearch.storage.exchange import export_embeddings
+    from mmsearch.storage.store import IndexStore
 
     res = export_embeddings(IndexStore.open(index_dir_of(index_dir)), out, shard_size=shard_size,
                             float16=float16, progress=progress)
@@ -64,7 +64,7 @@ def export_cmd(out, index_dir, shard_size, float16, progress):
 def import_cmd(src, index_dir, model, pretrained, checkpoint, max_index_memory, progress):
     """Ingest embedding shards (from `mmsearch export` or clip-retrieval inference) without re-embedding.
     The model must match the index's: a mismatch is refused and nothing changes."""
-    from ..exchange import open_for_import, import_embeddings
+    from mmsearch.storage.exchange import open_for_import, import_embeddings
 
     spec = model_spec(model, pretrained, checkpoint, warn_random=False)
     store = open_for_import(index_dir_of(index_dir), src, spec, max_index_memory)

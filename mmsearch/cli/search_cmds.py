@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .app import cli
-from .options import (device_option, emit_json, index_dir_of, index_option, output_options, parse_date, render_hits,
+from mmsearch.cli.app import cli
+from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_option, output_options, parse_date, render_hits,
                       with_bar)
 
 
@@ -31,8 +31,8 @@ from .options import (device_option, emit_json, index_dir_of, index_option, outp
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
            rerank, rerank_k, alpha, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
-    from ..query import Searcher
-    from ..store import IndexStore
+    from mmsearch.search.query import Searcher
+    from mmsearch.storage.store import IndexStore
 
     searcher = Searcher(IndexStore.open(index_dir_of(index_dir), device=device))  # torch only for new images
     if over_texts:
@@ -60,8 +60,8 @@ def texts():
 @with_bar("texts", unit="text")
 def texts_add(file, index_dir, column, progress):
     """Embed the texts of FILE (one per line, or a CSV/JSONL text column); duplicates are stored once."""
-    from ..corpus import add_texts, read_texts
-    from ..store import IndexStore
+    from mmsearch.indexing.corpus import add_texts, read_texts
+    from mmsearch.storage.store import IndexStore
 
     res = add_texts(IndexStore.open(index_dir_of(index_dir)), read_texts(file, column), progress=progress)
     progress.close()
@@ -74,7 +74,7 @@ def texts_add(file, index_dir, column, progress):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def texts_list(index_dir, like, as_json):
     """List the corpus (id and text)."""
-    from ..store import IndexStore
+    from mmsearch.storage.store import IndexStore
 
     for r in IndexStore.open(index_dir_of(index_dir)).catalog.text_rows(like=like):
         emit_json(r) if as_json else click.echo(f"{r['id']}\t{r['text']}")
@@ -86,8 +86,8 @@ def texts_list(index_dir, like, as_json):
 @click.option("--like", default=None, help="Remove every text containing this substring.")
 def texts_remove(ids, index_dir, like):
     """Remove texts by id (see `texts list`) or by substring."""
-    from ..corpus import remove_texts
-    from ..store import IndexStore
+    from mmsearch.indexing.corpus import remove_texts
+    from mmsearch.storage.store import IndexStore
 
     if not ids and not like:
         raise click.UsageError("give text ids or --like")

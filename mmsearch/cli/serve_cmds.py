@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .app import cli
-from .options import index_dir_of, index_option
+from mmsearch.cli.app import cli
+from mmsearch.cli.options import index_dir_of, index_option
 
 
 @cli.command()
@@ -23,7 +23,7 @@ from .options import index_dir_of, index_option
                    "cuda, cuda:N or mps = torch on that device.")
 def serve(index_dir, host, port, token, allow_hosts, cors_origins, max_upload_mb, device):
     """Serve a search page and a JSON API (/docs) for an index; prints the URL to open."""
-    from ..serve.run import prepare
+    from mmsearch.serve.run import prepare
 
     launch = prepare(index_dir_of(index_dir), host, port, token, allow_hosts, cors_origins, max_upload_mb, device)
     click.echo(f"mmsearch: serving {launch.images} images at {launch.url}  (API docs: /docs; Ctrl-C stops)")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..config import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_MODEL, ModelSpec
-from .app import cli
-from .options import Bar, device_option, model_options, model_spec, with_bar
+from mmsearch.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_MODEL, ModelSpec
+from mmsearch.cli.app import cli
+from mmsearch.cli.options import Bar, device_option, model_options, model_spec, with_bar
 
 
 # ---- data, training, evaluation ----------------------------------------------------------------
@@ -21,7 +21,7 @@ from .options import Bar, device_option, model_options, model_spec, with_bar
               help="Share of scenes drawn as colour-swap pairs (what a re-ranker learns from).")
 def synth(out, n, seed, size, relational):
     """Write a synthetic captioned dataset: OUT/images/*.png and OUT/captions.csv (train/val/test)."""
-    from ..datasets import synthesize
+    from mmsearch.datasets.readers import synthesize
 
     summary = synthesize(out, n=n, seed=seed, size=size, relational=relational)
     click.echo(json.dumps(summary, default=str))
@@ -67,7 +67,7 @@ def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, accum_
     Several processes: torchrun --nproc-per-node N -m mmsearch train ..."""
     import os
 
-    from ..train import train_encoder
+    from mmsearch.train import train_encoder
 
     spec = model_spec(model, pretrained, checkpoint, warn_random=False) or ModelSpec(model=TINY_MODEL, pretrained=None)
     res = train_encoder(data, spec, out, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
@@ -101,9 +101,9 @@ def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, accum_
 def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, reranker, rerank_k, alpha, factory, as_json,
              out_path, save_embeddings, device, progress):
     """Recall@k for text->image and image->text, computed as CLIP_benchmark does."""
-    from ..datasets import load_dataset
-    from ..encoder import load_encoder
-    from ..evaluate import evaluate, render_markdown
+    from mmsearch.datasets.readers import load_dataset
+    from mmsearch.towers.encoder import load_encoder
+    from mmsearch.evaluation.evaluate import evaluate, render_markdown
 
     for target in (out_path, save_embeddings):  # before the work, not after it
         if target:
@@ -114,7 +114,7 @@ def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, rerank
     encoder = load_encoder(model_spec(model, pretrained, checkpoint, required=True), device=device)
     rr = None
     if reranker:
-        from ..rerank import Reranker
+        from mmsearch.rerank.model import Reranker
 
         rr = Reranker.load(reranker)
     report = evaluate(encoder, ds, ks=tuple(ks) or (1, 5, 10), reranker=rr, rerank_k=rerank_k, alpha=alpha,
@@ -141,7 +141,7 @@ def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, rerank
 @with_bar("train-reranker", unit="step")
 def train_reranker_cmd(data, checkpoint, steps, batch_size, lr, out, resume, device, precision, progress):
     """Train the fusion re-ranker (cross-attention ITM) over a frozen dual encoder."""
-    from ..rerank_train import train_reranker
+    from mmsearch.train.reranker import train_reranker
 
     res = train_reranker(data, checkpoint, out, steps=steps, batch_size=batch_size, lr=lr, resume=resume,
                          device=device, precision=precision, progress=progress,
@@ -159,6 +159,6 @@ def train_reranker_cmd(data, checkpoint, steps, batch_size, lr, out, resume, dev
 @click.option("--reranker-steps", default=None, type=int, help="Re-ranker training steps [default: the demo's budget].")
 def demo(out, n, steps, reranker_steps):
     """Offline end-to-end demo: synthesise data, train mmsearch-tiny and its re-ranker, index, query, recall@k."""
-    from ..demo import run_demo
+    from mmsearch.demo import run_demo
 
     run_demo(out, n=n, steps=steps, reranker_steps=reranker_steps, log=click.echo, progress_factory=Bar)

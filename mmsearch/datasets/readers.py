@@ -12,8 +12,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .errors import DatasetError, MediaError
-from .media import IMAGE_EXTENSIONS
+from mmsearch.errors import DatasetError, MediaError
+from mmsearch.media import IMAGE_EXTENSIONS
 
 IMAGE_COLUMNS = ("image", "filepath", "file", "filename", "path")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence")
@@ -216,6 +216,6 @@ def load_dataset(path, split: Optional[str] = None, images_root=None, verify_ima
 
 
 def synthesize(out, n: int = 1000, seed: int = 0, size: int = 64, relational: float = 0.5, progress=None) -> dict:
-    from .synth import synthesize as _synth
+    from mmsearch.datasets.synth import synthesize as _synth
 
     return _synth(out, n=n, seed=seed, size=size, relational=relational, progress=progress)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .errors import DatasetError
+from mmsearch.errors import DatasetError
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
            "purple": (140, 40, 170), "orange": (250, 140, 0), "white": (250, 250, 250), "black": (10, 10, 10)}

@@ -18,9 +18,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DistributedError, MediaError
-from . import pending
-from .worker import FATAL, OK, UNREACHABLE, EmbedActor
+from mmsearch.errors import DistributedError, MediaError
+from mmsearch.distributed import pending
+from mmsearch.distributed.worker import FATAL, OK, UNREACHABLE, EmbedActor
 
 # Ray's own is 30 min; a stuck pool should say so sooner (a first download of large pretrained weights
 # on every node may need more: RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S overrides it)
@@ -59,7 +59,7 @@ class RayExecutor:
         self.cpus_per_actor, self.no_progress_timeout_s = cpus_per_actor, no_progress_timeout_s
         self.stats: dict = {}
 
-    # ---- the executor hook (mmsearch.indexer.index_folders) --------------------------------------
+    # ---- the executor hook (mmsearch.indexing.pipeline.index_folders) --------------------------------------
     def run(self, store, plan, vectors, summary, progress=None) -> None:
         ray = import_ray()
         todo = plan.embed
@@ -135,7 +135,7 @@ class RayExecutor:
         return dict(actors=actors, num_gpus=num_gpus, device=worker_dev, gpu=use_gpu)
 
     def _dataset(self, ray, store, todo):
-        from .. import __version__
+        from mmsearch import __version__
 
         pool = self._pool(ray)
         bs = self.batch_size or (256 if pool["gpu"] else 32)
@@ -167,7 +167,7 @@ class RayExecutor:
                 raise DistributedError(f"index {store.dir} is int8, which runs on CPUs only (its ONNX tower "
                                        f"gives no re-ranker tokens): use --device cpu without a re-ranker")
             return None
-        from ..imagetower import OnnxImageTower
+        from mmsearch.towers.imagetower import OnnxImageTower
 
         enc = store.image_encoder()  # exports the tower when missing (torch on the driver, once)
         if not isinstance(enc, OnnxImageTower):
@@ -179,7 +179,7 @@ class RayExecutor:
     # ---- committing on the driver ---------------------------------------------------------------
     def _commit(self, store, plan, vectors, summary, batch: dict, left: dict) -> int:
         """Commit one result batch with its pending rows; results for paths no longer pending are dropped."""
-        from ..indexer import _commit_batch
+        from mmsearch.indexing.pipeline import _commit_batch
 
         good, bad, rows, seen = [], [], [], set()
         for i, path in enumerate(batch["path"]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Iterable
 
-from ..catalog import Catalog
+from mmsearch.storage.catalog import Catalog
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS pending (
     path TEXT PRIMARY KEY,

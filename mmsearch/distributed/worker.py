@@ -21,9 +21,9 @@ class EmbedActor:
     def __init__(self, spec: dict, fingerprint: str, dim: int, device: str = "auto", precision: str = "fp32",
                  token_grid: Optional[int] = None, token_width: int = 0, decode_workers: int = 2,
                  version: Optional[str] = None, tower=None, threads: int = 1):
-        from .. import __version__
-        from ..config import ModelSpec
-        from ..errors import MmsearchError
+        from mmsearch import __version__
+        from mmsearch.config import ModelSpec
+        from mmsearch.errors import MmsearchError
 
         self.node = socket.gethostname()
         self.dim, self.token_grid, self.error, self.encoder = dim, token_grid, None, None
@@ -36,9 +36,9 @@ class EmbedActor:
             if tower is not None:  # the index's exported ONNX tower (CPU workers): no torch to import
                 self.encoder = _onnx_tower(tower, fingerprint, precision, threads)
             else:
-                from ..devices import check_precision, resolve_device
-                from ..encoder import load_encoder
-                from ..errors import ModelMismatchError
+                from mmsearch.towers.devices import check_precision, resolve_device
+                from mmsearch.towers.encoder import load_encoder
+                from mmsearch.errors import ModelMismatchError
 
                 dev = resolve_device(device)
                 enc = load_encoder(ModelSpec.from_dict(spec), device=dev)
@@ -51,7 +51,7 @@ class EmbedActor:
             hint = " (the checkpoint must be readable at the same path on every node)" \
                 if spec.get("checkpoint") and "not found" in str(exc) else ""
             self.error = f"node {self.node}: {exc}{hint}"
-        from ..indexer import _background_thread
+        from mmsearch.indexing.pipeline import _background_thread
 
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_workers), initializer=_background_thread)
 
@@ -70,9 +70,9 @@ class EmbedActor:
             kind[:] = FATAL
             error[:] = self.error
             return out
-        from .. import scan
-        from ..errors import MediaError
-        from ..indexer import _batch_pixels, _decode, _worker_transform
+        from mmsearch.indexing import scan
+        from mmsearch.errors import MediaError
+        from mmsearch.indexing.pipeline import _batch_pixels, _decode, _worker_transform
 
         enc = self.encoder
         prep = _worker_transform(enc)
@@ -111,8 +111,8 @@ def _onnx_tower(tower, fingerprint: str, precision: str, threads: int):
     import tempfile
     from pathlib import Path
 
-    from ..errors import ModelMismatchError
-    from ..imagetower import DIR_NAME, OnnxImageTower
+    from mmsearch.errors import ModelMismatchError
+    from mmsearch.towers.imagetower import DIR_NAME, OnnxImageTower
 
     if not isinstance(tower, dict):  # an ObjectRef from the driver
         import ray

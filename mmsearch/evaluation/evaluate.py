@@ -7,11 +7,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .blend import blend
-from .datasets import CaptionDataset
-from .errors import MediaError
-from .media import load_image
-from .metrics import ann_overlap, image_to_text_ranks, reranked_ranks, summarize, text_to_image_ranks, topk
+from mmsearch.rerank.blend import blend
+from mmsearch.datasets.readers import CaptionDataset
+from mmsearch.errors import MediaError
+from mmsearch.media import load_image
+from mmsearch.evaluation.metrics import ann_overlap, image_to_text_ranks, reranked_ranks, summarize, text_to_image_ranks, topk
 
 
 def embed_dataset(encoder, ds: CaptionDataset, batch_size: int = 64, token_grid: Optional[int] = None,
@@ -151,7 +151,7 @@ def evaluate(encoder, ds: CaptionDataset, ks: Sequence[int] = (1, 5, 10), rerank
 
 
 def _ann_fidelity(factory: str, img: np.ndarray, txt: np.ndarray, k: int) -> dict:
-    from .vectors import VectorIndex
+    from mmsearch.storage.vectors import VectorIndex
 
     out = {"factory": factory, "k": k}
     for name, queries, base in (("text_to_image", txt, img), ("image_to_text", img, txt)):

@@ -7,9 +7,9 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .datasets import iter_jsonl
-from .errors import DatasetError
-from .store import IndexStore
+from mmsearch.datasets.readers import iter_jsonl
+from mmsearch.errors import DatasetError
+from mmsearch.storage.store import IndexStore
 
 TEXT_COLUMNS = ("text", "caption", "sentence", "title")
 

@@ -18,11 +18,13 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from . import media, scan
-from .catalog import Catalog
-from .config import DEFAULT_FACTORY, ModelSpec
-from .errors import MediaError, MmsearchError, VectorIndexError
-from .store import IndexStore
+from mmsearch import media
+
+from mmsearch.indexing import scan
+from mmsearch.storage.catalog import Catalog
+from mmsearch.config import DEFAULT_FACTORY, ModelSpec
+from mmsearch.errors import MediaError, MmsearchError, VectorIndexError
+from mmsearch.storage.store import IndexStore
 
 Progress = Optional[Callable[..., None]]
 
@@ -200,7 +202,7 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
     (None: the index's own, devices.default_precision for a new one) is recorded in the index. `executor` replaces the local
     decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way."""
-    from .devices import check_precision, default_precision, device_type, select_device
+    from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
 
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
@@ -252,7 +254,7 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text()  # loads torch on the driver only when the text tower is missing
     elif plan.embed:
-        from .devices import default_batch_size, default_decode_workers
+        from mmsearch.towers.devices import default_batch_size, default_decode_workers
 
         token_grid = store.token_grid()
         encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu")

@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
-from .config import IMAGE_EXTENSIONS
-from .errors import MediaError
+from mmsearch.config import IMAGE_EXTENSIONS
+from mmsearch.errors import MediaError
 
 OnError = Optional[Callable[[str, str], None]]
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blend import DIRECTIONS
-from .errors import CheckpointError
-from .safeload import safe_torch_load
+from mmsearch.rerank.blend import DIRECTIONS
+from mmsearch.errors import CheckpointError
+from mmsearch.towers.safeload import safe_torch_load
 
 TOKEN_GRID = 4
 RERANKER_FORMAT = "mmsearch-reranker"

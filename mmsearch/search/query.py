@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .blend import blend
-from .config import IMAGE_EXTENSIONS
-from .errors import EmptyIndexError, QueryError
-from .store import IndexStore
+from mmsearch.rerank.blend import blend
+from mmsearch.config import IMAGE_EXTENSIONS
+from mmsearch.errors import EmptyIndexError, QueryError
+from mmsearch.storage.store import IndexStore
 
 DEFAULT_RERANK_K = 32
 _SPLIT = re.compile(r"(?:^|\s+)([+-])(?:\s+|$)")
@@ -109,7 +109,7 @@ class Searcher:
             toks = cat.tokens([image_id], self.store.token_shape()).get(image_id)
             if toks is not None:
                 return cat.embeddings(self.store.dim, [image_id])[1][0], toks.astype(np.float32)
-        from .media import load_image
+        from mmsearch.media import load_image
 
         # the index's own image tower (ONNX, its precision) unless re-ranker tokens need torch
         enc = self.store.image_embedder() if token_grid is None else self.store.encoder()

@@ -5,7 +5,7 @@ built, so `mmsearch --help` and the library stay free of the web stack.
 """
 from __future__ import annotations
 
-from ..errors import MmsearchError
+from mmsearch.errors import MmsearchError
 
 
 class ServeUnavailableError(MmsearchError):
@@ -24,6 +24,6 @@ def require_web_stack() -> None:
 def create_app(index_dir, **options):
     """The FastAPI app for one index; options as mmsearch.serve.app.build_app."""
     require_web_stack()
-    from .app import build_app
+    from mmsearch.serve.app import build_app
 
     return build_app(index_dir, **options)

@@ -6,10 +6,10 @@ import mimetypes
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 
-from ..errors import MediaError
-from .api_search import state
-from .errors import ApiError
-from .params import MAX_ID
+from mmsearch.errors import MediaError
+from mmsearch.serve.api_search import state
+from mmsearch.serve.errors import ApiError
+from mmsearch.serve.params import MAX_ID
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 ImageId = Path(..., ge=0, lt=MAX_ID, description="Catalog id (from a search hit).")

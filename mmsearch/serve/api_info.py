@@ -5,8 +5,8 @@ import sys
 
 from fastapi import APIRouter, Request
 
-from .. import __version__
-from .api_search import state
+from mmsearch import __version__
+from mmsearch.serve.api_search import state
 
 router = APIRouter(prefix="/api", tags=["info"])
 

@@ -8,10 +8,10 @@ from typing import Sequence
 from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-from .errors import ApiError
-from .params import MAX_ID, SearchParams, search_params
-from .state import ServeState, thumb_url
-from .uploads import upload_file
+from mmsearch.serve.errors import ApiError
+from mmsearch.serve.params import MAX_ID, SearchParams, search_params
+from mmsearch.serve.state import ServeState, thumb_url
+from mmsearch.serve.uploads import upload_file
 
 router = APIRouter(prefix="/api", tags=["search"])
 

@@ -10,11 +10,11 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from .. import __version__
-from . import api_images, api_info, api_search
-from .errors import install_handlers, log
-from .guard import Guard, default_allowed_hosts
-from .state import ServeState
+from mmsearch import __version__
+from mmsearch.serve import api_images, api_info, api_search
+from mmsearch.serve.errors import install_handlers, log
+from mmsearch.serve.guard import Guard, default_allowed_hosts
+from mmsearch.serve.state import ServeState
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import EmptyIndexError, MediaError, MmsearchError, QueryError
+from mmsearch.errors import EmptyIndexError, MediaError, MmsearchError, QueryError
 
 log = logging.getLogger("mmsearch.serve")
 

@@ -8,9 +8,9 @@ from typing import Optional
 
 from fastapi import Query
 
-from ..config import IMAGE_EXTENSIONS
-from ..query import DEFAULT_RERANK_K
-from .errors import ApiError
+from mmsearch.config import IMAGE_EXTENSIONS
+from mmsearch.search.query import DEFAULT_RERANK_K
+from mmsearch.serve.errors import ApiError
 
 MAX_K = 200
 MAX_OFFSET = 10_000

@@ -6,9 +6,9 @@ import socket
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..errors import MmsearchError
-from . import create_app
-from .guard import is_loopback, new_token
+from mmsearch.errors import MmsearchError
+from mmsearch.serve import create_app
+from mmsearch.serve.guard import is_loopback, new_token
 
 
 class ServeError(MmsearchError):
@@ -32,7 +32,7 @@ def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optiona
             device: str = "cpu") -> Launch:
     """Everything short of serving. Off loopback a token is mandatory: one is generated when none is given."""
     if device not in (None, "auto", "cpu"):  # a GPU asked for: refuse a missing one now, not at the first upload
-        from ..devices import resolve_device
+        from mmsearch.towers.devices import resolve_device
 
         resolve_device(device)
     if not is_loopback(host) and not token:

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..catalog import Catalog
-from ..query import Searcher
-from ..store import IMAGE_VECTORS, IndexStore
-from .errors import ApiError
-from .thumbs import ThumbCache
+from mmsearch.storage.catalog import Catalog
+from mmsearch.search.query import Searcher
+from mmsearch.storage.store import IMAGE_VECTORS, IndexStore
+from mmsearch.serve.errors import ApiError
+from mmsearch.serve.thumbs import ThumbCache
 
 
 class ServingStore(IndexStore):
@@ -44,7 +44,7 @@ class ServingStore(IndexStore):
         with self._lock:
             if self._vectors is not None and gen == self._vectors_gen:
                 return self._vectors
-            from ..vectors import VectorIndex
+            from mmsearch.storage.vectors import VectorIndex
 
             index = VectorIndex.load(self.dir / IMAGE_VECTORS, gen)  # the indexer saves it when a run ends
             if index is None:  # mid-run: rebuild from the catalog, at most every REBUILD_EVERY_S

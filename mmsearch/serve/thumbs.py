@@ -52,7 +52,7 @@ class ThumbCache:
 def render(path: str, size: int) -> bytes:
     from PIL import Image
 
-    from ..media import load_image
+    from mmsearch.media import load_image
 
     img = load_image(path, min_size=size)  # draft-decoded, EXIF-transposed, RGB, under the pixel cap
     img.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)

@@ -8,9 +8,9 @@ import shutil
 import tempfile
 from typing import Iterator
 
-from ..config import IMAGE_EXTENSIONS
-from ..errors import MediaError
-from .errors import ApiError
+from mmsearch.config import IMAGE_EXTENSIONS
+from mmsearch.errors import MediaError
+from mmsearch.serve.errors import ApiError
 
 MIN_SIDE = 256  # decode checks use JPEG draft scaling: a 100 MP upload is not decoded at full size twice
 
@@ -18,7 +18,7 @@ MIN_SIDE = 256  # decode checks use JPEG draft scaling: a 100 MP upload is not d
 @contextlib.contextmanager
 def upload_file(upload, max_bytes: int) -> Iterator[str]:
     """Path of a checked copy of `upload` (a starlette UploadFile); ApiError 400/413 when it is not usable."""
-    from ..media import load_image
+    from mmsearch.media import load_image
 
     data = upload.file.read(max_bytes + 1)
     if len(data) > max_bytes:

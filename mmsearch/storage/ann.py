@@ -23,8 +23,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import VectorIndexError
-from .vectors import VectorIndex
+from mmsearch.errors import VectorIndexError
+from mmsearch.storage.vectors import VectorIndex
 
 AUTO = "auto"
 FLAT_MAX = 50_000  # measured: Flat p50 crosses ~10 ms between 50k and 100k vectors on 2 cores

@@ -19,8 +19,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .config import SCHEMA_VERSION
-from .errors import IndexNotFoundError, IndexVersionError
+from mmsearch.config import SCHEMA_VERSION
+from mmsearch.errors import IndexNotFoundError, IndexVersionError
 
 CATALOG_NAME = "catalog.db"
 # A 512-d float32 embedding makes an image row ~2.2 KB: with SQLite's default 4 KB pages only one row

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import DatasetError, ModelMismatchError
+from mmsearch.errors import DatasetError, ModelMismatchError
 
 MODEL_RECORD = "mmsearch_model.json"
 _RECORD_KEYS = ("model", "arch", "fingerprint", "dim", "image_size", "text_width", "vision_width")
@@ -137,7 +137,7 @@ def check_compatible(store, src, expected_model=None) -> list[tuple[Path, Path, 
 
 
 def _names_model(spec, store) -> bool:
-    from .store import _normalise, _same_model
+    from mmsearch.storage.store import _normalise, _same_model
 
     return _same_model(_normalise(spec), store.spec)
 
@@ -188,9 +188,9 @@ class _Rebuild:
 def open_for_import(index_dir, src, spec=None, max_index_memory=None):
     """The index to import into: an existing one, or a new one for the shards' recorded model (or `spec`).
     A new index loads that model once to check its fingerprint against the record."""
-    from .catalog import Catalog
-    from .config import ModelSpec
-    from .store import IndexStore
+    from mmsearch.storage.catalog import Catalog
+    from mmsearch.config import ModelSpec
+    from mmsearch.storage.store import IndexStore
 
     if Catalog.exists(index_dir):
         return IndexStore.open(index_dir)
@@ -198,7 +198,7 @@ def open_for_import(index_dir, src, spec=None, max_index_memory=None):
     if spec is None and record is None:
         raise ModelMismatchError(f"{src} has no {MODEL_RECORD}: name the model it was computed with "
                                  f"(--model/--pretrained or --checkpoint) to create index {index_dir}")
-    from .encoder import load_encoder
+    from mmsearch.towers.encoder import load_encoder
 
     spec = spec or ModelSpec.from_dict(record["model"])
     enc = load_encoder(spec)

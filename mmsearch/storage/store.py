@@ -12,11 +12,11 @@ from typing import Optional
 
 import numpy as np
 
-from . import __version__
-from .catalog import Catalog
-from .config import DEFAULT_FACTORY, ModelSpec
-from .errors import EmptyIndexError, ModelMismatchError, UnknownModelError, VectorIndexError
-from .devices import PRECISIONS
+from mmsearch import __version__
+from mmsearch.storage.catalog import Catalog
+from mmsearch.config import DEFAULT_FACTORY, ModelSpec
+from mmsearch.errors import EmptyIndexError, ModelMismatchError, UnknownModelError, VectorIndexError
+from mmsearch.towers.devices import PRECISIONS
 
 IMAGE_VECTORS = "vectors.faiss"
 TEXT_VECTORS = "texts.faiss"
@@ -59,7 +59,7 @@ class IndexStore:
         self._reranker = None
         self.notices: list[str] = []  # one-line notes for the CLI to show (e.g. a torch fallback)
         self._fast = None
-        self.device = device  # torch device (a name for mmsearch.devices); never part of what is stored
+        self.device = device  # torch device (a name for mmsearch.towers.devices); never part of what is stored
 
     # ---- opening ------------------------------------------------------------------------------
     @classmethod
@@ -88,8 +88,8 @@ class IndexStore:
                     f"index {directory} was built in {store.precision}, not {precision}: mixing them would mix "
                     f"embeddings; nothing was changed. Omit --precision, or use another --index.")
             return store
-        from . import towercache
-        from .ann import parse_size
+        from mmsearch.towers import cache as towercache
+        from mmsearch.storage.ann import parse_size
 
         spec = _normalise(spec or ModelSpec())
         precision = precision or "fp32"
@@ -97,7 +97,7 @@ class IndexStore:
         record = towercache.lookup(spec, precision) if encoder is None else None
         if record is None:
             if encoder is None:
-                from .encoder import load_encoder
+                from mmsearch.towers.encoder import load_encoder
 
                 encoder = load_encoder(spec, device=device)
             record = {"model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch,
@@ -120,7 +120,7 @@ class IndexStore:
         """After a run that loaded torch (so the weights were checked against the index's fingerprint),
         keep this index's exported towers for the next new index of the same model."""
         if self._encoder is not None and self._encoder.fingerprint == self.meta["fingerprint"]:
-            from . import towercache
+            from mmsearch.towers import cache as towercache
 
             towercache.save(self.spec, self.meta, self.dir)
 
@@ -146,7 +146,7 @@ class IndexStore:
         """The torch encoder this index was built with, on `self.device`; refuses weights that changed since.
         It embeds at fp32; indexing sets the index's precision on it (queries tolerate the difference)."""
         if self._encoder is None:
-            from .encoder import load_encoder
+            from mmsearch.towers.encoder import load_encoder
 
             enc = load_encoder(self.spec, device=self.device)
             if enc.fingerprint != self.meta["fingerprint"]:
@@ -161,7 +161,7 @@ class IndexStore:
         weights and this precision, else the torch encoder, exporting the tower for the next run.
         Torch serves GPUs (`prefer_torch`), re-ranker tokens, models ONNX cannot take and amp-* on a CPU
         without bfloat16 arithmetic; int8 is ONNX only."""
-        from .towerruntime import runs_here
+        from mmsearch.towers.runtime import runs_here
 
         int8 = self.precision == "int8"
         if (token_grid is not None or prefer_torch or os.environ.get("MMSEARCH_TORCH_IMAGE")
@@ -171,8 +171,8 @@ class IndexStore:
             raise UnknownModelError(f"index {self.dir} is int8: its ONNX image tower cannot give re-ranker tokens")
         if getattr(self, "_image_tower", None) is not None:
             return self._image_tower
-        from .errors import MmsearchError
-        from .imagetower import OnnxImageTower, export_image_tower, fresh_meta
+        from mmsearch.errors import MmsearchError
+        from mmsearch.towers.imagetower import OnnxImageTower, export_image_tower, fresh_meta
 
         for attempt in range(2):
             try:
@@ -192,7 +192,7 @@ class IndexStore:
     def image_embedder(self):
         """What embeds an image that is not in the index (a query image, an upload): something with
         .image_size and .encode_images(pil_images, token_grid=None); torch only on a GPU device."""
-        from .devices import device_type, select_device
+        from mmsearch.towers.devices import device_type, select_device
 
         return self.image_encoder(prefer_torch=device_type(select_device(self.device)) != "cpu")
 
@@ -218,10 +218,10 @@ class IndexStore:
             return None  # MMSEARCH_TORCH_TEXT=1 forces the torch text tower (debugging, benchmarks)
         if self._fast is not None:
             return self._fast  # loaded once per store: a server answers many queries
-        from .errors import MmsearchError
+        from mmsearch.errors import MmsearchError
 
         try:
-            from .textnp import NumpyTextTower
+            from mmsearch.towers.textnp import NumpyTextTower
 
             tower = NumpyTextTower.load(self.dir)
         except (MmsearchError, ImportError):
@@ -234,11 +234,11 @@ class IndexStore:
     def export_fast_text(self, encoder=None) -> None:
         """Write the numpy text tower next to the index so text queries skip torch (best effort).
         Loads the torch encoder only when the tower is missing or stale."""
-        from .errors import MmsearchError
+        from mmsearch.errors import MmsearchError
 
         if self._fast_text() is None and not os.environ.get("MMSEARCH_TORCH_TEXT"):
             try:
-                from .textnp import export_text_tower
+                from mmsearch.towers.textnp import export_text_tower
 
                 export_text_tower(encoder or self.encoder(), self.dir)
                 self._record_text_path("numpy", None)
@@ -272,7 +272,7 @@ class IndexStore:
         return (1 + g * g, int(self.meta["vision_width"])) if g else None
 
     def configure_reranker(self, path) -> None:
-        from .rerank import Reranker
+        from mmsearch.rerank.model import Reranker
 
         rr = Reranker.load(path)
         if rr.encoder_fingerprint != self.meta["fingerprint"]:
@@ -293,7 +293,7 @@ class IndexStore:
 
     def reranker(self):
         if self._reranker is None and self.reranker_info():
-            from .rerank import Reranker
+            from mmsearch.rerank.model import Reranker
 
             self._reranker = Reranker.load(self.reranker_info()["path"])
         return self._reranker
@@ -308,7 +308,7 @@ class IndexStore:
         return self.meta.get("ann")
 
     def _build_image_vectors(self, factory: Optional[str] = None, progress=None):
-        from . import ann
+        from mmsearch.storage import ann
 
         texts = None
         if self.catalog.count_texts() >= 100:  # a text corpus: the best text-like queries to tune on
@@ -330,12 +330,12 @@ class IndexStore:
 
     def vectors_fresh(self) -> bool:
         """Whether the FAISS file exists and was built from the catalog as it is (its sidecar says so)."""
-        from .vectors import VectorIndex
+        from mmsearch.storage.vectors import VectorIndex
 
         return VectorIndex.is_fresh(self.dir / IMAGE_VECTORS, self.catalog.generation())
 
     def vectors_for_update(self) -> _PendingVectors:
-        from .vectors import VectorIndex
+        from mmsearch.storage.vectors import VectorIndex
 
         return _PendingVectors(VectorIndex.load(self.dir / IMAGE_VECTORS, self.catalog.generation(), mmap=False))
 
@@ -343,7 +343,7 @@ class IndexStore:
         """After an update: save in place, or rebuild from the stored embeddings when the structure
         cannot update in place or an auto index grew past its tier (ids, filters and re-ranker tokens
         live in the catalog, so they survive any rebuild)."""
-        from . import ann
+        from mmsearch.storage import ann
 
         if pending.needs_rebuild or ann.needs_rebuild(self.ann_info(), pending.index.ntotal):
             self._save_built(*self._build_image_vectors(progress=progress))
@@ -353,7 +353,7 @@ class IndexStore:
 
     def image_vectors(self):
         """The FAISS index for search; rebuilt from the catalog (without re-embedding) when missing or stale."""
-        from .vectors import VectorIndex
+        from mmsearch.storage.vectors import VectorIndex
 
         gen = self.catalog.generation()
         cached = getattr(self, "_vectors", None)
@@ -379,7 +379,7 @@ class IndexStore:
 
     def reindex(self, factory: str, max_index_memory=None, progress=None) -> int:
         """Rebuild the vector index with another FAISS structure (or 'auto') from the stored embeddings."""
-        from .ann import parse_size
+        from mmsearch.storage.ann import parse_size
 
         if self.catalog.count_images() == 0:
             raise EmptyIndexError(f"index {self.dir} has no images to build vectors from")
@@ -393,7 +393,7 @@ class IndexStore:
         return index.ntotal
 
     def text_vectors(self):
-        from .vectors import VectorIndex
+        from mmsearch.storage.vectors import VectorIndex
 
         gen = int(self.meta.get("text_generation", 0))
         index = VectorIndex.load(self.dir / TEXT_VECTORS, gen)

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import faiss
 import numpy as np
 
-from .errors import VectorIndexError
+from mmsearch.errors import VectorIndexError
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:

@@ -33,7 +33,7 @@ def cache_root() -> Optional[Path]:
 def _key(spec) -> str:
     from importlib import metadata
 
-    from . import __version__
+    from mmsearch import __version__
 
     try:
         oc = metadata.version("open_clip_torch")

@@ -5,7 +5,7 @@ imported only when a device is resolved, so the CLI can parse `--device` without
 """
 from __future__ import annotations
 
-from .errors import DeviceError
+from mmsearch.errors import DeviceError
 
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N|mps"
 
@@ -75,7 +75,7 @@ def device_type(device) -> str:
 # default_precision(). amp-* runs bfloat16/float16 products (torch.autocast; on a CPU with bf16
 # arithmetic, OpenVINO), int8 the quantised ONNX tower: both change the stored vectors slightly, so an
 # index records its precision and refuses to mix it with another.
-PRECISIONS = ("fp32", "int8", "amp-bf16", "amp-fp16")  # int8: ONNX Runtime on a CPU (mmsearch.imagetower)
+PRECISIONS = ("fp32", "int8", "amp-bf16", "amp-fp16")  # int8: ONNX Runtime on a CPU (mmsearch.towers.imagetower)
 _PRECISION_DEVICES = {"amp-bf16": ("cpu", "cuda"), "amp-fp16": ("cuda", "mps")}
 
 
@@ -87,7 +87,7 @@ def default_precision(device, reranker: bool = False) -> str:
     torch, whose bf16 is slower than fp32 on a CPU."""
     if device_type(device) != "cpu" or reranker:
         return "fp32"
-    from .towerruntime import cpu_has_bf16
+    from mmsearch.towers.runtime import cpu_has_bf16
 
     return "amp-bf16" if cpu_has_bf16() else "fp32"
 

@@ -16,10 +16,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .config import MODEL_CONFIG_DIR, ModelSpec
-from .errors import CheckpointError, MissingExtraError, UnknownModelError, WeightsUnavailableError
-from .models import check_requirements
-from .safeload import safe_torch_load
+from mmsearch.config import MODEL_CONFIG_DIR, ModelSpec
+from mmsearch.errors import CheckpointError, MissingExtraError, UnknownModelError, WeightsUnavailableError
+from mmsearch.towers.models import check_requirements
+from mmsearch.towers.safeload import safe_torch_load
 
 CHECKPOINT_FORMAT = "mmsearch-checkpoint"
 _registered = False
@@ -35,7 +35,7 @@ def register_model_configs() -> None:
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
     """Read an mmsearch checkpoint (weights + architecture config + training args + metrics).
-    Weights-only unpickling (mmsearch.safeload): a file carrying a code payload is refused unrun."""
+    Weights-only unpickling (mmsearch.towers.safeload): a file carrying a code payload is refused unrun."""
     path = Path(path)
     ckpt = safe_torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -153,7 +153,7 @@ class Encoder:
     def encode_image_tensor(self, pixels: torch.Tensor, token_grid: Optional[int] = None):
         """pixels [B,3,H,W] -> L2-normalised float32 [B,d]; with token_grid=G also compact image tokens
         [B, 1+G*G, vision_width] float32 (class token + patch tokens average-pooled to a GxG grid)."""
-        from .devices import autocast
+        from mmsearch.towers.devices import autocast
 
         self.model.eval()
         if self.device.type == "cuda" and pixels.device.type == "cpu":
@@ -357,9 +357,9 @@ def _build_error(arch: str, cfg: dict, exc: Exception):
 
 def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
     """Build the model, its transforms and its tokenizer from one spec (so they cannot drift apart).
-    `device`: a torch.device or a name for mmsearch.devices.resolve_device ('auto', 'cuda:1', ...);
+    `device`: a torch.device or a name for mmsearch.towers.devices.resolve_device ('auto', 'cuda:1', ...);
     the weights' fingerprint and every returned array are the same on any device."""
-    from .devices import resolve_device
+    from mmsearch.towers.devices import resolve_device
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     register_model_configs()

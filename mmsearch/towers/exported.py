@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import CheckpointError
+from mmsearch.errors import CheckpointError
 
 META = "meta.json"
 

@@ -1,4 +1,4 @@
-"""The image tower exported to ONNX and run without torch (mmsearch.towerruntime), so `mmsearch index` on an existing index never imports torch.
+"""The image tower exported to ONNX and run without torch (mmsearch.towers.runtime), so `mmsearch index` on an existing index never imports torch.
 
 At index time (torch loaded anyway) `export_image_tower` writes open_clip's visual tower with its
 projection and L2 normalisation as `image_tower/model.onnx` (int8: dynamically quantised MatMuls),
@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import UnknownModelError
-from .exported import fresh_export_meta, read_export_meta, write_export
-from .towerruntime import open_model
+from mmsearch.errors import UnknownModelError
+from mmsearch.towers.exported import fresh_export_meta, read_export_meta, write_export
+from mmsearch.towers.runtime import open_model
 
 DIR_NAME = "image_tower"
 FORMAT = "mmsearch-image-tower-1"

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .errors import MissingExtraError
+from mmsearch.errors import MissingExtraError
 
 RECALL_FILE = Path(__file__).parent / "data" / "retrieval_recall.json"
 HF_EXTRA = {"tokenizer": "siglip", "text tower": "multilingual"}
@@ -139,8 +139,8 @@ def list_models(name_filter: Optional[str] = None, check_cache: bool = True) -> 
     """One row per (architecture, pretrained tag) open_clip knows (tag None: random weights only)."""
     import open_clip
 
-    from .encoder import register_model_configs
-    from .textnp import text_path_for_config
+    from mmsearch.towers.encoder import register_model_configs
+    from mmsearch.towers.textnp import text_path_for_config
 
     register_model_configs()
     recall = published_recall()

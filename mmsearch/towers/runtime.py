@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CheckpointError, DeviceError
+from mmsearch.errors import CheckpointError, DeviceError
 
 RUNTIMES = ("openvino", "onnxruntime")
 
@@ -103,7 +103,7 @@ def _openvino_runner(path, precision: str):
 
 
 def _compiled_cache():
-    from .towercache import cache_root
+    from mmsearch.towers.cache import cache_root
 
     root = cache_root()
     if root is None:

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import CheckpointError
+from mmsearch.errors import CheckpointError
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)", re.IGNORECASE)
 

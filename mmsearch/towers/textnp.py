@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, UnknownModelError
-from .exported import read_export_meta, write_export
+from mmsearch.errors import CheckpointError, UnknownModelError
+from mmsearch.towers.exported import read_export_meta, write_export
 
 DIR_NAME = "text_tower"
 FORMAT = "mmsearch-text-tower-2"

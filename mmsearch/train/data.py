@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..datasets import CaptionDataset, load_dataset
-from ..errors import DatasetError, MediaError, TrainingError
-from ..media import load_image
-from . import shards as shard_io
+from mmsearch.datasets.readers import CaptionDataset, load_dataset
+from mmsearch.errors import DatasetError, MediaError, TrainingError
+from mmsearch.media import load_image
+from mmsearch.train import shards as shard_io
 
 MAX_REPLACEMENTS = 20  # unreadable images in a row before a step gives up
 

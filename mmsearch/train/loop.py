@@ -16,18 +16,18 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..config import ModelSpec
-from ..datasets import CaptionDataset, load_dataset
-from ..encoder import CHECKPOINT_FORMAT, Encoder, load_checkpoint_file, load_encoder, weights_fingerprint
-from ..errors import CheckpointError, DatasetError, TrainingError
-from ..media import load_image
-from ..metrics import image_to_text_ranks, summarize, text_to_image_ranks
-from . import distributed as dist_
-from .data import BatchPlan, StepBatches, batch_loader, default_workers, open_source
-from .optim import lr_at, make_optimizer, save_atomic
-from .precision import Precision
-from .step import clip_loss, contrastive_backward, tower_features
-from .recipe import default_hparams
+from mmsearch.config import ModelSpec
+from mmsearch.datasets.readers import CaptionDataset, load_dataset
+from mmsearch.towers.encoder import CHECKPOINT_FORMAT, Encoder, load_checkpoint_file, load_encoder, weights_fingerprint
+from mmsearch.errors import CheckpointError, DatasetError, TrainingError
+from mmsearch.media import load_image
+from mmsearch.evaluation.metrics import image_to_text_ranks, summarize, text_to_image_ranks
+from mmsearch.train import distributed as dist_
+from mmsearch.train.data import BatchPlan, StepBatches, batch_loader, default_workers, open_source
+from mmsearch.train.optim import lr_at, make_optimizer, save_atomic
+from mmsearch.train.precision import Precision
+from mmsearch.train.step import clip_loss, contrastive_backward, tower_features
+from mmsearch.train.recipe import default_hparams
 
 VAL_CACHE_IMAGES = 4096  # validation images kept decoded between validations (beyond: decoded each time)
 
@@ -81,7 +81,7 @@ def train_encoder(data, spec: ModelSpec, out, steps: Optional[int] = None, epoch
     `batch_size` is the global batch (what one step's loss sees), split over torchrun's processes and
     `accum_steps` micro-batches; unset hyper-parameters come from the recipe (recipe.py). Validation
     runs every `val_every` epochs and after the last step (open_clip's --val-frequency)."""
-    from ..devices import resolve_device
+    from mmsearch.towers.devices import resolve_device
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     world = dist_.start(device)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import TrainingError
+from mmsearch.errors import TrainingError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -17,7 +17,7 @@ data"):
 """
 from __future__ import annotations
 
-from ..config import ModelSpec
+from mmsearch.config import ModelSpec
 
 FROM_SCRATCH = dict(lr=5e-4, weight_decay=0.2, batch_size=256, warmup_cap=2000)
 FINE_TUNE = dict(lr=1e-5, weight_decay=0.1, batch_size=256, warmup_cap=2000)

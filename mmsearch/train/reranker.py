@@ -17,19 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelSpec
-from .datasets import CaptionDataset, load_dataset
-from .encoder import load_encoder
-from .errors import CheckpointError, DatasetError
-from .evaluate import embed_dataset, fit_alpha, rerank_candidates, reranked
-from .metrics import summarize
-from .query import DEFAULT_RERANK_K
-from .rerank import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_states
-from .safeload import safe_torch_load
-from .train import lr_at, save_atomic
-from .train.lanes import ThreadLanes, length_chunks
-from .train.optim import adamw
-from .train.precision import Precision
+from mmsearch.config import ModelSpec
+from mmsearch.datasets.readers import CaptionDataset, load_dataset
+from mmsearch.towers.encoder import load_encoder
+from mmsearch.errors import CheckpointError, DatasetError
+from mmsearch.evaluation.evaluate import embed_dataset, fit_alpha, rerank_candidates, reranked
+from mmsearch.evaluation.metrics import summarize
+from mmsearch.search.query import DEFAULT_RERANK_K
+from mmsearch.rerank.model import RERANKER_FORMAT, TOKEN_GRID, FusionModel, Reranker, pad_states
+from mmsearch.towers.safeload import safe_torch_load
+from mmsearch.train import lr_at, save_atomic
+from mmsearch.train.lanes import ThreadLanes, length_chunks
+from mmsearch.train.optim import adamw
+from mmsearch.train.precision import Precision
 
 
 class _Features:

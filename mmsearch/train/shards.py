@@ -19,8 +19,8 @@ from typing import Optional
 
 from PIL import Image
 
-from ..errors import DatasetError, MediaError
-from ..media import DEFAULT_MAX_PIXELS, decode_opened
+from mmsearch.errors import DatasetError, MediaError
+from mmsearch.media import DEFAULT_MAX_PIXELS, decode_opened
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_BYTES = 1 << 16  # a caption member larger than this is not a caption

@@ -19,7 +19,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .precision import Precision
+from mmsearch.train.precision import Precision
 
 
 def clip_loss(rank: int = 0, world_size: int = 1) -> open_clip.ClipLoss:

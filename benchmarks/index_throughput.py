@@ -74,14 +74,14 @@ def decode_seconds(spec, files) -> float:
     """CPU seconds per image of what a decode worker does (open, draft decode, EXIF, resize, hash)."""
     from mmsearch.indexing import scan
     from mmsearch.towers.encoder import load_encoder
-    from mmsearch.indexing.pipeline import _decode, _worker_transform
+    from mmsearch.indexing.stage import decode_file, worker_transform
 
     enc = load_encoder(spec)
-    prep = _worker_transform(enc)
+    prep = worker_transform(enc)
     infos = [scan.FileInfo(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     t = time.perf_counter()
     for info in infos:
-        _decode(info, enc.image_size, prep)
+        decode_file(info, enc.image_size, prep)
     return (time.perf_counter() - t) / len(infos)
 
 

@@ -34,7 +34,7 @@ PLAIN = r'''
 import csv, json, os, resource, sys, time
 import open_clip, torch
 from PIL import Image
-from mmsearch.towers.encoder import register_model_configs
+from mmsearch.towers.models import register_model_configs
 data, steps, bs, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 register_model_configs()
 torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 Importing the package is cheap (no torch); heavy modules load on first use.
 """
-__version__ = "0.1.0"
+from mmsearch.config import VERSION as __version__  # noqa: F401  (config imports nothing heavy)
 
 
 def __getattr__(name):

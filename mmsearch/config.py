@@ -13,6 +13,7 @@ DEFAULT_FACTORY = "auto"  # Flat while small, then a tuned IVF (ann.py)
 INDEX_ENV_VAR = "MMSEARCH_INDEX"
 DEFAULT_INDEX_DIR = Path("indexes") / "default"
 SCHEMA_VERSION = 1
+VERSION = "0.1.0"  # the package version, recorded in every index it builds (mmsearch.__version__)
 TINY_MODEL = "mmsearch-tiny"
 # Here, not in media.py, so the query path can tell an image path from text without importing PIL.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
@@ -63,3 +64,16 @@ class ModelSpec:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def normalised(self) -> "ModelSpec":
+        """The form an index records: a checkpoint by absolute path (and no pretrained tag beside it)."""
+        if self.checkpoint:
+            return ModelSpec(model=self.model, pretrained=None, checkpoint=os.path.abspath(self.checkpoint))
+        return self
+
+
+def same_model(a: ModelSpec, b: ModelSpec) -> bool:
+    """Whether two specs name the same weights (a checkpoint by its path, else architecture + tag)."""
+    if a.checkpoint or b.checkpoint:
+        return a.checkpoint == b.checkpoint
+    return (a.model, a.pretrained) == (b.model, b.pretrained)

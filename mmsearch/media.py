@@ -55,7 +55,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
+        hi = float(arr.max())
         top = 65535.0 if img.mode.startswith("I;16") or hi > 255 else 255.0
         arr = arr / (top if hi > 255 or img.mode.startswith("I;16") else max(hi, 1.0)) * 255.0
         return Image.fromarray(arr.clip(0, 255).astype("uint8")).convert("RGB")

@@ -197,14 +197,15 @@ def test_worker_rows_ok_bad_unreachable_and_a_model_it_cannot_load(tiny_checkpoi
 def test_commit_drops_a_second_answer_and_refuses_a_path_a_node_cannot_read(tiny_checkpoint, synth_dir, tmp_path):
     from mmsearch.distributed.worker import EmbedActor
     from mmsearch.errors import DistributedError
-    from mmsearch.indexing.pipeline import IndexSummary, _plan
+    from mmsearch.indexing.plan import plan_changes
+    from mmsearch.indexing.stage import IndexSummary
 
     folder = _images(synth_dir, tmp_path / "photos", 6)
     first = sorted((synth_dir / "images").glob("*.png"))[-1]
     index_folders(tmp_path / "idx", [first], spec=ModelSpec(checkpoint=str(tiny_checkpoint)),
                   precision="fp32")  # a real FAISS file, in the precision the actors below run
     store = IndexStore.open(tmp_path / "idx")
-    plan = _plan(store.catalog, [str(folder)], (), False)
+    plan = plan_changes(store.catalog, [str(folder)], (), False)
     pending.record(store.catalog, plan.embed)
     actor = EmbedActor(store.spec.to_dict(), store.meta["fingerprint"], store.dim, device="cpu")
     batch = actor(_batch([f.path for f in plan.embed]))
@@ -226,7 +227,7 @@ def test_commit_drops_a_second_answer_and_refuses_a_path_a_node_cannot_read(tiny
     # a worker that cannot see a file the driver sees: the filesystem is not shared, say so and stop
     extra = folder / "only-here.png"
     shutil.copy(next(folder.glob("*.png")), extra)
-    plan = _plan(store.catalog, [str(folder)], (), False)
+    plan = plan_changes(store.catalog, [str(folder)], (), False)
     row = {k: v[:1].copy() for k, v in batch.items()}
     row["path"][0], row["kind"][0], row["node"][0] = str(extra), "unreachable", "node-b"
     with pytest.raises(DistributedError, match="node node-b cannot read .*only-here.png.*same path on every node"):

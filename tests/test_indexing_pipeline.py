@@ -191,16 +191,16 @@ def test_decode_workers_run_below_the_encoder_priority(folder, tmp_path, monkeyp
     """Decoders yield the cores to the model's threads (measured: 98 % of model-only instead of 91 %)."""
     import threading
 
-    from mmsearch.indexing import pipeline as indexer
+    from mmsearch.indexing import pipeline as indexer  # decode_file is looked up in the pipeline module
 
     seen = []
-    original = indexer._decode
+    original = indexer.decode_file
 
     def recording(*args):
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return original(*args)
 
-    monkeypatch.setattr(indexer, "_decode", recording)
+    monkeypatch.setattr(indexer, "decode_file", recording)
     index_folders(tmp_path / "idx", [folder.root], spec=TINY, batch_size=4, workers=2)
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen and all(p > main for p in seen)
@@ -221,13 +221,13 @@ def test_walk_yields_paths_in_the_catalogs_order(tmp_path):
 
 def test_unchanged_rerun_plans_without_holding_the_catalog(tmp_path, monkeypatch):
     """The plan of a 20,000-file folder that has not changed, against a naive reference that loads
-    every catalog row and every walked file into memory (what _plan did before): same counts, and a
+    every catalog row and every walked file into memory (what the planner did before): same counts, and a
     peak of Python memory that does not grow with the folder."""
     import tracemalloc
 
     from mmsearch.indexing import scan
     from mmsearch.storage.catalog import Catalog
-    from mmsearch.indexing.pipeline import _plan
+    from mmsearch.indexing.plan import plan_changes
 
     root = tmp_path / "photos"
     rows = []
@@ -244,7 +244,7 @@ def test_unchanged_rerun_plans_without_holding_the_catalog(tmp_path, monkeypatch
         cat.upsert_images([dict(path=str(root / "gone.jpg"), size=1, mtime_ns=1, ext=".jpg")], np.ones((1, 4), np.float32))
 
     tracemalloc.start()
-    plan = _plan(cat, [str(root)], (), False)
+    plan = plan_changes(cat, [str(root)], (), False)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.reset_peak()
     known, files = cat.image_states(), list(scan.scan([str(root)]))  # the naive plan's two inputs

@@ -135,7 +135,7 @@ def test_errors_are_typed(indexed, tmp_path):
 def test_missing_numpy_text_tower_falls_back_to_torch_and_is_rebuilt(indexed, tmp_path):
     import shutil
 
-    from mmsearch.storage.store import _FastText
+    from mmsearch.towers.choice import FastText as _FastText
 
     idx, _ = indexed
     copy = tmp_path / "idx"

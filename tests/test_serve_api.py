@@ -412,7 +412,7 @@ def test_rerank_switch_and_stable_pages(served, tmp_path):
     switched off, and pages of a re-ranked query concatenate to the same list as one long page."""
     import torch
 
-    from mmsearch.indexing.pipeline import enable_reranker
+    from mmsearch.indexing.backfill import enable_reranker
     from mmsearch.rerank.model import RERANKER_FORMAT, TOKEN_GRID, FusionModel
 
     idx = tmp_path / "idx"

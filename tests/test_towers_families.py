@@ -96,7 +96,7 @@ def _end_to_end(model, spec, folder, ds, one_build, tmp_path):
     searcher = Searcher(store)
     path = "torch" if model in TORCH_TEXT else "numpy"
     assert store.meta["text_path"]["path"] == path
-    assert type(store.text_encoder()).__name__ == ("Encoder" if path == "torch" else "_FastText")
+    assert type(store.text_encoder()).__name__ == ("Encoder" if path == "torch" else "FastText")
     assert bool(store.notices) == (path == "torch")  # the one-line notice the CLI prints
     if path == "numpy":  # the torch-free tokenizer gives open_clip's ids, padding aside
         tok = store.text_encoder().tower.tokenizer

@@ -179,7 +179,7 @@ def rerank():
 def rerank_enable(file, index_dir, progress):
     """Use re-ranker FILE for this index; back-fills image tokens (one read per image)."""
     yielding_openmp()
-    from mmsearch.indexing.pipeline import enable_reranker
+    from mmsearch.indexing.backfill import enable_reranker
 
     res = enable_reranker(index_dir_of(index_dir), file, progress=progress)
     progress.close()

@@ -1,7 +1,6 @@
 """Shared option bundles and helpers of the command line: every command group imports these."""
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import json
 from pathlib import Path
@@ -102,18 +101,6 @@ def with_bar(desc, unit="img"):
                 bar.close()
         return wrapper
     return deco
-
-
-def parse_date(value):
-    if value is None:
-        return None
-    try:
-        d = _dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a date (use YYYY-MM-DD)")
-    if d.tzinfo is None:
-        d = d.replace(tzinfo=_dt.timezone.utc)
-    return d.timestamp()
 
 
 def yielding_openmp():

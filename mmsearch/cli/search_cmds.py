@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_option, output_options, parse_date, render_hits,
-                      with_bar)
+from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_option, output_options, render_hits,
+                                  with_bar)
 
 
 # ---- search ------------------------------------------------------------------------------------
@@ -31,16 +31,18 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
            rerank, rerank_k, alpha, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
+    from mmsearch.search.filters import Filters
     from mmsearch.search.query import Searcher
     from mmsearch.storage.store import IndexStore
 
+    filters = Filters.parse(under=under, exts=exts, after=after, before=before)  # before opening: bad input fails fast
     searcher = Searcher(IndexStore.open(index_dir_of(index_dir), device=device))  # torch only for new images
     if over_texts:
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
     else:
-        hits = [h.to_dict() for h in searcher.search(
-            query, images, k=k, under=under, exts=exts.split(",") if exts else None, after=parse_date(after),
-            before=parse_date(before), min_score=min_score, rerank=rerank, rerank_k=rerank_k, alpha=alpha)]
+        hits = searcher.search(query, images, k=k, filters=filters, min_score=min_score, rerank=rerank,
+                               rerank_k=rerank_k, alpha=alpha)
+    hits = [h.to_dict() for h in hits]
     for note in dict.fromkeys(searcher.store.notices):  # e.g. a family whose text queries need torch
         click.secho(note, fg="yellow", err=True)
     render_hits(hits, as_json, as_paths, key="text" if over_texts else "path")

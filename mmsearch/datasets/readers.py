@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from mmsearch.errors import DatasetError, MediaError
+from mmsearch.errors import DatasetError
 from mmsearch.media import IMAGE_EXTENSIONS
 
 IMAGE_COLUMNS = ("image", "filepath", "file", "filename", "path")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from typing import Optional
 
 import numpy as np
@@ -135,7 +134,7 @@ class RayExecutor:
         return dict(actors=actors, num_gpus=num_gpus, device=worker_dev, gpu=use_gpu)
 
     def _dataset(self, ray, store, todo):
-        from mmsearch import __version__
+        from mmsearch.config import VERSION
 
         pool = self._pool(ray)
         bs = self.batch_size or (256 if pool["gpu"] else 32)
@@ -153,7 +152,7 @@ class RayExecutor:
         ctor = dict(spec=store.spec.to_dict(), fingerprint=store.meta["fingerprint"], dim=store.dim,
                     device=pool["device"], precision=store.precision, token_grid=grid,
                     token_width=int(store.meta["vision_width"]) if grid else 0,
-                    decode_workers=self.decode_workers or (8 if pool["gpu"] else 2), version=__version__,
+                    decode_workers=self.decode_workers or (8 if pool["gpu"] else 2), version=VERSION,
                     tower=tower, threads=max(1, int(self.cpus_per_actor)))
         return ds.map_batches(EmbedActor, batch_size=bs, batch_format="numpy", fn_constructor_kwargs=ctor,
                               compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
@@ -179,7 +178,7 @@ class RayExecutor:
     # ---- committing on the driver ---------------------------------------------------------------
     def _commit(self, store, plan, vectors, summary, batch: dict, left: dict) -> int:
         """Commit one result batch with its pending rows; results for paths no longer pending are dropped."""
-        from mmsearch.indexing.pipeline import _commit_batch
+        from mmsearch.indexing.stage import commit_batch
 
         good, bad, rows, seen = [], [], [], set()
         for i, path in enumerate(batch["path"]):
@@ -209,7 +208,7 @@ class RayExecutor:
         emb = np.ascontiguousarray(batch["embedding"][rows], dtype=np.float32) if rows else None
         toks = batch["tokens"][rows] if rows and "tokens" in batch else None
         done = [f.path for f, _ in good] + [f.path for f, _ in bad]
-        _commit_batch(store.catalog, plan, vectors, good, bad, emb, toks, summary,
+        commit_batch(store.catalog, plan, vectors, good, bad, emb, toks, summary,
                       also=lambda cat: pending.done(cat, done))
         for path in done:
             del left[path]

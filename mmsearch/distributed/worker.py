@@ -21,7 +21,7 @@ class EmbedActor:
     def __init__(self, spec: dict, fingerprint: str, dim: int, device: str = "auto", precision: str = "fp32",
                  token_grid: Optional[int] = None, token_width: int = 0, decode_workers: int = 2,
                  version: Optional[str] = None, tower=None, threads: int = 1):
-        from mmsearch import __version__
+        from mmsearch.config import VERSION
         from mmsearch.config import ModelSpec
         from mmsearch.errors import MmsearchError
 
@@ -30,8 +30,8 @@ class EmbedActor:
         # every batch has the same columns, whatever fails in it
         self.token_shape = (1 + token_grid * token_grid, token_width) if token_grid else None
         try:
-            if version and version != __version__:
-                raise MmsearchError(f"mmsearch {__version__} is installed here but the driver runs {version}; "
+            if version and version != VERSION:
+                raise MmsearchError(f"mmsearch {VERSION} is installed here but the driver runs {version}; "
                                     f"install the same version on every node")
             if tower is not None:  # the index's exported ONNX tower (CPU workers): no torch to import
                 self.encoder = _onnx_tower(tower, fingerprint, precision, threads)
@@ -51,9 +51,9 @@ class EmbedActor:
             hint = " (the checkpoint must be readable at the same path on every node)" \
                 if spec.get("checkpoint") and "not found" in str(exc) else ""
             self.error = f"node {self.node}: {exc}{hint}"
-        from mmsearch.indexing.pipeline import _background_thread
+        from mmsearch.indexing.stage import background_thread
 
-        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_workers), initializer=_background_thread)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_workers), initializer=background_thread)
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
@@ -72,14 +72,14 @@ class EmbedActor:
             return out
         from mmsearch.indexing import scan
         from mmsearch.errors import MediaError
-        from mmsearch.indexing.pipeline import _batch_pixels, _decode, _worker_transform
+        from mmsearch.indexing.stage import batch_pixels, decode_file, worker_transform
 
         enc = self.encoder
-        prep = _worker_transform(enc)
+        prep = worker_transform(enc)
         infos = [scan.FileInfo(p, int(s), int(m)) for p, s, m in zip(paths, batch["size"], batch["mtime_ns"])]
         # all decodes are queued at once and encoded in slices as they finish: the encoder (a GPU above
         # all) works on one slice while the threads decode the next
-        results = self.pool.map(lambda f: _decode(f, enc.image_size, prep), infos)
+        results = self.pool.map(lambda f: decode_file(f, enc.image_size, prep), infos)
         step = max(8, -(-n // 4))
         for start in range(0, n, step):
             good, pixels = [], []
@@ -96,7 +96,7 @@ class EmbedActor:
                 out["taken_at"][i] = np.nan if taken_at is None else float(taken_at)
                 out["quick_hash"][i] = qhash or ""
             if good:
-                res = enc.encode_image_tensor(_batch_pixels(enc, pixels), token_grid=self.token_grid)
+                res = enc.encode_image_tensor(batch_pixels(enc, pixels), token_grid=self.token_grid)
                 emb, toks = res if self.token_grid else (res, None)
                 out["embedding"][good] = emb
                 if toks is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import EmptyIndexError, QueryError
+from mmsearch.search.filters import Filters
 from mmsearch.storage.store import IndexStore
 
 DEFAULT_RERANK_K = 32
@@ -34,18 +35,38 @@ class Term:
 
 @dataclass
 class Hit:
+    """One result, an image or a text of the corpus (then `text` is set and `path` is None). `row` is the
+    catalog row it was hydrated from, so renderers need not read it again."""
+
     rank: int
     score: float
-    path: str
     id: int
     similarity: float
     itm: Optional[float] = None
+    path: Optional[str] = None
+    text: Optional[str] = None
     taken_at: Optional[float] = None
     width: Optional[int] = None
     height: Optional[int] = None
+    row: Optional[dict] = field(default=None, repr=False, compare=False)
+
+    def __getitem__(self, key: str):
+        """hit["text"], as when search_texts returned dicts: scripts written then keep working."""
+        return self.to_dict()[key]
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.text is not None else "image"
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None or k == "itm"}
+        if self.kind == "text":
+            return {"rank": self.rank, "score": self.score, "text": self.text, "id": self.id,
+                    "similarity": self.similarity, "itm": self.itm}
+        d = {"rank": self.rank, "score": self.score, "path": self.path, "id": self.id,
+             "similarity": self.similarity, "itm": self.itm}
+        d.update((k, v) for k, v in (("taken_at", self.taken_at), ("width", self.width), ("height", self.height))
+                 if v is not None)
+        return d
 
 
 def _is_image_path(s: str) -> bool:
@@ -144,10 +165,13 @@ class Searcher:
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
-               offset: int = 0) -> list[Hit]:
-        """Hits offset+1 .. offset+k. rerank=None re-ranks when the index has a re-ranker and the query is one
+               offset: int = 0, filters: Optional[Filters] = None) -> list[Hit]:
+        """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
+        after, before; mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
         text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
         Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap."""
+        if filters is None:
+            filters = Filters.parse(under=under, exts=exts, after=after, before=before)
         terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if not cat.has_images():
@@ -160,11 +184,10 @@ class Searcher:
         rerank = bool(rerank and single_text)
         vec, states = self.embed(terms, want_states=rerank)
         selection = None
-        if under or exts or after is not None or before is not None:
-            norm_exts = [e.lower() if e.startswith(".") else "." + e.lower() for e in exts or []]
+        if filters.active:
             total = self.store.image_vectors().ntotal
-            selection = cat.filter_selection(total, os.path.abspath(under) if under else None, norm_exts or None,
-                                             after, before)
+            selection = cat.filter_selection(total, filters.under, list(filters.exts) if filters.exts else None,
+                                             filters.after, filters.before)
             ids, excluded = selection
             if (len(ids) >= total) if excluded else (len(ids) == 0):
                 return []
@@ -185,7 +208,8 @@ class Searcher:
             r = rows.get(i)
             if r is None:
                 continue  # removed by a concurrent indexing run
-            out.append(Hit(offset + len(out) + 1, final, r["path"], i, sim, logit, r["taken_at"], r["width"], r["height"]))
+            out.append(Hit(rank=offset + len(out) + 1, score=final, id=i, similarity=sim, itm=logit, path=r["path"],
+                           taken_at=r["taken_at"], width=r["width"], height=r["height"], row=r))
         return out
 
     def _search_vectors(self, vec: np.ndarray, depth: int, selection: Optional[tuple[np.ndarray, bool]]):
@@ -215,7 +239,7 @@ class Searcher:
     # ---- image -> text, text -> text ----------------------------------------------------------
     def search_texts(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                      rerank: Optional[bool] = None, rerank_k: int = DEFAULT_RERANK_K,
-                     alpha: Optional[float] = None, ids: Sequence[int] = ()) -> list[dict]:
+                     alpha: Optional[float] = None, ids: Sequence[int] = ()) -> list[Hit]:
         terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if cat.count_texts() == 0:
@@ -233,9 +257,9 @@ class Searcher:
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         itm = self._rerank_texts(qtoks, [i for i, _ in pairs]) if rerank and pairs else {}
         hits = _order(pairs, itm, self._alpha(alpha, "image_to_text") if itm else 0.0)[:k]
-        texts = {r["id"]: r["text"] for r in cat.text_rows([i for i, *_ in hits])}
-        return [dict(rank=n + 1, score=final, text=texts[i], id=i, similarity=sim, itm=logit)
-                for n, (i, final, sim, logit) in enumerate(hits) if i in texts]
+        rows = {r["id"]: r for r in cat.text_rows([i for i, *_ in hits])}
+        return [Hit(rank=n + 1, score=final, id=i, similarity=sim, itm=logit, text=rows[i]["text"], row=rows[i])
+                for n, (i, final, sim, logit) in enumerate(hits) if i in rows]
 
     def _alpha(self, alpha: Optional[float], direction: str) -> float:
         return self.store.reranker().alpha[direction] if alpha is None else alpha

@@ -5,7 +5,7 @@ import sys
 
 from fastapi import APIRouter, Request
 
-from mmsearch import __version__
+from mmsearch.config import VERSION
 from mmsearch.serve.api_search import state
 
 router = APIRouter(prefix="/api", tags=["info"])
@@ -16,7 +16,7 @@ def info(request: Request):
     """What the index holds, which models it uses, and the folders the page can filter on."""
     st = state(request)
     data = st.store.info()
-    data.update(version=__version__, roots=st.roots(), folders=st.folders(),
+    data.update(version=VERSION, roots=st.roots(), folders=st.folders(),
                 rerank_available=st.store.reranker_info() is not None,
                 max_upload_bytes=st.max_upload_bytes)
     return data

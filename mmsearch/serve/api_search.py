@@ -39,19 +39,19 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), uplo
     if not (p.q or p.ids or images):
         raise ApiError(400, "empty query: give q (text or weighted terms), id (an indexed image) or upload an image")
     started = time.perf_counter()
-    hits = st.searcher.search(p.q, images, k=p.k, under=p.folder, exts=p.exts, after=p.after, before=p.before,
-                              rerank=p.rerank, rerank_k=p.rerank_k, ids=p.ids, offset=p.offset)
-    rows = st.store.catalog.rows([h.id for h in hits])
-    out = [hit_json(h, rows[h.id]) for h in hits if h.id in rows]
+    hits = st.searcher.search(p.q, images, k=p.k, filters=p.filters, rerank=p.rerank, rerank_k=p.rerank_k,
+                              ids=p.ids, offset=p.offset)
+    out = [hit_json(h) for h in hits]
     # a plain JSONResponse: FastAPI's generic encoder walking every hit cost more than the search itself
     return JSONResponse({"query": dict(p.echo(), upload=upload), "hits": out, "more": len(hits) == p.k,
                          "reranked": any(h.itm is not None for h in hits),
                          "took_ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
-def hit_json(h, row: dict) -> dict:
+def hit_json(h) -> dict:
     return {"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
-            "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path), "thumbnail": thumb_url(row)}
+            "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
+            "thumbnail": thumb_url(h.row)}
 
 
 @router.get("/images/{image_id}/texts")
@@ -74,5 +74,5 @@ def upload_texts(request: Request, image: UploadFile = File(..., description="Th
 
 def texts_reply(st: ServeState, k: int, ids: Sequence[int] = (), images: Sequence[str] = ()) -> dict:
     corpus = st.store.catalog.count_texts()
-    texts = st.searcher.search_texts(None, images, k=k, ids=ids) if corpus else []
+    texts = [h.to_dict() for h in st.searcher.search_texts(None, images, k=k, ids=ids)] if corpus else []
     return {"texts": texts, "corpus": corpus}

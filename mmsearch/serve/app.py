@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from mmsearch import __version__
+from mmsearch.config import VERSION
 from mmsearch.serve import api_images, api_info, api_search
 from mmsearch.serve.errors import install_handlers, log
 from mmsearch.serve.guard import Guard, default_allowed_hosts
@@ -38,7 +38,7 @@ def build_app(index_dir, token: Optional[str] = None, allowed_hosts: Optional[It
             threading.Thread(target=_warm, args=(st,), daemon=True).start()
         yield
 
-    app = FastAPI(title="mmsearch", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="mmsearch", version=VERSION, lifespan=lifespan,
                   description="Search an mmsearch index by text, weighted terms, image id or uploaded image.")
     app.state.mm = st
     install_handlers(app)

@@ -1,14 +1,12 @@
 """Search parameters from a query string, checked once, with one-line reasons for bad values."""
 from __future__ import annotations
 
-import datetime as dt
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import Query
 
-from mmsearch.config import IMAGE_EXTENSIONS
+from mmsearch.search.filters import FilterError, Filters
 from mmsearch.search.query import DEFAULT_RERANK_K
 from mmsearch.serve.errors import ApiError
 
@@ -23,38 +21,13 @@ class SearchParams:
     ids: list[int]
     k: int
     offset: int
-    folder: Optional[str]
-    exts: Optional[list[str]]
-    after: Optional[float]
-    before: Optional[float]
+    filters: Filters
     rerank: Optional[bool]
     rerank_k: int
 
     def echo(self) -> dict:
-        return {"q": self.q, "id": self.ids, "k": self.k, "offset": self.offset, "folder": self.folder,
-                "ext": self.exts, "after": self.after, "before": self.before, "rerank": self.rerank,
-                "rerank_k": self.rerank_k}
-
-
-def parse_day(value: Optional[str], name: str) -> Optional[float]:
-    if value is None or value == "":
-        return None
-    try:
-        d = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise ApiError(400, f"{name}: '{value}' is not a date (use YYYY-MM-DD)") from None
-    return (d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)).timestamp()
-
-
-def parse_exts(value: Optional[str]) -> Optional[list[str]]:
-    if not value:
-        return None
-    exts = ["." + e.strip().lower().lstrip(".") for e in value.split(",") if e.strip()]
-    bad = [e for e in exts if e not in IMAGE_EXTENSIONS]
-    if bad:
-        raise ApiError(400, f"ext: unknown image extension {bad[0]} (known: "
-                            f"{', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))})")
-    return exts or None
+        return {"q": self.q, "id": self.ids, "k": self.k, "offset": self.offset, **self.filters.to_dict(),
+                "rerank": self.rerank, "rerank_k": self.rerank_k}
 
 
 def search_params(
@@ -66,19 +39,18 @@ def search_params(
         ext: Optional[str] = Query(None, description="Only these extensions, comma-separated: jpg,png."),
         after: Optional[str] = Query(None, description="Taken on/after YYYY-MM-DD (EXIF date, else mtime)."),
         before: Optional[str] = Query(None, description="Taken before YYYY-MM-DD."),
+        until: Optional[str] = Query(None, description="Taken on/before YYYY-MM-DD (inclusive; instead of before)."),
         rerank: Optional[bool] = Query(None, description="Re-rank with the fusion model [default: when configured]."),
         rerank_k: int = Query(DEFAULT_RERANK_K, ge=1, le=1000, description="Candidates the re-ranker re-scores."),
 ) -> SearchParams:
-    if folder is not None and folder != "" and not os.path.isabs(folder):
-        raise ApiError(400, f"folder: '{folder}' is not an absolute folder path (choose one from /api/info)")
     if any(not 0 <= i < MAX_ID for i in id):
         raise ApiError(400, "id: must be a catalog id (a non-negative integer)")
-    if "\x00" in (q or "") + (folder or ""):
+    if "\x00" in (q or ""):
         raise ApiError(400, "q: NUL characters are not allowed")
-    p = SearchParams(q=q if q and q.strip() else None, ids=list(id), k=k, offset=offset,
-                     folder=os.path.normpath(folder) if folder else None, exts=parse_exts(ext),
-                     after=parse_day(after, "after"), before=parse_day(before, "before"), rerank=rerank,
-                     rerank_k=rerank_k)
-    if p.after is not None and p.before is not None and p.after >= p.before:
-        raise ApiError(400, "after: must be earlier than before")
-    return p
+    try:
+        filters = Filters.parse(under=folder or None, exts=ext, after=after, before=before, until=until,
+                                require_absolute=True)
+    except FilterError as exc:
+        raise ApiError(400, f"{exc} (folders: see /api/info)" if str(exc).startswith("folder") else str(exc)) from None
+    return SearchParams(q=q if q and q.strip() else None, ids=list(id), k=k, offset=offset, filters=filters,
+                        rerank=rerank, rerank_k=rerank_k)

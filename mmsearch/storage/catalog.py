@@ -21,69 +21,11 @@ import numpy as np
 
 from mmsearch.config import SCHEMA_VERSION
 from mmsearch.errors import IndexNotFoundError, IndexVersionError
+from mmsearch.storage.schema import (CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, from_blobs,  # noqa: F401
+                                     sqlite_utils_without_pandas, to_blob)
+from mmsearch.storage.texts import TextRows
 
-CATALOG_NAME = "catalog.db"
-# A 512-d float32 embedding makes an image row ~2.2 KB: with SQLite's default 4 KB pages only one row
-# fits per page (4.2 KB per image measured at 20k images); 16 KB pages hold seven (about 2.5 KB per image).
-PAGE_SIZE = 16384
-
-# Ordered migrations: MIGRATIONS[v] upgrades a schema of version v to v+1.
-MIGRATIONS: dict[int, str] = {}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    path TEXT NOT NULL UNIQUE,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    quick_hash TEXT,
-    width INTEGER,
-    height INTEGER,
-    taken_at REAL,
-    ext TEXT,
-    embedding BLOB NOT NULL,
-    tokens BLOB,
-    indexed_at REAL
-);
-CREATE INDEX IF NOT EXISTS images_hash ON images(quick_hash);
-CREATE INDEX IF NOT EXISTS images_taken ON images(taken_at);
--- Added for 1M-image catalogs (additive, created when a catalog is opened writable). The embedding and
--- tokens blobs make each row about a page, so a query that reads rows reads the whole table: these
--- covering indices let the incremental diff and the filters read a few dozen bytes per image instead.
-CREATE INDEX IF NOT EXISTS images_state ON images(path, id, size, mtime_ns, quick_hash);
-CREATE INDEX IF NOT EXISTS images_date ON images(coalesce(taken_at, mtime_ns / 1e9), id);
-CREATE INDEX IF NOT EXISTS images_ext ON images(ext, id);
-CREATE TABLE IF NOT EXISTS failures (
-    path TEXT PRIMARY KEY,
-    size INTEGER,
-    mtime_ns INTEGER,
-    reason TEXT NOT NULL,
-    failed_at REAL
-);
-CREATE TABLE IF NOT EXISTS texts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    text TEXT NOT NULL UNIQUE,
-    embedding BLOB NOT NULL,
-    states BLOB,
-    state_len INTEGER,
-    added_at REAL
-);
-"""
-
-
-def to_blob(vec: np.ndarray, dtype=np.float32) -> bytes:
-    return np.ascontiguousarray(vec, dtype=dtype).tobytes()
-
-
-def from_blobs(blobs: Iterable[bytes], dim: int, dtype=np.float32) -> np.ndarray:
-    blobs = list(blobs)
-    if not blobs:
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.frombuffer(b"".join(blobs), dtype=dtype).reshape(len(blobs), dim).astype(np.float32, copy=False)
-
-
-class Catalog:
+class Catalog(TextRows):
     """One index's SQLite catalog. Create with `Catalog.create`, open with `Catalog.open`."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection):
@@ -116,7 +58,7 @@ class Catalog:
         conn = cls._connect(directory / CATALOG_NAME, readonly=False, page_size=PAGE_SIZE)
         cat = cls(directory, conn)
         with conn:
-            conn.executescript(_SCHEMA)
+            conn.executescript(SCHEMA)
             cat.set_meta(schema_version=SCHEMA_VERSION, generation=0, created_at=time.time(), **meta)
         return cat
 
@@ -150,7 +92,7 @@ class Catalog:
         if not {"images_state", "images_date", "images_ext"} <= have:
             try:
                 with self.conn:
-                    self.conn.executescript(_SCHEMA)
+                    self.conn.executescript(SCHEMA)
             except sqlite3.OperationalError:
                 pass  # read-only file or busy: the indices only make things faster
 
@@ -166,7 +108,7 @@ class Catalog:
     def db(self):
         """sqlite-utils view of the same connection, for writes (imported lazily: queries never need it)."""
         if not hasattr(self, "_db"):
-            self._db = _sqlite_utils().Database(self.conn)
+            self._db = sqlite_utils_without_pandas().Database(self.conn)
         return self._db
 
     def close(self) -> None:
@@ -373,53 +315,6 @@ class Catalog:
     def count_failures(self) -> int:
         return self.conn.execute("SELECT count(*) FROM failures").fetchone()[0]
 
-    # ---- texts (image->text corpus) -----------------------------------------------------------
-    def count_texts(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM texts").fetchone()[0]
-
-    def known_texts(self) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT text FROM texts")}
-
-    def insert_text(self, text: str, embedding: np.ndarray, states: Optional[np.ndarray] = None) -> int:
-        cur = self.conn.execute(
-            "INSERT INTO texts(text, embedding, states, state_len, added_at) VALUES (?,?,?,?,?) RETURNING id",
-            (text, to_blob(embedding), None if states is None else to_blob(states, np.float16),
-             None if states is None else int(states.shape[0]), time.time()))
-        return cur.fetchone()[0]
-
-    def text_rows(self, ids: Optional[Iterable[int]] = None, like: Optional[str] = None) -> list[dict]:
-        if ids is not None:
-            ids = [int(i) for i in ids]
-            q = f"SELECT id, text FROM texts WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id"
-            return [dict(id=r[0], text=r[1]) for r in self.conn.execute(q, ids)] if ids else []
-        q, args = "SELECT id, text FROM texts", []
-        if like:
-            q, args = q + " WHERE text LIKE ?", [f"%{like}%"]
-        return [dict(id=r[0], text=r[1]) for r in self.conn.execute(q + " ORDER BY id", args)]
-
-    def text_embeddings(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        pairs = self.conn.execute("SELECT id, embedding FROM texts ORDER BY id").fetchall()
-        return np.array([p[0] for p in pairs], dtype=np.int64), from_blobs((p[1] for p in pairs), dim)
-
-    def text_states(self, ids: Iterable[int], width: int) -> dict[int, Optional[np.ndarray]]:
-        ids = [int(i) for i in ids]
-        if not ids:
-            return {}
-        q = f"SELECT id, states, state_len FROM texts WHERE id IN ({','.join('?' * len(ids))})"
-        return {i: None if b is None else np.frombuffer(b, dtype=np.float16).reshape(n, width).astype(np.float32)
-                for i, b, n in self.conn.execute(q, ids)}
-
-    def texts_missing_states(self) -> list[tuple[int, str]]:
-        return self.conn.execute("SELECT id, text FROM texts WHERE states IS NULL ORDER BY id").fetchall()
-
-    def set_text_states(self, text_id: int, states: np.ndarray) -> None:
-        self.conn.execute("UPDATE texts SET states=?, state_len=? WHERE id=?",
-                          (to_blob(states, np.float16), int(states.shape[0]), text_id))
-
-    def delete_texts(self, ids: Iterable[int]) -> int:
-        cur = self.conn.executemany("DELETE FROM texts WHERE id=?", [(int(i),) for i in ids])
-        return cur.rowcount
-
     def bytes_on_disk(self) -> int:
         """Everything the index keeps: catalog (+ WAL), vector caches and the exported text tower."""
         return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
@@ -444,20 +339,3 @@ def _filter_sql(under: Optional[str], exts: Optional[list[str]], after: Optional
         where.append(f"{date} < ?")
         args.append(before)
     return " AND ".join(where), args
-
-
-def _sqlite_utils():
-    """sqlite_utils without pandas: it imports pandas whenever installed (0.5 s here, for guessing
-    column types from DataFrames, which we never pass), which tripled an unchanged re-run's time."""
-    import sys
-
-    if "sqlite_utils" in sys.modules or "pandas" in sys.modules:
-        import sqlite_utils
-
-        return sqlite_utils
-    sys.modules["pandas"] = None  # `import pandas` raises ImportError: sqlite_utils then does without
-    try:
-        import sqlite_utils
-    finally:
-        del sys.modules["pandas"]
-    return sqlite_utils

@@ -137,9 +137,9 @@ def check_compatible(store, src, expected_model=None) -> list[tuple[Path, Path, 
 
 
 def _names_model(spec, store) -> bool:
-    from mmsearch.storage.store import _normalise, _same_model
+    from mmsearch.config import same_model
 
-    return _same_model(_normalise(spec), store.spec)
+    return same_model(spec.normalised(), store.spec)
 
 
 def import_embeddings(store, src, expected_model=None, batch: int = 50_000, progress: Progress = None) -> dict:

@@ -6,35 +6,23 @@ tower only; torch and open_clip load when something must be embedded by the real
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from mmsearch import __version__
+from mmsearch.config import VERSION
 from mmsearch.storage.catalog import Catalog
-from mmsearch.config import DEFAULT_FACTORY, ModelSpec
+from mmsearch.config import DEFAULT_FACTORY, ModelSpec, same_model
 from mmsearch.errors import EmptyIndexError, ModelMismatchError, UnknownModelError, VectorIndexError
+from mmsearch.towers.choice import TowerChoice
 from mmsearch.towers.devices import PRECISIONS
 
 IMAGE_VECTORS = "vectors.faiss"
 TEXT_VECTORS = "texts.faiss"
 
 
-def _normalise(spec: ModelSpec) -> ModelSpec:
-    if spec.checkpoint:
-        return ModelSpec(model=spec.model, pretrained=None, checkpoint=os.path.abspath(spec.checkpoint))
-    return spec
-
-
-def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
-    if a.checkpoint or b.checkpoint:
-        return a.checkpoint == b.checkpoint
-    return (a.model, a.pretrained) == (b.model, b.pretrained)
-
-
-class _PendingVectors:
+class PendingVectors:
     """The image vector index during an indexing run; falls back to a rebuild when it cannot update in place."""
 
     def __init__(self, index):
@@ -50,7 +38,9 @@ class _PendingVectors:
             self.needs_rebuild = True
 
 
-class IndexStore:
+class IndexStore(TowerChoice):
+    """An index folder: its catalog, vector caches and recorded models (the towers: TowerChoice)."""
+
     def __init__(self, directory: Path, catalog: Catalog, device="cpu"):
         self.dir = Path(directory)
         self.catalog = catalog
@@ -79,9 +69,9 @@ class IndexStore:
         if Catalog.exists(directory):
             store = cls.open(directory, device=device)
             stored = store.spec
-            if spec is not None and not _same_model(_normalise(spec), stored):
+            if spec is not None and not same_model(spec.normalised(), stored):
                 raise ModelMismatchError(
-                    f"index {directory} was built with {stored.describe()}, not {_normalise(spec).describe()}; "
+                    f"index {directory} was built with {stored.describe()}, not {spec.normalised().describe()}; "
                     f"nothing was changed. Omit the model options to reuse the index's model, or use another --index.")
             if precision is not None and precision != store.precision:
                 raise ModelMismatchError(
@@ -91,7 +81,7 @@ class IndexStore:
         from mmsearch.towers import cache as towercache
         from mmsearch.storage.ann import parse_size
 
-        spec = _normalise(spec or ModelSpec())
+        spec = (spec or ModelSpec()).normalised()
         precision = precision or "fp32"
         # a model indexed before: no torch needed
         record = towercache.lookup(spec, precision) if encoder is None else None
@@ -100,18 +90,18 @@ class IndexStore:
                 from mmsearch.towers.encoder import load_encoder
 
                 encoder = load_encoder(spec, device=device)
-            record = {"model": _normalise(encoder.spec).to_dict(), "arch": encoder.arch,
+            record = {"model": encoder.spec.normalised().to_dict(), "arch": encoder.arch,
                       "fingerprint": encoder.fingerprint, "dim": encoder.dim, "image_size": encoder.image_size,
                       "text_width": encoder.text_width, "vision_width": encoder.vision_width}
         catalog = Catalog.create(directory, dict(record, factory=factory, precision=precision,
                                                  max_index_memory=parse_size(max_index_memory),
-                                                 mmsearch_version=__version__))
+                                                 mmsearch_version=VERSION))
         store = cls(directory, catalog, device=device)
         store._encoder = encoder
         if encoder is None:
             try:
                 towercache.install(spec, precision, directory)
-                store._record_text_path("numpy", None)  # the cache keeps only towers the numpy path runs
+                store.record_text_path("numpy", None)  # the cache keeps only towers the numpy path runs
             except OSError:
                 pass  # the towers are exported again from torch when first needed
         return store
@@ -140,124 +130,6 @@ class IndexStore:
     @property
     def factory(self) -> str:
         return self.meta.get("factory", DEFAULT_FACTORY)
-
-    # ---- models -------------------------------------------------------------------------------
-    def encoder(self):
-        """The torch encoder this index was built with, on `self.device`; refuses weights that changed since.
-        It embeds at fp32; indexing sets the index's precision on it (queries tolerate the difference)."""
-        if self._encoder is None:
-            from mmsearch.towers.encoder import load_encoder
-
-            enc = load_encoder(self.spec, device=self.device)
-            if enc.fingerprint != self.meta["fingerprint"]:
-                raise ModelMismatchError(
-                    f"the weights of {self.spec.describe()} differ from those index {self.dir} was built with "
-                    f"(fingerprint {enc.fingerprint} != {self.meta['fingerprint']}); re-index into a new folder")
-            self._encoder = enc
-        return self._encoder
-
-    def image_encoder(self, token_grid: Optional[int] = None, prefer_torch: bool = False):
-        """What embeds images for this index: the exported tower (no torch start-up) when exported for these
-        weights and this precision, else the torch encoder, exporting the tower for the next run.
-        Torch serves GPUs (`prefer_torch`), re-ranker tokens, models ONNX cannot take and amp-* on a CPU
-        without bfloat16 arithmetic; int8 is ONNX only."""
-        from mmsearch.towers.runtime import runs_here
-
-        int8 = self.precision == "int8"
-        if (token_grid is not None or prefer_torch or os.environ.get("MMSEARCH_TORCH_IMAGE")
-                or not runs_here(self.precision)) and not int8:
-            return self.encoder()
-        if token_grid is not None:
-            raise UnknownModelError(f"index {self.dir} is int8: its ONNX image tower cannot give re-ranker tokens")
-        if getattr(self, "_image_tower", None) is not None:
-            return self._image_tower
-        from mmsearch.errors import MmsearchError
-        from mmsearch.towers.imagetower import OnnxImageTower, export_image_tower, fresh_meta
-
-        for attempt in range(2):
-            try:
-                if attempt or fresh_meta(self.dir, self.meta["fingerprint"], self.precision) is None:
-                    export_image_tower(self.encoder(), self.dir, self.precision)
-                tower = OnnxImageTower.load(self.dir)
-                tower.session  # a damaged model file fails here (then it is exported again), not mid-run
-                self._image_tower = tower  # one compiled model per store: a server embeds many uploads
-                return tower
-            except (MmsearchError, ImportError, OSError):
-                if attempt == 0 and fresh_meta(self.dir, self.meta["fingerprint"], self.precision) is not None:
-                    continue
-                if int8:
-                    raise
-                return self.encoder()  # an architecture the exporter cannot take, or a read-only index
-
-    def image_embedder(self):
-        """What embeds an image that is not in the index (a query image, an upload): something with
-        .image_size and .encode_images(pil_images, token_grid=None); torch only on a GPU device."""
-        from mmsearch.towers.devices import device_type, select_device
-
-        return self.image_encoder(prefer_torch=device_type(select_device(self.device)) != "cpu")
-
-    def text_encoder(self):
-        """Something with .encode_texts(texts, return_states=...): the numpy tower when exported, else torch."""
-        if self._encoder is None:
-            fast = self._fast_text()
-            if fast is not None:
-                return fast
-            known = self.meta.get("text_path") or {}
-            if known.get("fingerprint") == self.meta["fingerprint"] and known.get("path") == "torch":
-                note = f"note: text queries of {self.meta.get('arch')} run on torch, slower to start " \
-                       f"({known.get('reason')})"
-                if note not in self.notices:  # a long-lived store (the server) says it once
-                    self.notices.append(note)
-                return self.encoder()
-            # missing or written by an older mmsearch: pay for torch once, and heal it for the next query
-            self.export_fast_text(self.encoder())
-        return self.encoder()
-
-    def _fast_text(self):
-        if os.environ.get("MMSEARCH_TORCH_TEXT") or not (self.dir / "text_tower" / "meta.json").is_file():
-            return None  # MMSEARCH_TORCH_TEXT=1 forces the torch text tower (debugging, benchmarks)
-        if self._fast is not None:
-            return self._fast  # loaded once per store: a server answers many queries
-        from mmsearch.errors import MmsearchError
-
-        try:
-            from mmsearch.towers.textnp import NumpyTextTower
-
-            tower = NumpyTextTower.load(self.dir)
-        except (MmsearchError, ImportError):
-            return None
-        if tower.fingerprint != self.meta["fingerprint"]:
-            return None
-        self._fast = _FastText(tower)
-        return self._fast
-
-    def export_fast_text(self, encoder=None) -> None:
-        """Write the numpy text tower next to the index so text queries skip torch (best effort).
-        Loads the torch encoder only when the tower is missing or stale."""
-        from mmsearch.errors import MmsearchError
-
-        if self._fast_text() is None and not os.environ.get("MMSEARCH_TORCH_TEXT"):
-            try:
-                from mmsearch.towers.textnp import export_text_tower
-
-                export_text_tower(encoder or self.encoder(), self.dir)
-                self._record_text_path("numpy", None)
-            except (MmsearchError, ImportError) as exc:
-                # architectures the numpy path cannot run use torch at query time; say why once, in the meta
-                self._record_text_path("torch", str(exc).split(": ", 1)[-1])
-            except OSError:
-                pass  # a read-only index: torch at query time
-
-    def _record_text_path(self, path: str, reason) -> None:
-        record = {"path": path, "reason": reason, "fingerprint": self.meta["fingerprint"]}
-        if self.meta.get("text_path") == record:
-            return
-        try:
-            with self.catalog.transaction():
-                self.catalog.set_meta(text_path=record)
-            self.meta["text_path"] = record
-        except (OSError, sqlite3.Error):  # a read-only catalog keeps answering; the record is an optimisation
-            pass
 
     # ---- re-ranker ----------------------------------------------------------------------------
     def reranker_info(self) -> Optional[dict]:
@@ -334,12 +206,12 @@ class IndexStore:
 
         return VectorIndex.is_fresh(self.dir / IMAGE_VECTORS, self.catalog.generation())
 
-    def vectors_for_update(self) -> _PendingVectors:
+    def vectors_for_update(self) -> PendingVectors:
         from mmsearch.storage.vectors import VectorIndex
 
-        return _PendingVectors(VectorIndex.load(self.dir / IMAGE_VECTORS, self.catalog.generation(), mmap=False))
+        return PendingVectors(VectorIndex.load(self.dir / IMAGE_VECTORS, self.catalog.generation(), mmap=False))
 
-    def save_vectors(self, pending: _PendingVectors, progress=None) -> None:
+    def save_vectors(self, pending: PendingVectors, progress=None) -> None:
         """After an update: save in place, or rebuild from the stored embeddings when the structure
         cannot update in place or an auto index grew past its tier (ids, filters and re-ranker tokens
         live in the catalog, so they survive any rebuild)."""
@@ -434,14 +306,3 @@ class IndexStore:
             "schema_version": self.meta.get("schema_version"),
             "bytes_on_disk": self.catalog.bytes_on_disk(),
         }
-
-
-class _FastText:
-    """Adapts NumpyTextTower to the Encoder.encode_texts signature the query layer uses."""
-
-    def __init__(self, tower):
-        self.tower = tower
-
-    def encode_texts(self, texts, return_states: bool = False, **_):
-        emb, states = self.tower.encode(list(texts))
-        return (emb, states) if return_states else emb

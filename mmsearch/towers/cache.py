@@ -33,14 +33,14 @@ def cache_root() -> Optional[Path]:
 def _key(spec) -> str:
     from importlib import metadata
 
-    from mmsearch import __version__
+    from mmsearch.config import VERSION
 
     try:
         oc = metadata.version("open_clip_torch")
     except metadata.PackageNotFoundError:
         oc = "?"
     # a checkpoint names its own architecture: the --model given next to it does not count
-    parts = [__version__, oc] + (["checkpoint"] if spec.checkpoint else [spec.model, str(spec.pretrained)])
+    parts = [VERSION, oc] + (["checkpoint"] if spec.checkpoint else [spec.model, str(spec.pretrained)])
     for f in (spec.checkpoint, spec.pretrained):
         if f and os.path.isfile(f):
             st = os.stat(f)

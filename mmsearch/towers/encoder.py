@@ -16,23 +16,13 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from mmsearch.config import MODEL_CONFIG_DIR, ModelSpec
-from mmsearch.errors import CheckpointError, MissingExtraError, UnknownModelError, WeightsUnavailableError
-from mmsearch.towers.models import check_requirements
+from mmsearch.config import ModelSpec
+from mmsearch.errors import CheckpointError, UnknownModelError
+from mmsearch.towers.hub import build_error, build_tokenizer, create_model, weights_error
+from mmsearch.towers.models import check_requirements, register_model_configs
 from mmsearch.towers.safeload import safe_torch_load
 
 CHECKPOINT_FORMAT = "mmsearch-checkpoint"
-_registered = False
-
-
-def register_model_configs() -> None:
-    """Make our shipped architectures (model_configs/*.json) known to open_clip, the way it finds its own."""
-    global _registered
-    if not _registered:
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
-        _registered = True
-
-
 def load_checkpoint_file(path: str | os.PathLike) -> dict:
     """Read an mmsearch checkpoint (weights + architecture config + training args + metrics).
     Weights-only unpickling (mmsearch.towers.safeload): a file carrying a code payload is refused unrun."""
@@ -65,10 +55,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         flat = t.detach().reshape(-1)[:1024].to("cpu", torch.float32).contiguous().numpy()
         h.update(flat.tobytes())
     return h.hexdigest()[:16]
-
-
-def _is_local_file(tag: Optional[str]) -> bool:
-    return bool(tag) and Path(tag).is_file()
 
 
 @dataclass
@@ -279,82 +265,6 @@ class _RGB:
         return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _create(arch: str, pretrained: Optional[str]):
-    # Random weights are seeded, so `--pretrained none` means the same model in every process
-    # (an index built with it can be searched and extended later).
-    import logging
-
-    # open_clip and huggingface_hub log warnings and errors (random weights, download retries) to
-    # the root logger; the library reports through typed errors instead, and the CLI prints once
-    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            # random means random: no Hugging Face text-tower weights download behind `--pretrained none`
-            extra = {} if pretrained else {"pretrained_hf": False}
-            return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu", **extra)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _weights_error(arch: str, pretrained: str, exc: Exception) -> WeightsUnavailableError:
-    """One line: what failed, why in a few words, and what to use instead."""
-    alternatives = ("Alternatives: --pretrained /path/to/weights.bin (a local file open_clip accepts), "
-                    "or --checkpoint FILE (a model trained by `mmsearch train`).")
-    tags = open_clip.list_pretrained_tags_by_model(arch)
-    if not _is_local_file(pretrained) and pretrained not in tags:
-        known = ", ".join(tags) if tags else "none"
-        return WeightsUnavailableError(f"unknown pretrained tag '{pretrained}' for model {arch} (known tags: "
-                                       f"{known}). {alternatives}")
-    text = " ".join(str(exc).split())
-    offline = any(w in text.lower() for w in ("connection", "internet", "resolve", "network", "hub"))
-    why = "no network connection, or the hub is unreachable" if offline else (text[:160] or type(exc).__name__)
-    return WeightsUnavailableError(f"cannot download pretrained weights '{pretrained}' for model {arch} ({why}). "
-                                   f"{alternatives}")
-
-
-def _hub_unreachable(exc: Exception) -> bool:
-    text = f"{type(exc).__name__} {exc}".lower()
-    return isinstance(exc, OSError) or any(w in text for w in ("huggingface", "hub", "connect", "offline", "internet"))
-
-
-def _hub_files_error(arch: str, what: str, repo: str) -> WeightsUnavailableError:
-    from huggingface_hub import constants
-
-    return WeightsUnavailableError(
-        f"model {arch}: its {what} '{repo}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
-        f"cannot be reached. Run once with a network to fill the cache; offline it then works (HF_HUB_OFFLINE=1).")
-
-
-def _tokenizer(arch: str, cfg: dict):
-    """open_clip's tokenizer for `arch`; hub files missing offline become one line, not a traceback."""
-    try:
-        return open_clip.get_tokenizer(arch)
-    except ImportError as exc:  # a tokenizer package the requirement table does not know about
-        raise MissingExtraError(f"model {arch}: its tokenizer needs '{exc.name or exc}', which is not installed: "
-                                f"pip install 'mmsearch[siglip]'") from exc
-    except Exception as exc:
-        repo = cfg.get("text_cfg", {}).get("hf_tokenizer_name")
-        if repo and _hub_unreachable(exc):
-            raise _hub_files_error(arch, "tokenizer", repo) from exc
-        raise UnknownModelError(f"model {arch}: cannot build its tokenizer ({type(exc).__name__}: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
-
-
-def _build_error(arch: str, cfg: dict, exc: Exception):
-    """Random-weight builds fail for two reasons worth a sentence: a text tower whose config lives on the
-    hub (multilingual models), or an architecture this open_clip/timm cannot build."""
-    repo = cfg.get("text_cfg", {}).get("hf_model_name")
-    if repo and _hub_unreachable(exc):
-        return _hub_files_error(arch, "text tower config", repo)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return UnknownModelError(f"model {arch} cannot be built here ({type(exc).__name__}: {first[:200]})")
-
-
 def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
     """Build the model, its transforms and its tokenizer from one spec (so they cannot drift apart).
     `device`: a torch.device or a name for mmsearch.towers.devices.resolve_device ('auto', 'cuda:1', ...);
@@ -368,11 +278,11 @@ def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
         ckpt = load_checkpoint_file(spec.checkpoint)
         check_requirements(ckpt["arch"], ckpt["model_cfg"])
         arch = _register_checkpoint_arch(ckpt)
-        tokenizer = _tokenizer(arch, ckpt["model_cfg"])
+        tokenizer = build_tokenizer(arch, ckpt["model_cfg"])
         try:
-            model, preprocess_train, preprocess = _create(arch, None)
+            model, preprocess_train, preprocess = create_model(arch, None)
         except Exception as exc:
-            raise _build_error(ckpt["arch"], ckpt["model_cfg"], exc) from exc
+            raise build_error(ckpt["arch"], ckpt["model_cfg"], exc) from exc
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
@@ -388,13 +298,13 @@ def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
                 + ". `python -c 'import open_clip; print(open_clip.list_models())'` lists them all.")
         model_cfg = open_clip.get_model_config(arch)
         check_requirements(arch, model_cfg)
-        tokenizer = _tokenizer(arch, model_cfg)  # before the slow build: a missing tokenizer fails in a second
+        tokenizer = build_tokenizer(arch, model_cfg)  # before the slow build: a missing tokenizer fails in a second
         try:
-            model, preprocess_train, preprocess = _create(arch, spec.pretrained)
+            model, preprocess_train, preprocess = create_model(arch, spec.pretrained)
         except Exception as exc:
             if spec.pretrained is None:
-                raise _build_error(arch, model_cfg, exc) from exc
-            raise _weights_error(arch, spec.pretrained, exc) from exc
+                raise build_error(arch, model_cfg, exc) from exc
+            raise weights_error(arch, spec.pretrained, exc) from exc
     model.eval()
     enc = Encoder(spec=spec, arch=arch, model=model, preprocess=preprocess, preprocess_train=preprocess_train,
                   tokenizer=tokenizer, model_cfg=model_cfg, checkpoint=ckpt)

@@ -11,7 +11,6 @@ runs it with bfloat16 products where the CPU has them.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from mmsearch.config import MODEL_CONFIG_DIR
 from mmsearch.errors import MissingExtraError
 
 RECALL_FILE = Path(__file__).parent / "data" / "retrieval_recall.json"
@@ -139,7 +140,6 @@ def list_models(name_filter: Optional[str] = None, check_cache: bool = True) -> 
     """One row per (architecture, pretrained tag) open_clip knows (tag None: random weights only)."""
     import open_clip
 
-    from mmsearch.towers.encoder import register_model_configs
     from mmsearch.towers.textnp import text_path_for_config
 
     register_model_configs()
@@ -164,3 +164,16 @@ def list_models(name_filter: Optional[str] = None, check_cache: bool = True) -> 
                              flickr_t2i_r1=r.get("flickr_t2i_r1"), flickr_i2t_r1=r.get("flickr_i2t_r1"),
                              coco_t2i_r1=r.get("coco_t2i_r1"), coco_i2t_r1=r.get("coco_i2t_r1")))
     return rows
+
+
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make our shipped architectures (model_configs/*.json) known to open_clip, the way it finds its own."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True

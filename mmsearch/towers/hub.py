@@ -1,0 +1,94 @@
+"""Building an open_clip model and its tokenizer, and the one-line errors when weights or hub files are missing.
+
+open_clip and huggingface_hub report failures as tracebacks and log lines; users get one typed error
+that says what failed, why in a few words, and what to use instead.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import open_clip
+import torch
+
+from mmsearch.errors import MissingExtraError, UnknownModelError, WeightsUnavailableError
+
+
+def is_local_file(tag: Optional[str]) -> bool:
+    return bool(tag) and Path(tag).is_file()
+
+
+def create_model(arch: str, pretrained: Optional[str]):
+    # Random weights are seeded, so `--pretrained none` means the same model in every process
+    # (an index built with it can be searched and extended later).
+    import logging
+
+    # open_clip and huggingface_hub log warnings and errors (random weights, download retries) to
+    # the root logger; the library reports through typed errors instead, and the CLI prints once
+    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            # random means random: no Hugging Face text-tower weights download behind `--pretrained none`
+            extra = {} if pretrained else {"pretrained_hf": False}
+            return open_clip.create_model_and_transforms(arch, pretrained=pretrained, device="cpu", **extra)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def weights_error(arch: str, pretrained: str, exc: Exception) -> WeightsUnavailableError:
+    """One line: what failed, why in a few words, and what to use instead."""
+    alternatives = ("Alternatives: --pretrained /path/to/weights.bin (a local file open_clip accepts), "
+                    "or --checkpoint FILE (a model trained by `mmsearch train`).")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if not is_local_file(pretrained) and pretrained not in tags:
+        known = ", ".join(tags) if tags else "none"
+        return WeightsUnavailableError(f"unknown pretrained tag '{pretrained}' for model {arch} (known tags: "
+                                       f"{known}). {alternatives}")
+    text = " ".join(str(exc).split())
+    offline = any(w in text.lower() for w in ("connection", "internet", "resolve", "network", "hub"))
+    why = "no network connection, or the hub is unreachable" if offline else (text[:160] or type(exc).__name__)
+    return WeightsUnavailableError(f"cannot download pretrained weights '{pretrained}' for model {arch} ({why}). "
+                                   f"{alternatives}")
+
+
+def hub_unreachable(exc: Exception) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, OSError) or any(w in text for w in ("huggingface", "hub", "connect", "offline", "internet"))
+
+
+def hub_files_error(arch: str, what: str, repo: str) -> WeightsUnavailableError:
+    from huggingface_hub import constants
+
+    return WeightsUnavailableError(
+        f"model {arch}: its {what} '{repo}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
+        f"cannot be reached. Run once with a network to fill the cache; offline it then works (HF_HUB_OFFLINE=1).")
+
+
+def build_tokenizer(arch: str, cfg: dict):
+    """open_clip's tokenizer for `arch`; hub files missing offline become one line, not a traceback."""
+    try:
+        return open_clip.get_tokenizer(arch)
+    except ImportError as exc:  # a tokenizer package the requirement table does not know about
+        raise MissingExtraError(f"model {arch}: its tokenizer needs '{exc.name or exc}', which is not installed: "
+                                f"pip install 'mmsearch[siglip]'") from exc
+    except Exception as exc:
+        repo = cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+        if repo and hub_unreachable(exc):
+            raise hub_files_error(arch, "tokenizer", repo) from exc
+        raise UnknownModelError(f"model {arch}: cannot build its tokenizer ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+
+
+def build_error(arch: str, cfg: dict, exc: Exception):
+    """Random-weight builds fail for two reasons worth a sentence: a text tower whose config lives on the
+    hub (multilingual models), or an architecture this open_clip/timm cannot build."""
+    repo = cfg.get("text_cfg", {}).get("hf_model_name")
+    if repo and hub_unreachable(exc):
+        return hub_files_error(arch, "text tower config", repo)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UnknownModelError(f"model {arch} cannot be built here ({type(exc).__name__}: {first[:200]})")

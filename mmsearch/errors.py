@@ -68,3 +68,11 @@ class DistributedError(MmsearchError):
 
 class TrainingError(MmsearchError):
     """A training run cannot start or continue as asked (bad batch split, precision, world size)."""
+
+
+class NotServableError(MmsearchError):
+    """A stored file may not be read by a server: the index records no folder holding it (storage/roots.py)."""
+
+
+class FileGoneError(NotServableError):
+    """A stored file is no longer on disk (moved or deleted since it was indexed)."""

@@ -20,6 +20,7 @@ from mmsearch.indexing.plan import Plan, plan_changes
 from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, batch_pixels, commit_batch,
                                      decode_file, worker_transform)
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.roots import record_roots
 from mmsearch.storage.store import IndexStore
 
 __all__ = ["index_folders", "IndexSummary"]
@@ -61,7 +62,7 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     cat = store.catalog
     plan = plan_changes(cat, roots, exclude, include_hidden)
     with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
-        cat.set_meta(roots=sorted(set(store.meta.get("roots") or []) | set(roots)))
+        record_roots(cat, roots)
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
                            created=created, precision=store.precision)
     # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images)

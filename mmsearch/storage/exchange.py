@@ -7,7 +7,8 @@
 Shards written by clip-retrieval (`clip-retrieval inference`, output_format files or webdataset) import
 too: their metadata names an image by `image_path`, else `url`, else `key`. They carry no model record,
 so the importer must name the model the index was built with (`expected_model`); the dimension is
-always checked. Any mismatch is refused before a single row is written.
+always checked. Any mismatch is refused before a single row is written. A shard's paths are only words:
+a server reads none of them unless they lie inside a folder the importer named (`roots`).
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from mmsearch.errors import DatasetError, ModelMismatchError
+from mmsearch.storage.roots import is_under_roots, normalise_roots, record_roots, recorded_roots
 
 MODEL_RECORD = "mmsearch_model.json"
 _RECORD_KEYS = ("model", "arch", "fingerprint", "dim", "image_size", "text_width", "vision_width")
@@ -142,13 +144,26 @@ def _names_model(spec, store) -> bool:
     return same_model(spec.normalised(), store.spec)
 
 
-def import_embeddings(store, src, expected_model=None, batch: int = 50_000, progress: Progress = None) -> dict:
+def import_embeddings(store, src, expected_model=None, batch: int = 50_000, progress: Progress = None,
+                      roots: Sequence = ()) -> dict:
     """Upsert every shard row into the catalog (by path: a re-import updates, never duplicates), then
-    rebuild the vector index from the stored embeddings. Refused, changing nothing, on a model mismatch."""
+    rebuild the vector index from the stored embeddings. Refused, changing nothing, on a model mismatch.
+
+    `roots`: folders of this machine the imported files may be served from (storage/roots.py), added to
+    the index's recorded roots. A shard's paths are anyone's words: with no root, a server serves none of
+    them. `unservable` in the result counts imported rows outside every recorded root."""
     pa = _pyarrow()
+    roots = normalise_roots(roots)
+    missing = [r for r in roots if not os.path.isdir(r)]
+    if missing:
+        raise DatasetError(f"root {missing[0]} is not a folder on this machine; nothing was imported")
     shards = check_compatible(store, src, expected_model)
     total = sum(n for *_, n in shards)
-    cat, done = store.catalog, 0
+    cat, done, unservable = store.catalog, 0, 0
+    if roots:
+        with cat.transaction():
+            record_roots(cat, roots)
+    served = recorded_roots(cat.meta())
     for emb_path, meta_path, _ in shards:
         table = pa.parquet.read_table(meta_path)
         names = table.column_names
@@ -168,6 +183,7 @@ def import_embeddings(store, src, expected_model=None, batch: int = 50_000, prog
                 r = {c: extras[c][s + j] for c in extras}
                 r.setdefault("ext", os.path.splitext(p)[1].lower())
                 rows.append(dict(r, path=p))
+                unservable += not is_under_roots(p, served)
             with cat.transaction():
                 cat.upsert_images(rows, vecs)
                 cat.bump_generation()
@@ -176,7 +192,7 @@ def import_embeddings(store, src, expected_model=None, batch: int = 50_000, prog
                 progress(done, total, stage="import")
     store.save_vectors(_Rebuild(), progress=progress)
     return {"imported": done, "shards": len(shards), "images": cat.count_images(),
-            "structure": (store.ann_info() or {}).get("structure")}
+            "structure": (store.ann_info() or {}).get("structure"), "roots": served, "unservable": unservable}
 
 
 class _Rebuild:

@@ -75,5 +75,6 @@ def main(argv=None):
     write_results(args.out, {"rows": rows, "load_before": load_before, "load_after": load_after,
                              "n_images": args.n, "machine": m}, indent=1)
 
+
 if __name__ == "__main__":
     main()

@@ -94,7 +94,7 @@ def write_json(path: Path, data, **dumps) -> Path:
     """Write `data` as JSON to `path` atomically (a temporary file, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # *.tmp: ignored by git if left behind
     tmp.write_text(json.dumps(data, **{"indent": 2, **dumps}))
     os.replace(tmp, path)
     return path

@@ -20,7 +20,7 @@ from mmsearch.serve import create_app
 from mmsearch.serve.run import prepare
 from mmsearch.storage.exchange import export_embeddings
 from mmsearch.storage.store import IndexStore
-from serve_fixtures import build_served_index
+from helpers import build_served_index
 
 LOCAL = "http://127.0.0.1"
 
@@ -95,7 +95,6 @@ def test_imported_index_serves_files_only_under_named_roots(served, tmp_path):
     new = tmp_path / "imported"
     res = r.invoke(cli, ["import", str(emb), "--index", str(new)])
     assert res.exit_code == 0, res.output
-    assert "note: no --root given: `mmsearch serve` finds them but shows no thumbnail or file" in res.output
     with TestClient(create_app(new, warm=False), base_url=LOCAL) as c:
         hits = c.get("/api/search", params={"q": "red", "k": 50}).json()["hits"]
         assert len(hits) == len(paths)  # search works all the same
@@ -103,6 +102,7 @@ def test_imported_index_serves_files_only_under_named_roots(served, tmp_path):
         for p in ("/etc/passwd", str(secret), paths[5]):
             assert "records no folder" in error(c.get(f"/api/images/{ids[p]}/file"), 403)
             error(c.get(f"/api/images/{ids[p]}/thumb"), 403)
+    assert "note: no --root given: `mmsearch serve` finds them but shows no thumbnail or file" in res.output
 
     res = r.invoke(cli, ["import", str(emb), "--index", str(new), "--root", str(photos)])
     assert res.exit_code == 0, res.output
@@ -179,8 +179,7 @@ def test_a_token_that_cannot_travel_is_refused_at_start(served):
 # ---- 5: bounded work per request ---------------------------------------------------------------------------
 def test_query_terms_and_length_are_capped(client):
     """Issue 31 item 5: 5,000 '+'-joined terms cost ~10 s of CPU and 1.1 GB; now 32 terms and 2,000 characters."""
-    from mmsearch.search.query import MAX_QUERY_CHARS, MAX_TERMS
-
+    MAX_TERMS, MAX_QUERY_CHARS = 32, 2000  # as the README states them (mmsearch.search.query)
     words = [f"w{i}" for i in range(MAX_TERMS + 1)]
     assert "too many query terms" in error(client.get("/api/search", params={"q": " + ".join(words)}), 400)
     assert client.get("/api/search", params={"q": " + ".join(words[:MAX_TERMS]), "k": 1}).status_code == 200

@@ -397,6 +397,9 @@ def test_a_read_only_index_can_be_searched_and_served_and_writers_say_it_is_read
         texts = base / "more.txt"
         texts.write_text("a new caption\n")
         os.chmod(texts, 0o644)
+        out = base / "out"
+        out.mkdir(mode=0o777)
+        os.chmod(out, 0o777)  # where the child may write an export
         warm = shutil.copytree(base / "idx", tmp_path / "warm")
         (warm / "vectors.faiss").unlink()
 
@@ -408,6 +411,8 @@ def test_a_read_only_index_can_be_searched_and_served_and_writers_say_it_is_read
             texts_found = r.invoke(cli, ["search", "--texts", "--index", str(index), "--json", "-k", "50",
                                          "--image", str(next(photos.iterdir()))])
             info = r.invoke(cli, ["info", "--index", str(index), "--json"])
+            others = [r.invoke(cli, [*args, "--index", str(index)]) for args in
+                      (["errors"], ["dupes"], ["export", str(out / index.name)])]
             with TestClient(create_app(index, warm=False), base_url="http://127.0.0.1") as client:
                 api = client.get("/api/search", params={"q": "a red circle", "k": 50})
                 hit = api.json()["hits"][0]["id"] if api.status_code == 200 else None
@@ -419,6 +424,7 @@ def test_a_read_only_index_can_be_searched_and_served_and_writers_say_it_is_read
                     "under": (under.exit_code, len(under.output.splitlines())),
                     "texts": (texts_found.exit_code, len(texts_found.output.splitlines())),
                     "info": (info.exit_code, json.loads(info.output)["images"] if info.exit_code == 0 else info.output),
+                    "others": [(o.exit_code, o.output[-200:]) for o in others],
                     "api": (api.status_code, len(api.json().get("hits", []))), "thumb": thumb, "writers": writers}
 
         search_and_serve(warm)  # in this process first: every module the child needs is loaded before the fork
@@ -427,6 +433,8 @@ def test_a_read_only_index_can_be_searched_and_served_and_writers_say_it_is_read
         assert got["search"][:2] == [0, 12], got["search"]
         assert got["under"] == [0, 10] and got["texts"] == [0, 20] and got["info"] == [0, 12]
         assert got["api"] == [200, 12] and got["thumb"] == 200
+        assert [code for code, _ in got["others"]] == [0, 0, 0], got["others"]
+        assert got["others"][2][1].startswith("exported 12 embeddings")
         for message in got["writers"]:
             assert message == (f"Error: index {idx} is read-only (no write permission on the folder or its catalog, "
                                f"or a read-only disk): it can be searched and served, not changed; copy it to a "

@@ -19,8 +19,10 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
 @output_options
 @click.option("--under", type=click.Path(file_okay=False), help="Only images under this folder.")
 @click.option("--ext", "exts", help="Only these extensions, comma-separated, e.g. jpg,png.")
-@click.option("--after", help="Only images taken on/after DATE (EXIF date, else file mtime).")
-@click.option("--before", help="Only images taken before DATE.")
+@click.option("--after", metavar="DATE", help="Only images taken on/after DATE, YYYY-MM-DD (EXIF date, else file mtime).")
+@click.option("--before", metavar="DATE", help="Only images taken before DATE (exclusive).")
+@click.option("--until", metavar="DATE", help="Only images taken on/before DATE (inclusive: the whole day; "
+                                              "instead of --before).")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below X.")
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank with the fusion model [default: on when configured].")
 @click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores.")
@@ -28,14 +30,15 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
               help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the blend the re-ranker "
                    "was fitted to on validation data].")
 @device_option
-def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
+def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, until, min_score,
            rerank, rerank_k, alpha, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
     from mmsearch.search.filters import Filters
     from mmsearch.search.query import Searcher
     from mmsearch.storage.store import IndexStore
 
-    filters = Filters.parse(under=under, exts=exts, after=after, before=before)  # before opening: bad input fails fast
+    # before opening: bad input fails fast, with the words the server and the Python API use
+    filters = Filters.parse(under=under, exts=exts, after=after, before=before, until=until)
     searcher = Searcher(IndexStore.open(index_dir_of(index_dir), device=device))  # torch only for new images
     if over_texts:
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)

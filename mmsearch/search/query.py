@@ -21,8 +21,11 @@ from mmsearch.search.filters import Filters
 from mmsearch.storage.store import IndexStore
 
 DEFAULT_RERANK_K = 32
+MAX_WEIGHT = 100.0  # |weight| of one term: past this a term is not "more important", it is a typo or an attack
 _SPLIT = re.compile(r"(?:^|\s+)([+-])(?:\s+|$)")
-_WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+?)\s*$")
+# anything float() reads as a number counts as a weight, so '1e40:red' or 'nan:red' is refused, not read as text
+_WEIGHT = re.compile(r"^\s*([-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|inf(?:inity)?|nan))\s*:\s*(.+?)\s*$",
+                     re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def parse_query(query: Optional[str], images: Sequence[str] = (), ids: Sequence[
             weight, body = 1.0, raw
             m = _WEIGHT.match(raw)
             if m:
-                weight, body = float(m.group(1)), m.group(2)
+                weight, body = check_weight(m.group(1), m.group(2)), m.group(2)
             if sign == "-":
                 weight = -weight
             is_path = paths and _is_image_path(body)
@@ -105,6 +108,31 @@ def parse_query(query: Optional[str], images: Sequence[str] = (), ids: Sequence[
     if not terms:
         raise QueryError("empty query: give text, an image file, or --image FILE")
     return terms
+
+
+def check_weight(text: str, body: str) -> float:
+    """A term's weight: a finite number with |w| <= MAX_WEIGHT (float32 sums overflow far below 1e39)."""
+    w = float(text)
+    if not (np.isfinite(w) and abs(w) <= MAX_WEIGHT):
+        raise QueryError(f"weight {text} of term '{body}' is out of range (a number from -{MAX_WEIGHT:g} to "
+                         f"{MAX_WEIGHT:g})")
+    return w
+
+
+def combine(weighted) -> np.ndarray:
+    """sum(w * e) over (weight, embedding) pairs, L2-normalised, summed in float64 so no weight or
+    embedding can overflow it; non-finite input or terms that cancel out are a QueryError."""
+    vec = None
+    for w, e in weighted:
+        e = np.asarray(e, np.float64)
+        vec = w * e if vec is None else vec + w * e
+    if vec is None or not np.all(np.isfinite(vec)):
+        raise QueryError("the query vector is not finite (a stored embedding or a weight is not a number)")
+    norm = float(np.linalg.norm(vec))
+    if not np.isfinite(norm) or norm < 1e-8:  # norm overflows only past ~1e154 per component
+        raise QueryError("the query terms cancel out; nothing to search for" if norm < 1e-8 else
+                         "the query vector is too large to normalise")
+    return (vec / norm).astype(np.float32)
 
 
 class Searcher:
@@ -141,7 +169,7 @@ class Searcher:
     def embed(self, terms: list[Term], want_states: bool = False):
         """(query vector [d], text token states of a single-text query or None)."""
         texts = [t for t in terms if t.text is not None]
-        vec = np.zeros(self.store.dim, np.float32)
+        weighted = []
         states = None
         if texts:
             enc = self.store.text_encoder()
@@ -150,28 +178,26 @@ class Searcher:
                 states = st[0] if len(terms) == 1 else None
             else:
                 emb = enc.encode_texts([t.text for t in texts])
-            for t, e in zip(texts, emb):
-                vec += t.weight * e
+            weighted += [(t.weight, e) for t, e in zip(texts, emb)]
         for t in terms:
             if t.image is not None or t.image_id is not None:
-                vec += t.weight * self._image_embedding(t.image, image_id=t.image_id)[0]
-        norm = float(np.linalg.norm(vec))
-        if norm < 1e-8:
-            raise QueryError("the query terms cancel out; nothing to search for")
-        return vec / norm, states
+                weighted.append((t.weight, self._image_embedding(t.image, image_id=t.image_id)[0]))
+        return combine(weighted), states
 
     # ---- text -> image, image -> image --------------------------------------------------------
     def search(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
-               offset: int = 0, filters: Optional[Filters] = None) -> list[Hit]:
+               offset: int = 0, filters: Optional[Filters] = None, until=None) -> list[Hit]:
         """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
-        after, before; mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
+        after, before or until (inclusive); mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
         text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
         Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap."""
         if filters is None:
-            filters = Filters.parse(under=under, exts=exts, after=after, before=before)
+            filters = Filters.parse(under=under, exts=exts, after=after, before=before, until=until)
+        elif any(v is not None for v in (under, exts, after, before, until)):
+            raise QueryError("give filters either as Filters or one by one (under, exts, after, before, until)")
         terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if not cat.has_images():

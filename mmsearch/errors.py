@@ -68,3 +68,8 @@ class DistributedError(MmsearchError):
 
 class TrainingError(MmsearchError):
     """A training run cannot start or continue as asked (bad batch split, precision, world size)."""
+
+
+class ArgumentError(MmsearchError, ValueError):
+    """A library call got a value outside its range (a batch size below 1, a NaN threshold): what the
+    CLI's option types refuse at its edge, refused again for callers of the Python API."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_option, output_options, render_hits,
-                                  with_bar)
+from mmsearch.checks import MAX_K, MAX_RERANK_K
+from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of, index_option, number, output_options,
+                                  render_hits, with_bar)
 
 
 # ---- search ------------------------------------------------------------------------------------
@@ -15,7 +16,7 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
               help="Query image (repeatable); inside or outside the index.")
 @click.option("--texts", "over_texts", is_flag=True, help="Search the text corpus instead of the images.")
 @index_option
-@click.option("-k", "k", default=10, show_default=True, help="Number of results.")
+@click.option("-k", "k", default=10, show_default=True, type=count(1, MAX_K), help="Number of results.")
 @output_options
 @click.option("--under", type=click.Path(file_okay=False), help="Only images under this folder.")
 @click.option("--ext", "exts", help="Only these extensions, comma-separated, e.g. jpg,png.")
@@ -23,10 +24,11 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
 @click.option("--before", metavar="DATE", help="Only images taken before DATE (exclusive).")
 @click.option("--until", metavar="DATE", help="Only images taken on/before DATE (inclusive: the whole day; "
                                               "instead of --before).")
-@click.option("--min-score", type=float, default=None, help="Drop results scoring below X.")
+@click.option("--min-score", type=number(-1, 1), default=None, help="Drop results scoring below X.")
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank with the fusion model [default: on when configured].")
-@click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+@click.option("--rerank-k", default=32, show_default=True, type=count(1, MAX_RERANK_K),
+              help="Candidates the re-ranker re-scores.")
+@click.option("--alpha", type=number(0, 1), default=None,
               help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the blend the re-ranker "
                    "was fitted to on validation data].")
 @device_option
@@ -86,7 +88,7 @@ def texts_list(index_dir, like, as_json):
 
 
 @texts.command("remove")
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=count(0, 2 ** 62))
 @index_option
 @click.option("--like", default=None, help="Remove every text containing this substring.")
 def texts_remove(ids, index_dir, like):

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from mmsearch.checks import count
 from mmsearch.errors import MediaError
 from mmsearch.indexing import scan
 from mmsearch.indexing.stage import Progress, batch_pixels, decode_file, worker_transform
@@ -17,6 +18,7 @@ def enable_reranker(index_dir, reranker_path, batch_size: int = 32, workers: Opt
                     progress: Progress = None) -> dict:
     """Configure a re-ranker on an existing index and back-fill its image tokens (one read per file)
     and the token states of the text corpus. Images that fail to decode are recorded as failures."""
+    batch_size, workers = count("batch_size", batch_size, optional=False), count("workers", workers)
     store = IndexStore.open(index_dir)
     store.configure_reranker(reranker_path)
     cat = store.catalog

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from mmsearch.checks import MAX_K, MAX_RERANK_K, count, number
 from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import EmptyIndexError, QueryError
@@ -119,6 +120,13 @@ def check_weight(text: str, body: str) -> float:
     return w
 
 
+def check_depths(k, offset, rerank_k, alpha, min_score):
+    """The numeric arguments of a search, refused (ArgumentError) outside what the CLI's options allow."""
+    return (count("k", k, 1, MAX_K, optional=False), count("offset", offset, 0, optional=False),
+            count("rerank_k", rerank_k, 1, MAX_RERANK_K, optional=False), number("alpha", alpha, 0.0, 1.0),
+            number("min_score", min_score))
+
+
 def combine(weighted) -> np.ndarray:
     """sum(w * e) over (weight, embedding) pairs, L2-normalised, summed in float64 so no weight or
     embedding can overflow it; non-finite input or terms that cancel out are a QueryError."""
@@ -194,6 +202,7 @@ class Searcher:
         after, before or until (inclusive); mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
         text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
         Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap."""
+        k, offset, rerank_k, alpha, min_score = check_depths(k, offset, rerank_k, alpha, min_score)
         if filters is None:
             filters = Filters.parse(under=under, exts=exts, after=after, before=before, until=until)
         elif any(v is not None for v in (under, exts, after, before, until)):
@@ -266,6 +275,7 @@ class Searcher:
     def search_texts(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                      rerank: Optional[bool] = None, rerank_k: int = DEFAULT_RERANK_K,
                      alpha: Optional[float] = None, ids: Sequence[int] = ()) -> list[Hit]:
+        k, _, rerank_k, alpha, _ = check_depths(k, 0, rerank_k, alpha, None)
         terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if cat.count_texts() == 0:

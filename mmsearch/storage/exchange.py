@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from mmsearch.checks import count
 from mmsearch.errors import DatasetError, ModelMismatchError
 
 MODEL_RECORD = "mmsearch_model.json"
@@ -46,6 +47,7 @@ def model_record(store) -> dict:
 def export_embeddings(store, out, shard_size: int = 100_000, float16: bool = False,
                       progress: Progress = None) -> dict:
     """Write every image's embedding and catalog row, in id order, as numbered shards."""
+    shard_size = count("shard_size", shard_size, optional=False)
     pa = _pyarrow()
     out = Path(out)
     (out / "img_emb").mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from hf_fixture import build_hf_cache
+from helpers import build_hf_cache
 
 # the child: heavy imports first (not what is timed), then each case's CLI run with fd 2 sent to a file,
 # so log handlers bound to the original stderr are caught too

@@ -73,3 +73,19 @@ class TrainingError(MmsearchError):
 class ArgumentError(MmsearchError, ValueError):
     """A library call got a value outside its range (a batch size below 1, a NaN threshold): what the
     CLI's option types refuse at its edge, refused again for callers of the Python API."""
+
+
+class IndexBusyError(MmsearchError):
+    """Another process (or thread) is writing the index: one writer at a time (mmsearch.storage.lock)."""
+
+
+class IndexReadOnlyError(MmsearchError):
+    """The index folder or its catalog cannot be written (permissions, a read-only disk): search only."""
+
+
+class CatalogCorruptError(MmsearchError):
+    """The catalog's SQLite file is damaged or not a database; the message says what to do."""
+
+
+class NonFiniteVectorError(MmsearchError):
+    """A vector holds NaN or infinity; it is refused wherever vectors come in (mmsearch.storage.schema.check_finite)."""

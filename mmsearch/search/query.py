@@ -17,8 +17,10 @@ import numpy as np
 from mmsearch.checks import MAX_K, MAX_RERANK_K, count, number
 from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
-from mmsearch.errors import EmptyIndexError, QueryError
+from mmsearch.errors import EmptyIndexError, NonFiniteVectorError, QueryError
 from mmsearch.search.filters import Filters
+from mmsearch.storage.fsnames import display
+from mmsearch.storage.schema import check_finite
 from mmsearch.storage.store import IndexStore
 
 DEFAULT_RERANK_K = 32
@@ -115,8 +117,9 @@ def check_weight(text: str, body: str) -> float:
     """A term's weight: a finite number with |w| <= MAX_WEIGHT (float32 sums overflow far below 1e39)."""
     w = float(text)
     if not (np.isfinite(w) and abs(w) <= MAX_WEIGHT):
-        raise QueryError(f"weight {text} of term '{body}' is out of range (a number from -{MAX_WEIGHT:g} to "
-                         f"{MAX_WEIGHT:g})")
+        shown = text if len(text) <= 24 else text[:20] + "..."
+        raise QueryError(f"the weight of term {body!r} ({shown}) is out of range: a weight is a finite number "
+                         f"from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
     return w
 
 
@@ -134,8 +137,9 @@ def combine(weighted) -> np.ndarray:
     for w, e in weighted:
         e = np.asarray(e, np.float64)
         vec = w * e if vec is None else vec + w * e
-    if vec is None or not np.all(np.isfinite(vec)):
-        raise QueryError("the query vector is not finite (a stored embedding or a weight is not a number)")
+    if vec is None:
+        raise QueryError("empty query: give text, an image file, or --image FILE")
+    _finite(vec, "the query vector (a term's embedding)")
     norm = float(np.linalg.norm(vec))
     if not np.isfinite(norm) or norm < 1e-8:  # norm overflows only past ~1e154 per component
         raise QueryError("the query terms cancel out; nothing to search for" if norm < 1e-8 else
@@ -172,7 +176,9 @@ class Searcher:
         enc = self.store.image_embedder() if token_grid is None else self.store.encoder()
         img = load_image(path, min_size=enc.image_size)
         out = enc.encode_images([img], token_grid=token_grid)
-        return (out[0][0], out[1][0]) if token_grid else (out[0], None)
+        vec, toks = (out[0][0], out[1][0]) if token_grid else (out[0], None)
+        _finite(vec, f"the embedding of image {display(os.path.basename(path))}")
+        return vec, toks
 
     def embed(self, terms: list[Term], want_states: bool = False):
         """(query vector [d], text token states of a single-text query or None)."""
@@ -323,6 +329,14 @@ def _order(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
         else:  # no cached tokens: rank after every re-scored candidate
             scored.append((i, s - 10.0, s, None))
     return sorted(scored, key=lambda t: -t[1])
+
+
+def _finite(values, what: str) -> None:
+    """The shared finite check (mmsearch.storage.schema.check_finite), as a query error: a 400, one line."""
+    try:
+        check_finite(np.asarray(values, dtype=np.float64), lambda _: what, "value")
+    except NonFiniteVectorError as exc:
+        raise QueryError(str(exc)) from None
 
 
 def timed_search(searcher: Searcher, *args, **kwargs):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import mimetypes
 import os
 from email.utils import formatdate
-from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
@@ -68,5 +67,4 @@ def image_file(request: Request, image_id: int = ImageId):
 
     return StreamingResponse(body(), media_type=kind, headers={
         "Cache-Control": "no-cache", "Content-Length": str(info.st_size),
-        "Last-Modified": formatdate(info.st_mtime, usegmt=True),
-        "Content-Disposition": f"inline; filename*=utf-8''{quote(os.path.basename(path))}"})
+        "Last-Modified": formatdate(info.st_mtime, usegmt=True)})

@@ -195,3 +195,15 @@ def recall(truth, found):
     from mmsearch.storage import ann
 
     return ann.recall_at_k(np.asarray(truth), np.asarray(found))
+
+
+def filter_kwargs(filters: dict, root: Path, to_time) -> dict:
+    """A test's filter parameters as Searcher.search takes them: `under` relative to `root`, `after` and
+    `before` through `to_time` (a day number or a date string -> epoch seconds)."""
+    kw = dict(filters)
+    if "under" in kw:
+        kw["under"] = str(root / kw["under"])
+    for key in ("after", "before"):
+        if key in kw:
+            kw[key] = to_time(kw[key])
+    return kw

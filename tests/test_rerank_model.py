@@ -25,6 +25,7 @@ from mmsearch.rerank.model import TOKEN_GRID, FusionModel, Reranker
 from mmsearch.train.reranker import train_reranker
 from mmsearch.storage.store import IndexStore
 from conftest import one_torch_thread
+from helpers import filter_kwargs
 
 DAY = 86400
 BASE = time.mktime((2021, 3, 1, 0, 0, 0, 0, 0, 0))
@@ -238,12 +239,7 @@ def test_reranking_never_returns_a_filtered_out_image(rr_index, filters):
     idx, photos, files = rr_index
     store = IndexStore.open(idx)
     searcher = Searcher(store)
-    kw = dict(filters)
-    if "under" in kw:
-        kw["under"] = str(photos / kw["under"])
-    for key in ("after", "before"):
-        if key in kw:
-            kw[key] = BASE + kw[key] * DAY
+    kw = filter_kwargs(filters, photos, lambda day: BASE + day * DAY)
     allowed = {store.catalog.id_for_path(p) for p, j in files.items()
                if (not kw.get("under") or p.startswith(kw["under"] + "/"))
                and (not kw.get("exts") or os.path.splitext(p)[1] in {"." + e for e in kw["exts"]})

@@ -10,6 +10,7 @@ from mmsearch import Index
 from mmsearch.config import ModelSpec
 from mmsearch.errors import EmptyIndexError, IndexNotFoundError, QueryError
 from mmsearch.indexing.pipeline import index_folders
+from helpers import filter_kwargs
 from mmsearch.search.query import Searcher
 from mmsearch.storage.store import IndexStore
 
@@ -87,12 +88,7 @@ def test_filters_keep_k_hits_and_match_brute_force(indexed, filters):
     idx, photos = indexed
     store = IndexStore.open(idx)
     searcher = Searcher(store)
-    kw = dict(filters)
-    if "under" in kw:
-        kw["under"] = str(photos / kw["under"])
-    for key in ("after", "before"):
-        if key in kw:
-            kw[key] = time.mktime(time.strptime(kw[key], "%Y-%m-%d"))
+    kw = filter_kwargs(filters, photos, lambda day: time.mktime(time.strptime(day, "%Y-%m-%d")))
     rows = store.catalog.rows(store.catalog.embeddings(store.dim)[0])
 
     def ok(r):

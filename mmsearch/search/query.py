@@ -221,8 +221,8 @@ class Searcher:
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
                offset: int = 0, filters: Optional[Filters] = None, until=None) -> list[Hit]:
         """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
-        after, before or until (inclusive); mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
-        text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
+        after, before or until (inclusive); mmsearch.search.filters parses them). rerank=None re-ranks when
+        the index has a re-ranker and the query is one text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
         Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap."""
         k, offset, rerank_k, alpha, min_score = check_depths(k, offset, rerank_k, alpha, min_score)
         if filters is None:

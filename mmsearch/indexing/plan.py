@@ -7,16 +7,13 @@ Ray, a watcher) runs the same plan; planning always happens on the driver, again
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 from mmsearch.errors import MmsearchError
 from mmsearch.indexing import scan
 from mmsearch.storage.catalog import Catalog
 from mmsearch.storage.fsnames import to_db
-
-
-def is_under(path: str, roots: Sequence[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+from mmsearch.storage.roots import is_under_roots
 
 
 @dataclass
@@ -75,7 +72,7 @@ def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool) 
     known_failed += len(known_scan)
     scan_failed = {p for p, _ in scan_failures}
     scan_failures = [f for f in scan_failures if f not in known_scan]
-    stale_failures = [p for p in failed if is_under(p, roots) and p not in scan_failed
+    stale_failures = [p for p in failed if is_under_roots(p, roots) and p not in scan_failed
                       and (p not in failed_now or failed[p] != failed_now[p])]
     return Plan(embed, update_ids, moves, [row[0] for row in gone.values()], stale_failures, scan_failures,
                  unchanged, known_failed)

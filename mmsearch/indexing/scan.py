@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Iterator, Optional
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import MediaError
 from mmsearch.storage.fsnames import to_db
+from mmsearch.storage.roots import inside
 
 OnError = Optional[Callable[[str, str], None]]
 
@@ -41,7 +42,7 @@ def normalise_roots(roots) -> list[str]:
     reached through one root only, so a walk needs no set of the paths it has yielded."""
     out: list[str] = []
     for root in sorted({os.path.abspath(os.fspath(r)) for r in roots}):
-        if not any(root == o or root.startswith(o.rstrip("/") + "/") for o in out):
+        if not any(inside(root, o) for o in out):
             out.append(root)
     return out
 

@@ -79,9 +79,12 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
         click.echo(f"ray: {st['nodes']} node(s), {st['actors']} actors on {st['device']} ({st['tower']} tower)"
                    + (f", resumed {st['resumed']} images left pending by an interrupted run" if st["resumed"] else ""))
     if summary.created:  # the precision is part of the model record: say which one a new index got
-        why = {"amp-bf16": " (bfloat16 products: this CPU has them; --precision fp32 for full precision)",
+        why = {"amp-bf16": "" if summary.notes else " (bfloat16 products: this CPU has them; --precision fp32 "
+                                                     "for full precision)",
                "int8": " (int8 products, as asked)"}.get(summary.precision, "")
         click.echo(f"new index {index_dir_of(index_dir)}: precision {summary.precision}{why}", err=True)
+    for note in summary.notes:
+        click.secho(note, fg="yellow", err=True)
     for path, reason in summary.failures[:20]:
         click.secho(f"failed: {path}: {reason}", fg="red", err=True)
     if len(summary.failures) > 20:

@@ -10,7 +10,6 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -60,8 +59,11 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         store.configure_reranker(reranker)
     cat = store.catalog
     plan = plan_changes(cat, roots, exclude, include_hidden)
-    with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
-        cat.set_meta(roots=sorted(set(store.meta.get("roots") or []) | set(roots)))
+    known = sorted(set(store.meta.get("roots") or []) | set(roots))
+    if known != store.meta.get("roots"):  # the folders ever indexed: a server serves files only from inside them
+        with cat.transaction():
+            cat.set_meta(roots=known)
+        store.meta["roots"] = known
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
                            created=created, precision=store.precision)
     # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images)
@@ -87,12 +89,15 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text()  # loads torch on the driver only when the text tower is missing
     elif plan.embed:
-        from mmsearch.towers.devices import default_batch_size, default_decode_workers
+        from mmsearch.towers.devices import bf16_fallback_note, default_batch_size, default_decode_workers, torch_precision
 
         token_grid = store.token_grid()
         encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu")
         if store.precision.startswith("amp-") and not hasattr(encoder, "runtime"):
-            encoder.precision = store.precision  # the torch encoder runs under autocast
+            encoder.precision = torch_precision(store.precision, dev)  # the torch encoder runs under autocast
+        note = bf16_fallback_note(store.precision, dev)
+        if note:
+            summary.notes.append(note)
 
         started = time.perf_counter()
         embed_all(store, encoder, plan, vectors, summary, batch_size or default_batch_size(dev),
@@ -128,6 +133,8 @@ def embed_all(store: IndexStore, encoder, plan: Plan, vectors, summary: IndexSum
 
     if progress:
         progress(0, len(todo), stage="embed")
+    from concurrent.futures import ThreadPoolExecutor  # with its logging import: not for an unchanged re-run
+
     with ThreadPoolExecutor(max_workers=workers, initializer=background_thread) as pool:
         # keep about two batches of decodes in flight so the encoder never waits
         pending: deque = deque()

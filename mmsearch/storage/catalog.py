@@ -4,8 +4,9 @@ It holds the meta (model spec, fingerprint, dim, factory, schema version, genera
 indexed image with its embedding (float32 blob) and optional re-ranker tokens (float16 blob), the
 failures of the last runs, and the text corpus for image->text search.
 
-Reads use the stdlib sqlite3 connection directly, so a query does not pay for importing
-sqlite-utils; schema creation and writes go through sqlite-utils.
+Reads and writes use the stdlib sqlite3 connection directly (plain SQL upserts), so neither a query
+nor an unchanged re-run pays for importing sqlite-utils; `Catalog.db` still offers its view of the
+same connection to code that wants it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
 
 from mmsearch.config import SCHEMA_VERSION
 from mmsearch.errors import IndexNotFoundError, IndexVersionError
@@ -117,15 +117,28 @@ class Catalog(TextRows):
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic unit of work (a batch): everything in it lands or nothing does."""
-        with self.conn:
-            yield self.conn
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            with self.conn:
+                yield self.conn
+        finally:
+            self._depth -= 1
 
     # ---- meta ---------------------------------------------------------------------------------
     def meta(self) -> dict:
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
 
     def set_meta(self, **values) -> None:
-        self.db["meta"].upsert_all([{"key": k, "value": json.dumps(v)} for k, v in values.items()], pk="key")
+        self._write("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    [(k, json.dumps(v)) for k, v in values.items()])
+
+    def _write(self, sql: str, rows: list) -> None:
+        """An upsert in plain SQL (no sqlite-utils to import: an unchanged re-run writes its meta). Inside
+        a transaction it is part of it; outside one it commits at once, as sqlite-utils did."""
+        inside = self.conn.in_transaction or getattr(self, "_depth", 0) > 0
+        self.conn.executemany(sql, rows)
+        if not inside:
+            self.conn.commit()
 
     def generation(self) -> int:
         row = self.conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
@@ -162,6 +175,8 @@ class Catalog(TextRows):
             "WHERE (path >= ? AND path < ?) OR path = ? ORDER BY path", (prefix, prefix[:-1] + "0", root))
 
     def insert_image(self, row: dict, embedding: np.ndarray, tokens: Optional[np.ndarray] = None) -> int:
+        import numpy as np
+
         cols = dict(row, embedding=to_blob(embedding), indexed_at=time.time(),
                     tokens=None if tokens is None else to_blob(tokens, np.float16))
         keys = ", ".join(cols)
@@ -202,6 +217,8 @@ class Catalog(TextRows):
         self.conn.execute(f"UPDATE images SET {sets} WHERE id=?", [*fields.values(), image_id])
 
     def set_tokens(self, image_id: int, tokens: np.ndarray) -> None:
+        import numpy as np
+
         self.conn.execute("UPDATE images SET tokens=? WHERE id=?", (to_blob(tokens, np.float16), image_id))
 
     def delete_images(self, ids: Iterable[int]) -> None:
@@ -222,10 +239,14 @@ class Catalog(TextRows):
         row = self.conn.execute("SELECT id FROM images WHERE path=?", (path,)).fetchone()
         return row[0] if row else None
 
-    def embeddings(self, dim: int, ids: Optional[Iterable[int]] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [n], float32 [n, dim]) for all images or the given ids, in id order."""
+    def embeddings(self, dim: int, ids: Optional[Iterable[int]] = None,
+                   limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], float32 [n, dim]) for all images (the first `limit`) or the given ids, in id order."""
+        import numpy as np
+
         if ids is None:
-            cur = self.conn.execute("SELECT id, embedding FROM images ORDER BY id")
+            cur = self.conn.execute("SELECT id, embedding FROM images ORDER BY id LIMIT ?",
+                                    (-1 if limit is None else int(limit),))
             pairs = cur.fetchall()
         else:
             ids = sorted(int(i) for i in ids)
@@ -239,6 +260,8 @@ class Catalog(TextRows):
 
     def iter_embeddings(self, dim: int, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (ids, vectors) in id order, `chunk` rows at a time: memory stays bounded at any catalog size."""
+        import numpy as np
+
         last = -1
         while True:
             pairs = self.conn.execute("SELECT id, embedding FROM images WHERE id > ? ORDER BY id LIMIT ?",
@@ -250,6 +273,8 @@ class Catalog(TextRows):
 
     def sample_embeddings(self, dim: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """About n (ids, vectors) drawn uniformly at random (deterministic for a seed), for training an ANN."""
+        import numpy as np
+
         top = self.max_image_id()
         if top == 0:
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
@@ -260,6 +285,8 @@ class Catalog(TextRows):
         return self.embeddings(dim, want.tolist())
 
     def tokens(self, ids: Iterable[int], shape: tuple[int, int]) -> dict[int, Optional[np.ndarray]]:
+        import numpy as np
+
         ids = [int(i) for i in ids]
         out: dict[int, Optional[np.ndarray]] = {}
         for s in range(0, len(ids), 900):
@@ -283,6 +310,8 @@ class Catalog(TextRows):
         """(ids, excluded) for a search filter over `total` indexed images: the ids that pass when they
         are at most half, else the ids that fail (excluded=True). Listing the smaller side keeps a filter
         that passes nearly everything as cheap as one that passes nearly nothing (SQLite counts in C)."""
+        import numpy as np
+
         cond, args = _filter_sql(under, exts, after, before)
         if not cond:
             return np.empty(0, np.int64), True
@@ -302,8 +331,10 @@ class Catalog(TextRows):
         return dict(self.conn.execute("SELECT path, reason FROM failures"))
 
     def record_failure(self, path: str, size: Optional[int], mtime_ns: Optional[int], reason: str) -> None:
-        self.db["failures"].upsert(dict(path=path, size=size, mtime_ns=mtime_ns, reason=reason,
-                                        failed_at=time.time()), pk="path")
+        self._write("INSERT INTO failures (path, size, mtime_ns, reason, failed_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(path) DO UPDATE SET size=excluded.size, mtime_ns=excluded.mtime_ns, "
+                    "reason=excluded.reason, failed_at=excluded.failed_at",
+                    [(path, size, mtime_ns, reason, time.time())])
 
     def clear_failures(self, paths: Iterable[str]) -> None:
         self.conn.executemany("DELETE FROM failures WHERE path=?", [(p,) for p in paths])

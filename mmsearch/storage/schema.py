@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
-
 CATALOG_NAME = "catalog.db"
 # A 512-d float32 embedding makes an image row ~2.2 KB: with SQLite's default 4 KB pages only one row
 # fits per page (4.2 KB per image measured at 20k images); 16 KB pages hold seven (about 2.5 KB per image).
@@ -55,11 +53,15 @@ CREATE TABLE IF NOT EXISTS texts (
 """
 
 
-def to_blob(vec: np.ndarray, dtype=np.float32) -> bytes:
+def to_blob(vec: np.ndarray, dtype="float32") -> bytes:
+    import numpy as np  # here, not at the top: an unchanged re-run opens the catalog without numpy
+
     return np.ascontiguousarray(vec, dtype=dtype).tobytes()
 
 
-def from_blobs(blobs: Iterable[bytes], dim: int, dtype=np.float32) -> np.ndarray:
+def from_blobs(blobs: Iterable[bytes], dim: int, dtype="float32") -> np.ndarray:
+    import numpy as np
+
     blobs = list(blobs)
     if not blobs:
         return np.zeros((0, dim), dtype=np.float32)

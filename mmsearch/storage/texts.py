@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from typing import Iterable, Optional
 
-import numpy as np
 
 from mmsearch.storage.schema import from_blobs, to_blob
 
@@ -20,6 +19,8 @@ class TextRows:
         return {r[0] for r in self.conn.execute("SELECT text FROM texts")}
 
     def insert_text(self, text: str, embedding: np.ndarray, states: Optional[np.ndarray] = None) -> int:
+        import numpy as np
+
         cur = self.conn.execute(
             "INSERT INTO texts(text, embedding, states, state_len, added_at) VALUES (?,?,?,?,?) RETURNING id",
             (text, to_blob(embedding), None if states is None else to_blob(states, np.float16),
@@ -37,10 +38,14 @@ class TextRows:
         return [dict(id=r[0], text=r[1]) for r in self.conn.execute(q + " ORDER BY id", args)]
 
     def text_embeddings(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         pairs = self.conn.execute("SELECT id, embedding FROM texts ORDER BY id").fetchall()
         return np.array([p[0] for p in pairs], dtype=np.int64), from_blobs((p[1] for p in pairs), dim)
 
     def text_states(self, ids: Iterable[int], width: int) -> dict[int, Optional[np.ndarray]]:
+        import numpy as np
+
         ids = [int(i) for i in ids]
         if not ids:
             return {}
@@ -52,6 +57,8 @@ class TextRows:
         return self.conn.execute("SELECT id, text FROM texts WHERE states IS NULL ORDER BY id").fetchall()
 
     def set_text_states(self, text_id: int, states: np.ndarray) -> None:
+        import numpy as np
+
         self.conn.execute("UPDATE texts SET states=?, state_len=? WHERE id=?",
                           (to_blob(states, np.float16), int(states.shape[0]), text_id))
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from mmsearch.serve.errors import ApiError
+from mmsearch.storage.fsnames import json_safe
 from mmsearch.serve.params import MAX_ID, SearchParams, search_params
 from mmsearch.serve.state import ServeState, thumb_url
 from mmsearch.serve.uploads import upload_file
@@ -49,9 +50,10 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), uplo
 
 
 def hit_json(h) -> dict:
-    return {"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
+    """A hit as the API shows it; a file name that is not UTF-8 is shown readably (fsnames.json_safe)."""
+    return json_safe({"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
             "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
-            "thumbnail": thumb_url(h.row)}
+            "thumbnail": thumb_url(h.row)})
 
 
 @router.get("/images/{image_id}/texts")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.fsnames import json_safe
 from mmsearch.search.query import Searcher
 from mmsearch.storage.store import IMAGE_VECTORS, IndexStore
 from mmsearch.serve.errors import ApiError
@@ -132,16 +133,16 @@ class ServeState:
     def describe(self, row: dict) -> dict:
         """Metadata of one row, as the API shows it."""
         i = row["id"]
-        return dict(id=i, path=row["path"], name=os.path.basename(row["path"]), folder=os.path.dirname(row["path"]),
-                    size=row["size"], mtime=row["mtime_ns"] / 1e9, taken_at=row["taken_at"], width=row["width"],
-                    height=row["height"], ext=row["ext"], thumbnail=thumb_url(row), file=f"/api/images/{i}/file")
+        return json_safe(dict(  # a file name that is not UTF-8 is shown readably (fsnames.json_safe)
+            id=i, path=row["path"], name=os.path.basename(row["path"]), folder=os.path.dirname(row["path"]),
+            size=row["size"], mtime=row["mtime_ns"] / 1e9, taken_at=row["taken_at"], width=row["width"],
+            height=row["height"], ext=row["ext"], thumbnail=thumb_url(row), file=f"/api/images/{i}/file"))
 
     def folders(self, limit: int = 500) -> list[str]:
         """Folders holding indexed images (for the page's folder filter), cached per catalog generation."""
         gen = self.store.catalog.generation()
         if self._folders[0] != gen:
-            seen = {os.path.dirname(p) for (p,) in self.store.catalog.conn.execute("SELECT path FROM images")}
-            self._folders = (gen, sorted(seen)[:limit])
+            self._folders = (gen, self.store.catalog.folders()[:limit])
         return self._folders[1]
 
 

@@ -229,9 +229,9 @@ class IndexStore(TowerChoice):
     def vectors_complete(self) -> bool:
         """The cheap half of `repair_vectors`: whether the FAISS file's sidecar counts as many vectors as the
         catalog has images (a count, no file read)."""
-        from mmsearch.storage.vectors import VectorIndex
+        from mmsearch.storage.flat import sidecar  # not FAISS: an unchanged re-run never imports it
 
-        return VectorIndex.sidecar(self.dir / IMAGE_VECTORS).get("ntotal") == self.catalog.count_images()
+        return sidecar(self.dir / IMAGE_VECTORS).get("ntotal") == self.catalog.count_images()
 
     def repair_vectors(self, pending: PendingVectors) -> int:
         """Make the vector index hold exactly the catalog's ids: add the vectors of rows it lacks (from the

@@ -137,3 +137,32 @@ def test_an_amp_bf16_index_searches_and_updates_where_the_cpu_lacks_bf16(tiny_ch
     top = Searcher(IndexStore.open(idx)).search(images=[str(first[0])], k=1)
     assert top[0].path == str(first[0])
     assert len(Searcher(IndexStore.open(idx)).search(images=[str(outside)], k=2)) == 2
+
+
+def test_runs_use_the_idle_cores_and_give_the_thread_count_back(monkeypatch):
+    """Issue 32 (training on AVX2): torch gets the cores other work leaves idle (a thread on a busy core
+    stalls the others at every operator), never more than it had, and a user's OMP_NUM_THREADS wins."""
+    from mmsearch.train import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cpu, "idle_cores", lambda: 1)
+    with threads.cpu_threads("cpu") as n:
+        assert n == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    with threads.cpu_threads("cuda") as n:  # a GPU run keeps torch's own count
+        assert n == before == torch.get_num_threads()
+    monkeypatch.setattr(cpu, "idle_cores", lambda: 64)
+    assert threads.run_threads() == before  # never more than torch had
+    monkeypatch.setattr(cpu, "idle_cores", lambda: 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+    assert threads.run_threads() == before  # the user's choice
+
+
+def test_idle_cores_subtract_the_load(monkeypatch):
+    monkeypatch.setattr(cpu, "cores", lambda: 2)
+    for load, idle in ((0.2, 2), (0.6, 1), (1.4, 1), (7.0, 1)):
+        monkeypatch.setattr(cpu.os, "getloadavg", lambda load=load: (load, load, load))
+        cpu.idle_cores.cache_clear()
+        assert cpu.idle_cores() == idle, load
+    cpu.idle_cores.cache_clear()

@@ -150,3 +150,18 @@ def describe() -> dict:
     held = {k: os.environ[k] for k in (ENV_FLAGS, "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
     return {"model": model_name(), "flags": [f for f in RELEVANT if f in flags()], "cores": cores(),
             "load": [round(x, 2) for x in load] if load else None, "native_bf16": native_bf16(), "held": held}
+
+
+@functools.lru_cache(maxsize=1)
+def idle_cores() -> int:
+    """The cores other work leaves free, decided once per process (later in a run the load average
+    counts this process's own threads): cores() less the 1-minute load average, rounded, at least 1.
+    Torch's threads meet at a barrier after every operator, so a thread on a core something else uses
+    holds up all of them: training mmsearch-tiny on 2 cores with 1 busy took 21-24 s on 2 threads and
+    10 s on 1 (emulated AVX2; 6.8 s on 2 threads with both cores free)."""
+    n = cores()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return n
+    return max(1, min(n, n - int(load + 0.5)))

@@ -21,7 +21,7 @@ RUNTIMES = ("openvino", "onnxruntime")
 
 def threads() -> int:
     env = os.environ.get("MMSEARCH_ORT_THREADS")
-    return int(env) if env else cpu.cores()
+    return int(env) if env else cpu.idle_cores()  # a thread on a busy core holds up the others at every barrier
 
 
 def _openvino():

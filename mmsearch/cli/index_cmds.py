@@ -71,6 +71,8 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
                             factory=factory, reranker=reranker, device=device, precision=precision,
                             executor=executor, progress=progress, max_index_memory=max_index_memory)
     progress.close()
+    for note in summary.notes:  # on stderr, so --json output stays one object
+        click.secho(note, fg="yellow", err=True)
     if as_json:
         emit_json(dict(summary.to_dict(), **({"ray": executor.stats} if executor else {})))
         return
@@ -83,8 +85,6 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
                                                      "for full precision)",
                "int8": " (int8 products, as asked)"}.get(summary.precision, "")
         click.echo(f"new index {index_dir_of(index_dir)}: precision {summary.precision}{why}", err=True)
-    for note in summary.notes:
-        click.secho(note, fg="yellow", err=True)
     for path, reason in summary.failures[:20]:
         click.secho(f"failed: {shown(path)}: {shown(reason)}", fg="red", err=True)
     if len(summary.failures) > 20:

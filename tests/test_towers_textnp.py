@@ -59,3 +59,28 @@ def test_missing_or_damaged_tower_is_a_typed_error(tmp_path, exported):
     (broken / "text_tower" / "weights.f32").write_bytes(b"junk")
     with pytest.raises(CheckpointError):
         NumpyTextTower.load(broken).encode(["a dog"])
+
+
+def test_ascii_words_with_re_equal_open_clips_regex_pattern():
+    """The stdlib `re` pattern used on printable ASCII (a query then never imports `regex`) splits every
+    printable ASCII string into the same words as open_clip's `regex` pattern."""
+    import random
+    import re
+    import string
+
+    import regex
+
+    from mmsearch.towers.textnp import BPETokenizer
+
+    ours = re.compile(BPETokenizer.ASCII_PATTERN, re.IGNORECASE | re.ASCII)
+    theirs = regex.compile(BPETokenizer.PATTERN, regex.IGNORECASE)
+    rng = random.Random(0)
+    alphabet = string.printable[:95]  # the printable ASCII characters, space included
+    samples = ["<start_of_text>it's <end_of_text>", "don't'll 've'RE 3.14e-5 a_b-c", "''s'''t"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    for s in samples:
+        assert s.isascii() and s.isprintable()
+        assert ours.findall(s) == theirs.findall(s), s
+    tok = BPETokenizer(["h e", "l l", "he ll"], 16)
+    assert tok.words("hello, world") == theirs.findall("hello, world") and tok._pat is None
+    assert tok.words("café") == ["café"] and tok._pat is not None  # non-ASCII: open_clip's own pattern

@@ -56,6 +56,32 @@ def test_worker_batches_equal_the_in_memory_path(synth_dir, tiny_encoder):
     assert not torch.equal(got[0]["pixels"][0], tiny_encoder.preprocess(images[i0]))
 
 
+def test_a_small_set_is_decoded_once_and_gives_the_same_batches(synth_dir, tiny_encoder, monkeypatch):
+    """Issue 32 (training on AVX2): FileImages keeps a small set's decoded images, so the second epoch
+    reads no file, and its batches still equal the naive path's."""
+    from mmsearch.train import data as data_mod
+
+    source = open_source(synth_dir / "captions.csv", "train")
+    ds = load_dataset(synth_dir / "captions.csv", split="train")
+    images = [load_image(p, min_size=64) for p in ds.images]
+    reads = []
+    monkeypatch.setattr(data_mod, "load_image", lambda path, min_size=None: reads.append(path) or
+                        load_image(path, min_size=min_size))
+    plan = BatchPlan(len(source), 64, seed=5)
+    batches = StepBatches(source, tiny_encoder.preprocess_train, plan, min_size=64)
+    steps = list(range(plan.per_epoch)) + [plan.per_epoch, plan.per_epoch + 1]  # one epoch, then two more steps
+    with one_torch_thread():
+        got = [batches[s] for s in steps]
+    assert len(reads) == len(set(reads)) <= len(source) < len(steps) * plan.batch_size  # nothing read twice
+    for b, step in zip(got[-2:], steps[-2:]):
+        pixels, texts = _reference_batch(images, source.captions, tiny_encoder.preprocess_train, plan, step)
+        assert b["texts"] == texts and torch.equal(b["pixels"], pixels)
+    monkeypatch.setattr(data_mod, "DECODED_CACHE_BYTES", 0)  # a large set: nothing kept, the same pixels
+    fresh = open_source(synth_dir / "captions.csv", "train")
+    again = StepBatches(fresh, tiny_encoder.preprocess_train, plan, min_size=64)[steps[-1]]
+    assert torch.equal(again["pixels"], got[-1]["pixels"]) and fresh._decoded == {}
+
+
 def test_ranks_and_micro_batches_split_the_same_global_batch(synth_dir, tiny_encoder):
     source = open_source(synth_dir / "captions.csv", "train")
     whole = StepBatches(source, tiny_encoder.preprocess_train, BatchPlan(len(source), 16, 0), min_size=64)[5]

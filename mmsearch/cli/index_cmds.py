@@ -74,6 +74,8 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
                             factory=factory, reranker=reranker, device=device, precision=precision,
                             executor=executor, progress=progress, max_index_memory=max_index_memory)
     progress.close()
+    for note in summary.notes:  # on stderr, so --json output stays one object
+        click.secho(note, fg="yellow", err=True)
     if as_json:
         emit_json(dict(summary.to_dict(), **({"ray": executor.stats} if executor else {})))
         return
@@ -82,7 +84,8 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
         click.echo(f"ray: {st['nodes']} node(s), {st['actors']} actors on {st['device']} ({st['tower']} tower)"
                    + (f", resumed {st['resumed']} images left pending by an interrupted run" if st["resumed"] else ""))
     if summary.created:  # the precision is part of the model record: say which one a new index got
-        why = {"amp-bf16": " (bfloat16 products: this CPU has them; --precision fp32 for full precision)",
+        why = {"amp-bf16": "" if summary.notes else " (bfloat16 products: this CPU has them; --precision fp32 "
+                                                     "for full precision)",
                "int8": " (int8 products, as asked)"}.get(summary.precision, "")
         click.echo(f"new index {index_dir_of(index_dir)}: precision {summary.precision}{why}", err=True)
     for path, reason in summary.failures[:20]:

@@ -6,7 +6,7 @@ import click
 from mmsearch.cli.app import cli
 from mmsearch.checks import MAX_K, MAX_RERANK_K
 from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of, index_option, number, output_options,
-                                  render_hits, with_bar)
+                                  render_hits, single_blas_thread_for_text, with_bar)
 
 
 # ---- search ------------------------------------------------------------------------------------
@@ -35,6 +35,8 @@ from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of,
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, until, min_score,
            rerank, rerank_k, alpha, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
+    if query and not images:
+        single_blas_thread_for_text(index_dir_of(index_dir))
     from mmsearch.search.filters import Filters
     from mmsearch.search.query import Searcher
     from mmsearch.storage.store import IndexStore

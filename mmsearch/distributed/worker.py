@@ -36,7 +36,7 @@ class EmbedActor:
             if tower is not None:  # the index's exported ONNX tower (CPU workers): no torch to import
                 self.encoder = _onnx_tower(tower, fingerprint, precision, threads)
             else:
-                from mmsearch.towers.devices import check_precision, resolve_device
+                from mmsearch.towers.devices import check_precision, resolve_device, torch_precision
                 from mmsearch.towers.encoder import load_encoder
                 from mmsearch.errors import ModelMismatchError
 
@@ -45,7 +45,7 @@ class EmbedActor:
                 if enc.fingerprint != fingerprint:
                     raise ModelMismatchError(f"the model weights here differ from the index's (fingerprint "
                                              f"{enc.fingerprint} != {fingerprint})")
-                enc.precision = check_precision(precision, dev)
+                enc.precision = torch_precision(check_precision(precision, dev), dev)
                 self.encoder = enc
         except MmsearchError as exc:
             hint = " (the checkpoint must be readable at the same path on every node)" \

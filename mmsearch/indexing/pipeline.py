@@ -11,7 +11,6 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -22,7 +21,7 @@ from mmsearch.indexing.plan import Plan, plan_changes
 from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, batch_pixels, commit_batch,
                                      decode_file, worker_transform)
 from mmsearch.storage.catalog import Catalog
-from mmsearch.storage.roots import record_roots
+from mmsearch.storage.roots import normalise_roots, record_roots, recorded_roots
 from mmsearch.storage.lock import writer_lock
 from mmsearch.storage.store import IndexStore
 
@@ -80,8 +79,10 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
         store.configure_reranker(reranker)
     cat = store.catalog
     plan = plan_changes(cat, roots, exclude, include_hidden)
-    with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
-        record_roots(cat, roots)
+    if not set(normalise_roots(roots)) <= set(recorded_roots(store.meta)):
+        # the folders ever indexed: a server serves files only from inside them (no write when unchanged)
+        with cat.transaction():
+            store.meta["roots"] = record_roots(cat, roots)
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
                            created=created, precision=store.precision)
     # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images),
@@ -109,12 +110,15 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
         summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text()  # loads torch on the driver only when the text tower is missing
     elif plan.embed:
-        from mmsearch.towers.devices import default_batch_size, default_decode_workers
+        from mmsearch.towers.devices import bf16_fallback_note, default_batch_size, default_decode_workers, torch_precision
 
         token_grid = store.token_grid()
         encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu")
         if store.precision.startswith("amp-") and not hasattr(encoder, "runtime"):
-            encoder.precision = store.precision  # the torch encoder runs under autocast
+            encoder.precision = torch_precision(store.precision, dev)  # the torch encoder runs under autocast
+        note = bf16_fallback_note(store.precision, dev)
+        if note:
+            summary.notes.append(note)
 
         started = time.perf_counter()
         embed_all(store, encoder, plan, vectors, summary, batch_size or default_batch_size(dev),
@@ -154,6 +158,8 @@ def embed_all(store: IndexStore, encoder, plan: Plan, vectors, summary: IndexSum
 
     if progress:
         progress(0, len(todo), stage="embed")
+    from concurrent.futures import ThreadPoolExecutor  # with its logging import: not for an unchanged re-run
+
     with ThreadPoolExecutor(max_workers=workers, initializer=background_thread) as pool:
         # keep about two batches of decodes in flight so the encoder never waits
         pending: deque = deque()

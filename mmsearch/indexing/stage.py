@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 
-from mmsearch import media
 from mmsearch.errors import MediaError
 from mmsearch.indexing import scan
 from mmsearch.indexing.plan import Plan, safe_hash
@@ -43,6 +41,7 @@ class IndexSummary:
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
     created: bool = False  # this run created the index
     precision: str = ""  # the index's precision (part of its model record)
+    notes: list = field(default_factory=list)  # one-line notes for the user (e.g. bf16 run as fp32 here)
 
     @property
     def embedded(self) -> int:
@@ -58,6 +57,8 @@ class IndexSummary:
 def decode_file(info: scan.FileInfo, image_size: int, pil_transform):
     """Runs in a worker thread: open + draft-decode + the model's PIL-side transform (resize, crop).
     Returns (pixels, original size, date, quick hash) or the MediaError."""
+    from mmsearch import media  # PIL: imported by the runs that decode, not by an unchanged re-run
+
     try:
         img = media.load_image(info.path, min_size=image_size)
         orig = img.info.get("original_size", img.size)
@@ -100,6 +101,8 @@ def commit_batch(cat: Catalog, plan: Plan, vectors, good, bad, emb, toks, summar
                   also: Optional[Callable[[Catalog], None]] = None) -> None:
     """One transaction per batch; `also` adds an executor's own bookkeeping to the same transaction.
     An image whose embedding is not finite becomes a failure like an undecodable one (never a crash)."""
+    import numpy as np
+
     new_ids, removed = [], []
     if good and len(bad_rows := non_finite_rows(emb)):
         keep = np.ones(len(good), bool)

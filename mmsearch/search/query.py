@@ -242,7 +242,7 @@ class Searcher:
         vec, states = self.embed(terms, want_states=rerank)
         selection = None
         if filters.active:
-            total = self.store.image_vectors().ntotal
+            total = self.store.query_vectors().ntotal
             selection = cat.filter_selection(total, filters.under, list(filters.exts) if filters.exts else None,
                                              filters.after, filters.before)
             ids, excluded = selection
@@ -275,7 +275,7 @@ class Searcher:
         with the tuned search widened as the filter narrows: the k allowed neighbours are the ~k/f
         nearest overall (measured in benchmarks/ann_scale.py: 1 + log10(1/f) keeps filtered recall at
         or above unfiltered from f = 50% down to 2%)."""
-        index = self.store.image_vectors()
+        index = self.store.query_vectors()
         if selection is None:
             return index.search(vec[None, :], depth)
         ids, excluded = selection

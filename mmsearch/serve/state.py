@@ -62,6 +62,11 @@ class ServingStore(IndexStore):
             self._vectors, self._vectors_gen = index, gen
             return index
 
+    def query_vectors(self):
+        """Always the FAISS index: a long-lived server pays its import once, and image_vectors() is where
+        it notices a new catalog generation (and re-reads the meta)."""
+        return self.image_vectors()
+
     def encoder(self):
         with self._lock:  # one torch model, loaded once, whatever the number of worker threads
             return super().encoder()

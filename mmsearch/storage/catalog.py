@@ -4,8 +4,8 @@ It holds the meta (model spec, fingerprint, dim, factory, schema version, genera
 indexed image with its embedding (float32 blob) and optional re-ranker tokens (float16 blob), the
 failures of the last runs, and the text corpus for image->text search.
 
-Reads use the stdlib sqlite3 connection directly, so a query does not pay for importing
-sqlite-utils; schema creation and writes go through sqlite-utils. Paths are stored as the exact bytes
+Reads and writes use the stdlib sqlite3 connection directly (plain SQL upserts), so neither a query
+nor an unchanged re-run pays for importing sqlite-utils. Paths are stored as the exact bytes
 of their names (fsnames.py: names that are not UTF-8 too); dbfile.py opens the file (read-only folders
 included) and turns SQLite's corruption and read-only errors into typed errors on every method.
 """
@@ -17,9 +17,10 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # annotations only: numpy loads where it is used, not on import
+    import numpy as np
 
 from mmsearch.config import SCHEMA_VERSION
 from mmsearch.errors import IndexNotFoundError, IndexVersionError
@@ -125,18 +126,30 @@ class Catalog(TextRows, FailureRows):
     @contextmanager
     def transaction(self):
         """One atomic unit of work (a batch): everything in it lands or nothing does."""
+        self._depth = getattr(self, "_depth", 0) + 1
         try:
             with self.conn:
                 yield self.conn
         except sqlite3.DatabaseError as exc:  # the commit, or a statement run on the connection
             dbfile.raise_typed(exc, self.path)
+        finally:
+            self._depth -= 1
 
     # ---- meta ---------------------------------------------------------------------------------
     def meta(self) -> dict:
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
 
     def set_meta(self, **values) -> None:
-        self.db["meta"].upsert_all([{"key": k, "value": json.dumps(v)} for k, v in values.items()], pk="key")
+        self._write("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    [(k, json.dumps(v)) for k, v in values.items()])
+
+    def _write(self, sql: str, rows: list) -> None:
+        """An upsert in plain SQL (no sqlite-utils to import: an unchanged re-run writes its meta). Inside
+        a transaction it is part of it; outside one it commits at once, as sqlite-utils did."""
+        inside = self.conn.in_transaction or getattr(self, "_depth", 0) > 0
+        self.conn.executemany(sql, rows)
+        if not inside:
+            self.conn.commit()
 
     def generation(self) -> int:
         row = self.conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
@@ -183,6 +196,8 @@ class Catalog(TextRows, FailureRows):
             (prefix, prefix[:-1] + b"0", to_db(root)))
 
     def insert_image(self, row: dict, embedding: np.ndarray, tokens: Optional[np.ndarray] = None) -> int:
+        import numpy as np
+
         check_finite(embedding, lambda _: display(row["path"]), "embedding")
         cols = dict(row, embedding=to_blob(embedding), indexed_at=time.time(),
                     tokens=None if tokens is None else to_blob(tokens, np.float16))
@@ -228,6 +243,8 @@ class Catalog(TextRows, FailureRows):
         self.conn.execute(f"UPDATE images SET {sets} WHERE id=?", [*fields.values(), image_id])
 
     def set_tokens(self, image_id: int, tokens: np.ndarray) -> None:
+        import numpy as np
+
         self.conn.execute("UPDATE images SET tokens=? WHERE id=?", (to_blob(tokens, np.float16), image_id))
 
     def delete_images(self, ids: Iterable[int]) -> None:
@@ -263,10 +280,14 @@ class Catalog(TextRows, FailureRows):
         row = self.conn.execute("SELECT id FROM images WHERE path=CAST(? AS TEXT)", (to_db(path),)).fetchone()
         return row[0] if row else None
 
-    def embeddings(self, dim: int, ids: Optional[Iterable[int]] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [n], float32 [n, dim]) for all images or the given ids, in id order."""
+    def embeddings(self, dim: int, ids: Optional[Iterable[int]] = None,
+                   limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], float32 [n, dim]) for all images (the first `limit`) or the given ids, in id order."""
+        import numpy as np
+
         if ids is None:
-            cur = self.conn.execute("SELECT id, embedding FROM images ORDER BY id")
+            cur = self.conn.execute("SELECT id, embedding FROM images ORDER BY id LIMIT ?",
+                                    (-1 if limit is None else int(limit),))
             pairs = cur.fetchall()
         else:
             ids = sorted(int(i) for i in ids)
@@ -280,6 +301,8 @@ class Catalog(TextRows, FailureRows):
 
     def iter_embeddings(self, dim: int, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (ids, vectors) in id order, `chunk` rows at a time: memory stays bounded at any catalog size."""
+        import numpy as np
+
         last = -1
         while True:
             pairs = self.conn.execute("SELECT id, embedding FROM images WHERE id > ? ORDER BY id LIMIT ?",
@@ -291,6 +314,8 @@ class Catalog(TextRows, FailureRows):
 
     def sample_embeddings(self, dim: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """About n (ids, vectors) drawn uniformly at random (deterministic for a seed), for training an ANN."""
+        import numpy as np
+
         top = self.max_image_id()
         if top == 0:
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
@@ -301,6 +326,8 @@ class Catalog(TextRows, FailureRows):
         return self.embeddings(dim, want.tolist())
 
     def tokens(self, ids: Iterable[int], shape: tuple[int, int]) -> dict[int, Optional[np.ndarray]]:
+        import numpy as np
+
         ids = [int(i) for i in ids]
         out: dict[int, Optional[np.ndarray]] = {}
         for s in range(0, len(ids), 900):
@@ -325,6 +352,8 @@ class Catalog(TextRows, FailureRows):
         """(ids, excluded) for a search filter over `total` indexed images: the ids that pass when they
         are at most half, else the ids that fail (excluded=True). Listing the smaller side keeps a filter
         that passes nearly everything as cheap as one that passes nearly nothing (SQLite counts in C)."""
+        import numpy as np
+
         cond, args = _filter_sql(under, exts, after, before)
         if not cond:
             return np.empty(0, np.int64), True

@@ -1,9 +1,10 @@
 """The catalog's schema, its ordered migrations, and how vectors are stored in it (blobs)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # annotations only: numpy loads where it is used, not on import
+    import numpy as np
 
 from mmsearch.errors import NonFiniteVectorError
 
@@ -59,6 +60,8 @@ CREATE TABLE IF NOT EXISTS texts (
 
 def non_finite_rows(vectors) -> np.ndarray:
     """Row numbers of `vectors` ([n, d], or one [d] vector as row 0) holding NaN or +-inf."""
+    import numpy as np  # in each function, not at the top: an unchanged re-run opens the catalog without numpy
+
     arr = np.asarray(vectors)
     if arr.ndim == 1:
         arr = arr[None, :]
@@ -76,11 +79,15 @@ def check_finite(vectors, name_row: Optional[Callable[[int], str]] = None, what:
         raise NonFiniteVectorError(f"{where}: the {what} holds NaN or infinity{more}; refused")
 
 
-def to_blob(vec: np.ndarray, dtype=np.float32) -> bytes:
+def to_blob(vec: np.ndarray, dtype="float32") -> bytes:
+    import numpy as np
+
     return np.ascontiguousarray(vec, dtype=dtype).tobytes()
 
 
-def from_blobs(blobs: Iterable[bytes], dim: int, dtype=np.float32) -> np.ndarray:
+def from_blobs(blobs: Iterable[bytes], dim: int, dtype="float32") -> np.ndarray:
+    import numpy as np
+
     blobs = list(blobs)
     if not blobs:
         return np.zeros((0, dim), dtype=np.float32)

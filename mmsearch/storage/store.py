@@ -9,9 +9,10 @@ import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # annotations only: numpy loads where it is used, not on import
+    import numpy as np
 
 from mmsearch.config import VERSION
 from mmsearch.storage.catalog import Catalog
@@ -219,17 +220,18 @@ class IndexStore(TowerChoice):
             pass
 
     def vectors_fresh(self) -> bool:
-        """Whether the FAISS file exists and was built from the catalog as it is (its sidecar says so)."""
-        from mmsearch.storage.vectors import VectorIndex
+        """Whether the FAISS file exists and was built from the catalog as it is (its sidecar says so;
+        read without loading FAISS, so an unchanged re-run never imports it)."""
+        from mmsearch.storage.flat import is_fresh
 
-        return VectorIndex.is_fresh(self.dir / IMAGE_VECTORS, self.catalog.generation())
+        return is_fresh(self.dir / IMAGE_VECTORS, self.catalog.generation())
 
     def vectors_complete(self) -> bool:
         """The cheap half of `repair_vectors`: whether the FAISS file's sidecar counts as many vectors as the
         catalog has images (a count, no file read)."""
-        from mmsearch.storage.vectors import VectorIndex
+        from mmsearch.storage.flat import sidecar  # not FAISS: an unchanged re-run never imports it
 
-        return VectorIndex.sidecar(self.dir / IMAGE_VECTORS).get("ntotal") == self.catalog.count_images()
+        return sidecar(self.dir / IMAGE_VECTORS).get("ntotal") == self.catalog.count_images()
 
     def repair_vectors(self, pending: PendingVectors) -> int:
         """Make the vector index hold exactly the catalog's ids: add the vectors of rows it lacks (from the
@@ -287,8 +289,28 @@ class IndexStore(TowerChoice):
         self._vectors = (gen, index)
         return index
 
+    def query_vectors(self):
+        """What a query searches: the FAISS index, or, for a small index whose cache is Flat (exact), the
+        same exact search in numpy over the catalog's vectors (mmsearch.storage.flat), which spares a
+        fresh process loading FAISS. Identical results either way: both are exact inner products."""
+        from mmsearch.storage import flat
+
+        gen = self.catalog.generation()
+        cached = getattr(self, "_exact", None)
+        if cached is not None and cached[0] == gen:
+            return cached[1]
+        info = flat.sidecar(self.dir / IMAGE_VECTORS)
+        if info.get("factory") == "Flat" and info.get("ntotal", flat.EXACT_START_MAX + 1) <= flat.EXACT_START_MAX:
+            ids, vectors = self.catalog.embeddings(self.dim, limit=flat.EXACT_START_MAX + 1)
+            if len(ids) <= flat.EXACT_START_MAX:  # a stale sidecar may undercount: the catalog decides
+                self._exact = (gen, flat.ExactVectors(ids, vectors))
+                return self._exact[1]
+        return self.image_vectors()
+
     def stored_vectors(self, ids) -> np.ndarray:
         """Exact stored embeddings of these ids, in the order given (the exact path of small filters)."""
+        import numpy as np
+
         got_ids, emb = self.catalog.embeddings(self.dim, ids)
         if len(got_ids) != len(ids) or not np.array_equal(got_ids, np.asarray(ids)):
             pos = {int(i): j for j, i in enumerate(got_ids)}
@@ -340,6 +362,8 @@ class IndexStore(TowerChoice):
 
     # ---- inspection ---------------------------------------------------------------------------
     def info(self) -> dict:
+        import numpy as np
+
         try:
             vectors = self.image_vectors().ntotal
         except VectorIndexError:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
-import numpy as np
+if TYPE_CHECKING:  # annotations only: numpy loads where it is used, not on import
+    import numpy as np
 
 from mmsearch.storage.schema import check_finite, from_blobs, to_blob
 
@@ -21,6 +22,8 @@ class TextRows:
         return {r[0] for r in self.conn.execute("SELECT text FROM texts")}
 
     def insert_text(self, text: str, embedding: np.ndarray, states: Optional[np.ndarray] = None) -> int:
+        import numpy as np
+
         check_finite(embedding, lambda _: f"text {text[:60]!r}", "embedding")
         cur = self.conn.execute(
             "INSERT INTO texts(text, embedding, states, state_len, added_at) VALUES (?,?,?,?,?) RETURNING id",
@@ -55,10 +58,14 @@ class TextRows:
         return gen, ids, emb  # still moving: labelled with the older generation, so it is rebuilt next time
 
     def text_embeddings(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        import numpy as np
+
         pairs = self.conn.execute("SELECT id, embedding FROM texts ORDER BY id").fetchall()
         return np.array([p[0] for p in pairs], dtype=np.int64), from_blobs((p[1] for p in pairs), dim)
 
     def text_states(self, ids: Iterable[int], width: int) -> dict[int, Optional[np.ndarray]]:
+        import numpy as np
+
         ids = [int(i) for i in ids]
         if not ids:
             return {}
@@ -70,6 +77,8 @@ class TextRows:
         return self.conn.execute("SELECT id, text FROM texts WHERE states IS NULL ORDER BY id").fetchall()
 
     def set_text_states(self, text_id: int, states: np.ndarray) -> None:
+        import numpy as np
+
         self.conn.execute("UPDATE texts SET states=?, state_len=? WHERE id=?",
                           (to_blob(states, np.float16), int(states.shape[0]), text_id))
 

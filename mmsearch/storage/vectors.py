@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from mmsearch.errors import VectorIndexError
+from mmsearch.storage.flat import exact_search, is_fresh, sidecar  # noqa: F401 (exact_search: re-exported)
 
 
 def _tmp_name(path: Path) -> Path:
@@ -221,12 +222,7 @@ class VectorIndex:
     @staticmethod
     def is_fresh(path: Path, generation: int) -> bool:
         """The sidecar's word that the file at `path` was built from this catalog generation."""
-        path = Path(path)
-        try:
-            return json.loads(path.with_suffix(".json").read_text()).get("generation") == generation \
-                and path.is_file()
-        except (OSError, ValueError):
-            return False
+        return is_fresh(path, generation)
 
     @classmethod
     def load(cls, path: Path, generation: int, mmap: bool = True) -> Optional["VectorIndex"]:
@@ -254,10 +250,7 @@ class VectorIndex:
 
     @staticmethod
     def sidecar(path: Path) -> dict:
-        try:
-            return json.loads(Path(path).with_suffix(".json").read_text())
-        except (OSError, ValueError):
-            return {}
+        return sidecar(path)
 
 
 KMEANS_ITERATIONS = 10
@@ -266,18 +259,6 @@ KMEANS_ITERATIONS = 10
 # at 1M (benchmarks/ann_scale.py), fetching 20k embeddings by id and scoring them costs about what a
 # widened selector search costs, and is exact.
 EXACT_SUBSET_MAX = 20_000
-
-
-def exact_search(queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int):
-    """Brute-force top-k of queries over (ids, vectors); ties broken by id order (stable)."""
-    scores = queries @ np.asarray(vectors, np.float32).T
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
-        np.tile(np.arange(scores.shape[1]), (len(queries), 1))
-    part_s = np.take_along_axis(scores, part, 1)
-    order = np.lexsort((part, -part_s), axis=1)  # by score, then by position (= id order)
-    top = np.take_along_axis(part, order, 1)
-    return np.take_along_axis(scores, top, 1).astype(np.float32), ids[top]
 
 
 def _empty(n: int):

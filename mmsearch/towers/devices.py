@@ -87,9 +87,9 @@ def default_precision(device, reranker: bool = False) -> str:
     torch, whose bf16 is slower than fp32 on a CPU."""
     if device_type(device) != "cpu" or reranker:
         return "fp32"
-    from mmsearch.towers.runtime import cpu_has_bf16
+    from mmsearch.towers.cpu import tower_bf16
 
-    return "amp-bf16" if cpu_has_bf16() else "fp32"
+    return "amp-bf16" if tower_bf16() else "fp32"
 
 
 def default_batch_size(device) -> int:
@@ -99,10 +99,10 @@ def default_batch_size(device) -> int:
 
 def default_decode_workers(device, cpus: int | None = None) -> int:
     """Decoding threads: on a CPU they share the cores with the encoder (4 at most); a GPU needs every
-    core decoding to keep it fed."""
-    import os
+    core decoding to keep it fed. `cpus`: the cores this process may use (affinity and cgroup quota)."""
+    from mmsearch.towers.cpu import cores
 
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or cores()
     if device_type(device) == "cpu":
         return max(1, min(4, cpus))
     return max(2, min(16, cpus))
@@ -125,6 +125,26 @@ def check_precision(precision: str, device) -> str:
         if not torch.cuda.is_bf16_supported():
             raise DeviceError("--precision amp-bf16: this GPU has no bfloat16 support (use amp-fp16)")
     return precision
+
+
+def torch_precision(precision: str, device) -> str:
+    """The precision the torch encoder runs for an index of `precision` on `device`: its own, except
+    amp-bf16 on a CPU without bf16 products (mmsearch.towers.cpu), which runs fp32, as the exported
+    tower does there (runtime.products): torch's emulated bf16 took 10x fp32's time on an AVX2 CPU."""
+    if precision == "amp-bf16" and device_type(device) == "cpu":
+        from mmsearch.towers.cpu import native_bf16
+
+        return precision if native_bf16() else "fp32"
+    return precision
+
+
+def bf16_fallback_note(precision: str, device) -> str | None:
+    """One line for the user when an amp-bf16 index runs in fp32 here, else None."""
+    if precision != "amp-bf16" or device_type(device) != "cpu" or torch_precision(precision, device) != "fp32":
+        return None
+    return ("note: this CPU has no bfloat16 arithmetic (AVX512_BF16, AMX): the amp-bf16 index embeds with fp32 "
+            "products here, slower than on a bf16 CPU, vectors as close to bf16's as bf16's are to fp32's "
+            "(the index keeps its precision)")
 
 
 def autocast(device, precision: str):

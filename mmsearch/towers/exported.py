@@ -55,3 +55,13 @@ def fresh_export_meta(index_dir, name: str, fmt: str, **expected) -> Optional[di
     except CheckpointError:
         return None
     return meta if all(meta.get(k) == v for k, v in expected.items()) else None
+
+
+def peek_meta(index_dir, name: str) -> dict:
+    """An export's meta.json as it is ({} when missing or unreadable), without checking it: for choices
+    made before the heavy imports (e.g. BLAS threads before numpy loads)."""
+    try:
+        meta = json.loads((Path(index_dir) / name / META).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}

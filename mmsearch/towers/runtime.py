@@ -14,13 +14,14 @@ from typing import Callable
 import numpy as np
 
 from mmsearch.errors import CheckpointError, DeviceError
+from mmsearch.towers import cpu
 
 RUNTIMES = ("openvino", "onnxruntime")
 
 
 def threads() -> int:
     env = os.environ.get("MMSEARCH_ORT_THREADS")
-    return int(env) if env else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return int(env) if env else cpu.idle_cores()  # a thread on a busy core holds up the others at every barrier
 
 
 def _openvino():
@@ -35,28 +36,30 @@ def _openvino():
 
 
 def cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bfloat16 natively (OpenVINO's own capability probe)."""
-    ov = _openvino()
-    if ov is None:
-        return False
-    try:
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    except Exception:  # an exotic CPU plugin failure means: no bf16 here
-        return False
+    """True when an exported tower runs bfloat16 products here: the CPU multiplies bf16 (AVX512_BF16, AMX;
+    mmsearch.towers.cpu, which MMSEARCH_CPU_FLAGS can simulate) and OpenVINO is installed."""
+    return cpu.tower_bf16()
 
 
 def runtime_for(precision: str) -> str:
-    """Which runtime runs a tower of this precision here; DeviceError when none can."""
+    """Which runtime runs an exported tower of this precision here. Never a dead end for the precisions
+    an exported tower has: an amp-bf16 index on a CPU without bf16 arithmetic runs its (fp32) graph in
+    fp32 (`products`), which is what OpenVINO itself does there and the closest a CPU gets to the bf16
+    vectors without bf16 hardware (benchmarks/tower_precision.py measures it)."""
     if precision == "int8":
         return "onnxruntime"
-    if precision == "amp-bf16":
-        if not cpu_has_bf16():
-            raise DeviceError("precision amp-bf16 on a CPU needs OpenVINO and a CPU with bfloat16 arithmetic "
-                              "(AVX512_BF16 or AMX); this one has none")
-        return "openvino"
-    if precision == "fp32":
+    if precision in ("fp32", "amp-bf16"):
         return "openvino" if _openvino() is not None else "onnxruntime"
     raise DeviceError(f"precision {precision} has no exported-tower runtime on a CPU (torch's autocast runs it)")
+
+
+def products(precision: str) -> str:
+    """The arithmetic an exported tower of this precision runs here: 'bf16' only for amp-bf16 on a CPU
+    with bf16 products and OpenVINO; 'int8' for int8; 'fp32' otherwise (amp-bf16 included, where the CPU
+    lacks bf16: slower than on a bf16 CPU, vectors within the same tolerance of the bf16 ones)."""
+    if precision == "int8":
+        return "int8"
+    return "bf16" if precision == "amp-bf16" and cpu_has_bf16() else "fp32"
 
 
 def runs_here(precision: str) -> bool:
@@ -86,7 +89,7 @@ def _openvino_runner(path, precision: str):
     core = ov.Core()
     # f32 unless the index asked for bf16: OpenVINO's own default on a bf16 CPU is bf16, which would
     # silently change an fp32 index's vectors
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "amp-bf16" else "f32",
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if products(precision) == "bf16" else "f32",
               "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads()}
     cache = _compiled_cache()
     if cache is not None:

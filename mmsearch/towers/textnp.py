@@ -14,7 +14,7 @@ torch's, or nothing is written (tests/test_textnp.py, tests/test_families.py).
 from __future__ import annotations
 
 import functools
-import html
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -47,13 +47,21 @@ def _clean(text: str) -> str:
         import ftfy  # only needed for text ASCII-clean would not leave unchanged
 
         text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return " ".join(text.split()).strip().lower()
+    if "&" in text:  # html.entities is a 2,000-entry table: imported only for text that may hold one
+        import html
+
+        text = html.unescape(html.unescape(text))
+    return " ".join(text.strip().split()).strip().lower()
 
 
 class BPETokenizer:
+    # open_clip's pattern needs `regex` (\p{L}, \p{N}); on printable ASCII they are [a-z], [0-9] and \s the
+    # space, so `re` finds the same words and a query skips importing `regex` (tests/test_towers_textnp.py)
+    PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    ASCII_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+"""
+
     def __init__(self, merges: Sequence[str], context_length: int):
-        import regex
+        import re
 
         # Ranks keyed by the merge line itself ("a b"): no 49k tuples to build, so a fresh query
         # process pays ~10 ms here instead of ~120 ms. Byte-level symbols never contain a space.
@@ -66,8 +74,18 @@ class BPETokenizer:
         self.sot, self.eot = self.encoder["<start_of_text>"], self.encoder["<end_of_text>"]
         self.context_length = context_length
         self.cache: dict = {}
-        self.pat = regex.compile(r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                                 regex.IGNORECASE)
+        self.ascii_pat = re.compile(self.ASCII_PATTERN, re.IGNORECASE | re.ASCII)
+        self._pat = None
+
+    def words(self, cleaned: str) -> list[str]:
+        """The pre-tokenised words of cleaned text: `re` on printable ASCII, open_clip's `regex` otherwise."""
+        if cleaned.isascii() and cleaned.isprintable():
+            return self.ascii_pat.findall(cleaned)
+        if self._pat is None:
+            import regex
+
+            self._pat = regex.compile(self.PATTERN, regex.IGNORECASE)
+        return self._pat.findall(cleaned)
 
     def _bpe(self, token: str) -> list[str]:
         if token in self.cache:
@@ -98,7 +116,7 @@ class BPETokenizer:
         """Token ids with SOT/EOT, truncated to the context length (EOT kept last), unpadded."""
         be = _bytes_to_unicode()
         ids = [self.sot]
-        for tok in self.pat.findall(_clean(text)):
+        for tok in self.words(_clean(text)):
             ids.extend(self.encoder[p] for p in self._bpe("".join(be[b] for b in tok.encode("utf-8"))))
         ids.append(self.eot)
         if len(ids) > self.context_length:
@@ -118,6 +136,8 @@ def _canonicalize(text: str) -> str:
 def _hf_clean(text: str, mode: str) -> str:
     """open_clip's HFTokenizer cleaning: ftfy + html unescape + strip, then whitespace/lower/canonicalize."""
     import ftfy
+
+    import html
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     if mode == "canonicalize":
@@ -324,7 +344,10 @@ class NumpyTextTower:
         """(L2-normalised embeddings [n,d], token states per text [len_i, width]) like Encoder.encode_texts."""
         # a causal query runs a few tokens: BLAS threads only add hand-off cost, and spin badly when cores
         # are busy; a bidirectional tower runs its whole context (64-77 tokens), worth the cores
-        with _blas_controller().limit(limits=1 if self.meta.get("causal", True) else None, user_api="blas"):
+        causal = self.meta.get("causal", True)
+        if causal and os.environ.get("OPENBLAS_NUM_THREADS") == "1":  # one thread already (cli: set before numpy)
+            return self._encode(texts)
+        with _blas_controller().limit(limits=1 if causal else None, user_api="blas"):
             return self._encode(texts)
 
     def _encode(self, texts: Sequence[str]):

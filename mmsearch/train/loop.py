@@ -28,6 +28,7 @@ from mmsearch.train.data import BatchPlan, StepBatches, batch_loader, default_wo
 from mmsearch.train.optim import lr_at, make_optimizer, save_atomic
 from mmsearch.train.precision import Precision
 from mmsearch.train.step import clip_loss, contrastive_backward, tower_features
+from mmsearch.train.threads import cpu_threads
 from mmsearch.train.recipe import default_hparams
 
 VAL_CACHE_IMAGES = 4096  # validation images kept decoded between validations (beyond: decoded each time)
@@ -95,9 +96,10 @@ def train_encoder(data, spec: ModelSpec, out, steps: Optional[int] = None, epoch
     log = (log or (lambda line: None)) if world.is_main else (lambda line: None)
     progress = progress if world.is_main else None
     try:
-        return _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay, lock_image, lock_text,
-                      resume, train_split, val_split, images_root, seed, save_every, device, precision,
-                      accum_steps, workers, world, progress, log, val_every)
+        with cpu_threads(device.type):  # the idle cores (train/threads.py); restored afterwards
+            return _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay, lock_image,
+                          lock_text, resume, train_split, val_split, images_root, seed, save_every, device,
+                          precision, accum_steps, workers, world, progress, log, val_every)
     finally:
         dist_.stop(world)
 
@@ -152,7 +154,8 @@ def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay,
         n_bad = int(state["resume"].get("skipped_images", len(bad_images)))
         log(f"resuming at step {start}/{n_steps}")
     log(f"{len(source)} training images; global batch {plan.batch_size} = {world.world_size} process(es) × "
-        f"{plan.accum_steps} micro-batch(es) of {plan.micro_size}; {prec.name} on {device}")
+        f"{plan.accum_steps} micro-batch(es) of {plan.micro_size}; {prec.name} on {device}"
+        + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""))
     val_pixels = None
     if val_ds is not None and len(val_ds.images) <= VAL_CACHE_IMAGES:
         val_pixels = torch.cat(list(_val_chunks(encoder, val_ds, None)))

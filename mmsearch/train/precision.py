@@ -40,11 +40,12 @@ def choose_precision(requested: str, device_type: str, bf16_supported: bool) -> 
 
 
 def cpu_multiplies_bf16() -> bool:
-    """True when torch's CPU kernels multiply bf16 natively here (AVX512_BF16 or AMX tiles). Training
-    asks torch, whose kernels it runs; the exported index tower asks OpenVINO (towerruntime.cpu_has_bf16)."""
-    cpu = getattr(torch, "cpu", None)
-    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(p() for p in probes if p is not None)
+    """True when the CPU multiplies bf16 natively (AVX512_BF16 or AMX): mmsearch.towers.cpu, the one
+    probe every CPU default reads (MMSEARCH_CPU_FLAGS simulates another CPU; ONEDNN_MAX_CPU_ISA caps it,
+    as it caps torch's oneDNN kernels)."""
+    from mmsearch.towers.cpu import native_bf16
+
+    return native_bf16()
 
 
 @dataclass

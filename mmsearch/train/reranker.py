@@ -31,6 +31,7 @@ from mmsearch.train import lr_at, save_atomic
 from mmsearch.train.lanes import ThreadLanes, length_chunks
 from mmsearch.train.optim import adamw
 from mmsearch.train.precision import Precision
+from mmsearch.train.threads import cpu_threads
 
 
 class _Features:
@@ -211,7 +212,7 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
     model.train()
     params = list(model.parameters())
     every = max(50, args["steps"] // 5)
-    with ThreadLanes(lanes) as pool, prec.kernels():
+    with cpu_threads(), ThreadLanes(lanes) as pool, prec.kernels():  # lanes: one per idle core by default
         log(f"{prec.name} on {pool.lanes} thread lane(s)")
         for step in range(start, args["steps"]):
             for g in opt.param_groups:

@@ -23,9 +23,11 @@ from mmsearch.config import SCHEMA_VERSION
 from mmsearch.errors import IndexNotFoundError, IndexVersionError
 from mmsearch.storage.schema import (CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, from_blobs,  # noqa: F401
                                      sqlite_utils_without_pandas, to_blob)
+from mmsearch.storage.lexical import LexicalRows
 from mmsearch.storage.texts import TextRows
 
-class Catalog(TextRows):
+
+class Catalog(TextRows, LexicalRows):
     """One index's SQLite catalog. Create with `Catalog.create`, open with `Catalog.open`."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection):
@@ -60,6 +62,7 @@ class Catalog(TextRows):
         with conn:
             conn.executescript(SCHEMA)
             cat.set_meta(schema_version=SCHEMA_VERSION, generation=0, created_at=time.time(), **meta)
+        cat.ensure_lexical()
         return cat
 
     @classmethod
@@ -95,6 +98,10 @@ class Catalog(TextRows):
                     self.conn.executescript(SCHEMA)
             except sqlite3.OperationalError:
                 pass  # read-only file or busy: the indices only make things faster
+        try:
+            self.lexical_repairs = self.ensure_lexical()  # the word tables and FTS5 index: created or rebuilt
+        except sqlite3.OperationalError:
+            pass  # read-only file: searches by words wait for the next writable open
 
     def _migrate(self, version: int) -> None:
         with self.conn:
@@ -275,7 +282,7 @@ class Catalog(TextRows):
     def filtered_ids(self, under: Optional[str] = None, exts: Optional[list[str]] = None,
                      after: Optional[float] = None, before: Optional[float] = None) -> list[int]:
         """Ids passing the metadata filters. The date is EXIF DateTimeOriginal, else the file's mtime."""
-        cond, args = _filter_sql(under, exts, after, before)
+        cond, args = filter_sql(under, exts, after, before)
         return [r[0] for r in self.conn.execute("SELECT id FROM images" + (f" WHERE {cond}" if cond else ""), args)]
 
     def filter_selection(self, total: int, under: Optional[str] = None, exts: Optional[list[str]] = None,
@@ -283,7 +290,7 @@ class Catalog(TextRows):
         """(ids, excluded) for a search filter over `total` indexed images: the ids that pass when they
         are at most half, else the ids that fail (excluded=True). Listing the smaller side keeps a filter
         that passes nearly everything as cheap as one that passes nearly nothing (SQLite counts in C)."""
-        cond, args = _filter_sql(under, exts, after, before)
+        cond, args = filter_sql(under, exts, after, before)
         if not cond:
             return np.empty(0, np.int64), True
         kept = self.conn.execute(f"SELECT count(*) FROM images WHERE {cond}", args).fetchone()[0]
@@ -320,7 +327,7 @@ class Catalog(TextRows):
         return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
 
 
-def _filter_sql(under: Optional[str], exts: Optional[list[str]], after: Optional[float],
+def filter_sql(under: Optional[str], exts: Optional[list[str]], after: Optional[float],
                 before: Optional[float]) -> tuple[str, list]:
     """The WHERE clause of the metadata filters ('' when none), each on an index of its own."""
     where, args = [], []

@@ -22,6 +22,10 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
 @click.option("--after", help="Only images taken on/after DATE (EXIF date, else file mtime).")
 @click.option("--before", help="Only images taken before DATE.")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below X.")
+@click.option("--mode", type=click.Choice(["dense", "text", "hybrid"]), default=None,
+              help="dense: the image encoder only; text: the words in the images (OCR, file and folder names, "
+                   "EXIF/XMP) only; hybrid: both in one ranked list [default: hybrid where the index has words]. "
+                   'Quoted words must appear: \'"invoice 2023" beach\'.')
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank with the fusion model [default: on when configured].")
 @click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
@@ -29,7 +33,7 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
                    "was fitted to on validation data].")
 @device_option
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
-           rerank, rerank_k, alpha, device):
+           mode, rerank, rerank_k, alpha, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
     from mmsearch.search.filters import Filters
     from mmsearch.search.query import Searcher
@@ -41,7 +45,7 @@ def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, ex
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
     else:
         hits = searcher.search(query, images, k=k, filters=filters, min_score=min_score, rerank=rerank,
-                               rerank_k=rerank_k, alpha=alpha)
+                               rerank_k=rerank_k, alpha=alpha, mode=mode)
     hits = [h.to_dict() for h in hits]
     for note in dict.fromkeys(searcher.store.notices):  # e.g. a family whose text queries need torch
         click.secho(note, fg="yellow", err=True)

@@ -202,3 +202,31 @@ def resolve_ocr(store, ocr: Optional[bool]) -> dict:
             store.catalog.set_meta(ocr=settings)
         store.meta["ocr"] = settings
     return settings
+
+
+def words_of(path: str, store=None, max_side: Optional[int] = None) -> dict:
+    """What OCR read in one image and its typed metadata: from the index when the file is indexed there
+    unchanged (`store`), else read now (OCR needs rapidocr). Raises MediaError for an unreadable file."""
+    import os
+
+    from mmsearch import media
+
+    path = os.path.abspath(path)
+    if store is not None:
+        cat = store.catalog
+        image_id = cat.id_for_path(path)
+        row = cat.rows([image_id]).get(image_id) if image_id is not None else None
+        state = cat.words_state(image_id) if row is not None and cat.has_lexical() else None
+        try:
+            st = os.stat(path)
+            fresh = row is not None and (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+        except OSError:
+            fresh = False
+        if state is not None and fresh and state["ocr_status"] not in (None, OCR_OFF):
+            return {"path": path, "id": image_id, "source": "index", "status": state["ocr_status"],
+                    "error": state["ocr_error"], "meta": state["meta"], "lines": cat.ocr_lines(image_id)}
+    img = media.load_image(path)
+    res = Extractor(ocr=True, max_side=max_side)(path, img)
+    lines = [{"line": n, "text": t, "score": round(float(s), 4), "box": b} for n, (t, s, b) in enumerate(res.lines)]
+    return {"path": path, "id": None, "source": "ocr", "status": res.status, "error": res.error, "meta": res.meta,
+            "lines": lines}

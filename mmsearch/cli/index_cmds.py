@@ -123,9 +123,18 @@ def info(index_dir, as_json):
             *_ann_rows(data.get("ann")),
             ("reranker", data["reranker"]["path"] if data["reranker"] else "none"),
             ("rerank bytes/image", data["rerank_bytes_per_image"]),
+            ("ocr", _ocr_row(data.get("ocr"), data.get("words") or {})),
             ("bytes on disk", f"{data['bytes_on_disk']:,}")]
     for name, value in rows:
         click.echo(f"{name:<19}{value}")
+
+
+def _ocr_row(ocr, words):
+    if not ocr or not ocr.get("enabled"):
+        return f"off ({words.get('documents', 0)} images searchable by name and metadata)"
+    return (f"on ({ocr.get('reader')} {ocr.get('version')}, {ocr.get('models')}): text in {words.get('with_text', 0)} "
+            f"of {words.get('documents', 0)} images, {words.get('lines', 0)} lines, "
+            f"{words.get('ocr_failed', 0)} failed")
 
 
 def _ann_rows(ann):

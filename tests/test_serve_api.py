@@ -17,7 +17,7 @@ from mmsearch.indexing.pipeline import index_folders
 from mmsearch.search.query import Searcher, parse_query
 from mmsearch.serve import create_app
 from mmsearch.storage.store import IndexStore
-from serve_fixtures import build_served_index, exif_rotated_jpeg
+from helpers import build_served_index, exif_rotated_jpeg
 
 HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "taken_at", "name", "thumbnail"}
 LOCAL = "http://127.0.0.1"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_fixtures import build_served_index
+from helpers import build_served_index
 
 CHROMIUM = "/usr/bin/chromium-headless-shell"
 INSTALL = "apt-get update && apt-get install -y chromium-headless-shell"

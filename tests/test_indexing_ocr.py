@@ -15,7 +15,7 @@ from mmsearch.config import ModelSpec
 from mmsearch.indexing.pipeline import index_folders
 from mmsearch.search.query import Searcher
 from mmsearch.storage.store import IndexStore
-from ocr_fixtures import NOTO_CJK, need_ocr, render
+from helpers import NOTO_CJK, need_ocr, render
 
 
 def spec(checkpoint):

@@ -179,7 +179,7 @@ def test_keyboard_and_phone_width(browser, server):
 @pytest.fixture(scope="module")
 def words_server(tmp_path_factory, synth_dir, tiny_checkpoint):
     """A served index of a few screenshots with known words (OCR on) beside synthetic photos."""
-    from ocr_fixtures import need_ocr, render
+    from helpers import need_ocr, render
 
     from mmsearch.config import ModelSpec
     from mmsearch.indexing.pipeline import index_folders

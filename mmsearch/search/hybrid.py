@@ -44,7 +44,7 @@ def text_ranking(cat, q, where: str, args: list, depth: int = TEXT_DEPTH) -> lis
     """(id, bm25) of the images whose words match the query, best first, keeping only those that cover
     enough of its optional words. With a quoted phrase every match qualifies: the phrase is in the FTS5
     expression, and the optional words only rank."""
-    from mmsearch.search.lexical import MIN_COVERAGE, document_text
+    from mmsearch.search.lexical import MIN_COVERAGE
 
     expr = q.match()
     if expr is None:
@@ -52,13 +52,9 @@ def text_ranking(cat, q, where: str, args: list, depth: int = TEXT_DEPTH) -> lis
     found = cat.lexical_search(expr, depth, where, args)
     if not found or not q.words or q.phrases:
         return found
-    ids = [i for i, _ in found]
-    rows = cat.rows(ids)
-    lines = cat.lines_of(ids)
-    metas = cat.metas_of(ids)
     need = MIN_COVERAGE if len(q.words) > 1 else 1.0
-    return [(i, s) for i, s in found if i in rows
-            and q.coverage(document_text(rows[i]["path"], lines[i], metas.get(i, {}))) >= need]
+    counts = cat.match_counts(q.unit_matches(), [i for i, _ in found])
+    return [(i, s) for i, s in found if counts.get(i, 0) >= need * len(q.words)]
 
 
 def fuse(dense: list[tuple[int, float]], text: list[tuple[int, float]], mode: str) -> list[Ranked]:

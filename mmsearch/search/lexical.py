@@ -61,14 +61,12 @@ class LexicalQuery:
         # but bm25 counts them, so an image with the phrase *and* the words ranks first
         return expr if not opt else f"({expr}) AND ({' OR '.join(req + opt)})"
 
+    def unit_matches(self) -> list[str]:
+        """One MATCH expression per optional unit (to count how many of them an image's words cover)."""
+        return [_phrase(u) for u in self.words]
+
     def required_match(self) -> Optional[str]:
         return " AND ".join(_phrase(p) for p in self.phrases) or None
-
-    def coverage(self, text: str) -> float:
-        """The share of the optional units found in `text` (1.0 when the query has none)."""
-        if not self.words:
-            return 1.0
-        return sum(1 for u in self.words if _found(text, u)) / len(self.words)
 
     def spans(self, text: str) -> list[list[int]]:
         """[start, end] offsets in `text` of every phrase and word of the query found there."""
@@ -82,10 +80,6 @@ class LexicalQuery:
 
 def _phrase(words: list[str]) -> str:
     return '"' + " ".join(w.replace('"', '""') for w in words) + '"'
-
-
-def _found(text: str, unit: list[str]) -> bool:
-    return next(iter(find_phrase(text, unit) if len(unit) > 1 else find_words(text, unit)), None) is not None
 
 
 def parse_lexical(texts: list[str]) -> LexicalQuery:
@@ -110,16 +104,6 @@ def parse_lexical(texts: list[str]) -> LexicalQuery:
 def strip_quotes(text: str) -> str:
     """The text the dense side embeds: the query without its quote marks."""
     return " ".join(QUOTES.sub(lambda m: " " + m.group(1) + " ", text).replace('"', " ").split())
-
-
-def document_text(path: str, lines: list[dict], meta: dict) -> str:
-    """All the words of one image, as the matcher reads them (for coverage)."""
-    from mmsearch.storage.words import name_words
-
-    parts = [name_words(path)] + [ln["text"] for ln in lines]
-    for v in (meta or {}).values():
-        parts.append(" ".join(v) if isinstance(v, list) else str(v))
-    return "\n".join(parts)
 
 
 def matches(q: LexicalQuery, path: str, lines: list[dict], meta: dict) -> list[dict]:

@@ -147,6 +147,19 @@ class LexicalRows:
 
             raise QueryError(f"cannot search the words of the images: {exc}") from exc
 
+    def match_counts(self, exprs: list[str], ids: Iterable[int]) -> dict[int, int]:
+        """For each of `ids`: how many of the MATCH expressions `exprs` it matches (one FTS5 lookup each)."""
+        ids = [int(i) for i in ids]
+        counts: dict[int, int] = {}
+        if not ids:
+            return counts
+        marks = ",".join(str(i) for i in ids)  # integers only: no injection through the id list
+        for e in exprs:
+            for (i,) in self.conn.execute(f"SELECT rowid FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? AND rowid IN ({marks})",
+                                          (e,)):
+                counts[i] = counts.get(i, 0) + 1
+        return counts
+
     def ids_needing_ocr(self) -> list[tuple[int, str]]:
         """(id, path) of images OCR has not read: never tried, or indexed while OCR was off."""
         return self.conn.execute(

@@ -162,3 +162,15 @@ def test_deleting_an_image_deletes_its_words_and_fts_rebuilds_when_missing(catal
     cat.conn.execute("INSERT INTO image_text_fts(image_text_fts, rank) VALUES ('integrity-check', 1)")
     ro = Catalog.open(cat.dir, readonly=True)
     assert sorted(_found(ro, "invoice")) == before
+
+
+def test_imported_rows_get_their_name_words_and_wait_for_ocr(catalog):
+    """Rows written by an import (no extractor ran) are searchable by name at once; their OCR and metadata are
+    read by the next `mmsearch index` (ids_needing_ocr)."""
+    cat, _ = catalog
+    with cat.transaction():
+        cat.upsert_images([{"path": "/p/imported/sunflower-field.jpg", "size": 3, "mtime_ns": 3}],
+                          np.ones((1, 4), np.float32))
+    (i,) = _found(cat, "sunflower")
+    assert cat.rows([i])[i]["path"] == "/p/imported/sunflower-field.jpg"
+    assert (i, "/p/imported/sunflower-field.jpg") in cat.ids_needing_ocr()

@@ -48,11 +48,19 @@ class Extractor:
         self.max_side = int(max_side or ocrmod.DEFAULT_MAX_SIDE)
         self.max_boxes = int(max_boxes or ocrmod.DEFAULT_MAX_BOXES)
         self._engine = engine
-        if self.ocr and self._engine is None:  # fail before the run when rapidocr is missing
-            self._engine = ocrmod.shared_engine(self.max_side, self.max_boxes)
+        if self.ocr and engine is None and not ocrmod.ocr_available():  # before the run, not per image
+            from mmsearch.errors import MissingExtraError
+
+            raise MissingExtraError(f"this index reads the words in its images, which needs rapidocr: "
+                                    f"{ocrmod.INSTALL}, or index with --no-ocr")
 
     @property
     def engine(self):
+        """The OCR reader, loaded on first use (about a second): an unchanged re-run never loads it."""
+        if self._engine is None:
+            from mmsearch.indexing.ocr import shared_engine
+
+            self._engine = shared_engine(self.max_side, self.max_boxes)
         return self._engine
 
     def __call__(self, path: str, img=None) -> Extract:
@@ -60,7 +68,7 @@ class Extractor:
         if not self.ocr:
             return out
         try:
-            res = self._engine.read(ocr_input(path, img, self.max_side))
+            res = self.engine.read(ocr_input(path, img, self.max_side))
             out.lines = [(t, s, b) for t, s, b in res.lines]
             out.status = OCR_OK if out.lines else OCR_NONE
             out.error = res.note

@@ -203,6 +203,7 @@ class Catalog(TextRows, LexicalRows):
             "taken_at=coalesce(excluded.taken_at, taken_at), ext=excluded.ext, "
             "tokens=CASE WHEN embedding = excluded.embedding THEN tokens ELSE NULL END, "
             "embedding=excluded.embedding, indexed_at=excluded.indexed_at", args)
+        self.name_new_images([a[0] for a in args])
 
     def update_image(self, image_id: int, **fields) -> None:
         sets = ", ".join(f"{k}=?" for k in fields)

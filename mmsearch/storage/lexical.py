@@ -50,11 +50,16 @@ class LexicalRows:
 
     def ensure_lexical(self) -> dict:
         """Create the word tables when missing; rebuild the FTS5 index from `image_text` when it is
-        missing; give every image without a document its name words. Returns what was done."""
+        missing; then (only then: this runs on every writable open) give every image without a document
+        its name words. Returns what was done."""
         done = {"created": False, "rebuilt": False, "named": 0}
         have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master")}
+        if {"image_text", "images_text_gone", "image_text_status", FTS_TABLE, "image_text_ai", "image_text_ad",
+                "image_text_au"} <= have:
+            self._has_fts = True
+            return done
         with self.conn:
-            if "image_text" not in have or "images_text_gone" not in have:
+            if not {"image_text", "images_text_gone", "image_text_status"} <= have:
                 self.conn.executescript(LEXICAL_SCHEMA)
                 done["created"] = True
             if FTS_TABLE not in have or not {"image_text_ai", "image_text_ad", "image_text_au"} <= have:
@@ -85,6 +90,13 @@ class LexicalRows:
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (image_id, name_words(path), meta_text(meta), spaced("\n".join(t for t, _, _ in lines)), status, error,
              json.dumps(meta, ensure_ascii=False) if meta else None))
+
+    def name_new_images(self, paths: Iterable[str]) -> None:
+        """Name words for images written without a document (imports): their OCR comes with the next run."""
+        self.conn.executemany(
+            "INSERT INTO image_text (image_id, name, meta, ocr) SELECT id, ?, '', '' FROM images WHERE path = ? "
+            "AND NOT EXISTS (SELECT 1 FROM image_text WHERE image_id = images.id)",
+            [(name_words(p), p) for p in paths])
 
     def rename_words(self, image_id: int, path: str) -> None:
         """A moved file keeps what OCR read; its name words follow the new path."""
@@ -163,14 +175,14 @@ class LexicalRows:
     def ids_needing_ocr(self) -> list[tuple[int, str]]:
         """(id, path) of images OCR has not read: never tried, or indexed while OCR was off."""
         return self.conn.execute(
-            "SELECT i.id, i.path FROM images i LEFT JOIN image_text t ON t.image_id = i.id "
-            "WHERE t.ocr_status IS NULL OR t.ocr_status = ? ORDER BY i.id", (OCR_OFF,)).fetchall()
+            "SELECT t.image_id, i.path FROM image_text t JOIN images i ON i.id = t.image_id "
+            "WHERE t.ocr_status IS NULL OR t.ocr_status = ? ORDER BY t.image_id", (OCR_OFF,)).fetchall()
 
     def ids_needing_words(self) -> list[tuple[int, str]]:
         """(id, path) of images whose metadata was never read (OCR off: no OCR either)."""
         return self.conn.execute(
-            "SELECT i.id, i.path FROM images i LEFT JOIN image_text t ON t.image_id = i.id "
-            "WHERE t.ocr_status IS NULL ORDER BY i.id").fetchall()
+            "SELECT t.image_id, i.path FROM image_text t JOIN images i ON i.id = t.image_id "
+            "WHERE t.ocr_status IS NULL ORDER BY t.image_id").fetchall()
 
     def ocr_failures(self) -> list[dict]:
         return [{"path": p, "reason": f"OCR failed (the image is indexed): {e}", "id": i} for i, p, e in self.conn.execute(

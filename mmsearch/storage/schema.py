@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS image_text (
     ocr_error TEXT,
     meta_json TEXT
 );
+CREATE INDEX IF NOT EXISTS image_text_status ON image_text(ocr_status);
 CREATE TRIGGER IF NOT EXISTS images_text_gone AFTER DELETE ON images BEGIN
     DELETE FROM image_text WHERE image_id = old.id;
     DELETE FROM ocr_lines WHERE image_id = old.id;

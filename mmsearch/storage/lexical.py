@@ -13,6 +13,7 @@ import json
 import sqlite3
 from typing import Iterable, Optional
 
+from mmsearch.storage.fsnames import display, from_db, to_db
 from mmsearch.storage.schema import FTS_SCHEMA, FTS_TABLE, LEXICAL_SCHEMA
 from mmsearch.storage.words import name_words, spaced
 
@@ -66,10 +67,10 @@ class LexicalRows:
                 self.conn.executescript(FTS_SCHEMA)
                 self.conn.execute(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}) VALUES ('rebuild')")
                 done["rebuilt"] = True
-            missing = self.conn.execute("SELECT i.id, i.path FROM images i LEFT JOIN image_text t ON t.image_id = i.id "
-                                        "WHERE t.image_id IS NULL").fetchall()
+            missing = self.conn.execute("SELECT i.id, CAST(i.path AS BLOB) FROM images i LEFT JOIN image_text t "
+                                        "ON t.image_id = i.id WHERE t.image_id IS NULL").fetchall()
             self.conn.executemany("INSERT INTO image_text (image_id, name, meta, ocr) VALUES (?, ?, '', '')",
-                                  [(i, name_words(p)) for i, p in missing])
+                                  [(i, name_words(display(from_db(p)))) for i, p in missing])
             done["named"] = len(missing)
         self._has_fts = True
         return done
@@ -88,22 +89,23 @@ class LexicalRows:
         self.conn.execute(
             "INSERT INTO image_text (image_id, name, meta, ocr, ocr_status, ocr_error, meta_json) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (image_id, name_words(path), meta_text(meta), spaced("\n".join(t for t, _, _ in lines)), status, error,
+            (image_id, name_words(display(path)), meta_text(meta), spaced("\n".join(t for t, _, _ in lines)), status, error,
              json.dumps(meta, ensure_ascii=False) if meta else None))
 
     def name_new_images(self, paths: Iterable[str]) -> None:
         """Name words for images written without a document (imports): their OCR comes with the next run."""
+        raw = [p if isinstance(p, bytes) else to_db(p) for p in paths]  # stored names are bytes (fsnames.py)
         self.conn.executemany(
-            "INSERT INTO image_text (image_id, name, meta, ocr) SELECT id, ?, '', '' FROM images WHERE path = ? "
-            "AND NOT EXISTS (SELECT 1 FROM image_text WHERE image_id = images.id)",
-            [(name_words(p), p) for p in paths])
+            "INSERT INTO image_text (image_id, name, meta, ocr) SELECT id, ?, '', '' FROM images "
+            "WHERE path = CAST(? AS TEXT) AND NOT EXISTS (SELECT 1 FROM image_text WHERE image_id = images.id)",
+            [(name_words(display(from_db(p))), p) for p in raw])
 
     def rename_words(self, image_id: int, path: str) -> None:
         """A moved file keeps what OCR read; its name words follow the new path."""
-        cur = self.conn.execute("UPDATE image_text SET name=? WHERE image_id=?", (name_words(path), image_id))
+        name = name_words(display(path))  # a name that is not UTF-8: its readable form (fsnames.py)
+        cur = self.conn.execute("UPDATE image_text SET name=? WHERE image_id=?", (name, image_id))
         if cur.rowcount == 0:
-            self.conn.execute("INSERT INTO image_text (image_id, name, meta, ocr) VALUES (?, ?, '', '')",
-                              (image_id, name_words(path)))
+            self.conn.execute("INSERT INTO image_text (image_id, name, meta, ocr) VALUES (?, ?, '', '')", (image_id, name))
 
     # ---- reading -------------------------------------------------------------------------------
     def ocr_lines(self, image_id: int) -> list[dict]:
@@ -174,20 +176,21 @@ class LexicalRows:
 
     def ids_needing_ocr(self) -> list[tuple[int, str]]:
         """(id, path) of images OCR has not read: never tried, or indexed while OCR was off."""
-        return self.conn.execute(
-            "SELECT t.image_id, i.path FROM image_text t JOIN images i ON i.id = t.image_id "
-            "WHERE t.ocr_status IS NULL OR t.ocr_status = ? ORDER BY t.image_id", (OCR_OFF,)).fetchall()
+        return [(i, from_db(p)) for i, p in self.conn.execute(
+            "SELECT t.image_id, CAST(i.path AS BLOB) FROM image_text t JOIN images i ON i.id = t.image_id "
+            "WHERE t.ocr_status IS NULL OR t.ocr_status = ? ORDER BY t.image_id", (OCR_OFF,))]
 
     def ids_needing_words(self) -> list[tuple[int, str]]:
         """(id, path) of images whose metadata was never read (OCR off: no OCR either)."""
-        return self.conn.execute(
-            "SELECT t.image_id, i.path FROM image_text t JOIN images i ON i.id = t.image_id "
-            "WHERE t.ocr_status IS NULL ORDER BY t.image_id").fetchall()
+        return [(i, from_db(p)) for i, p in self.conn.execute(
+            "SELECT t.image_id, CAST(i.path AS BLOB) FROM image_text t JOIN images i ON i.id = t.image_id "
+            "WHERE t.ocr_status IS NULL ORDER BY t.image_id")]
 
     def ocr_failures(self) -> list[dict]:
-        return [{"path": p, "reason": f"OCR failed (the image is indexed): {e}", "id": i} for i, p, e in self.conn.execute(
-            "SELECT i.id, i.path, t.ocr_error FROM image_text t JOIN images i ON i.id = t.image_id "
-            "WHERE t.ocr_status = ? ORDER BY i.path", (OCR_ERROR,))]
+        return [{"path": from_db(p), "reason": f"OCR failed (the image is indexed): {e}", "id": i}
+                for i, p, e in self.conn.execute(
+                    "SELECT i.id, CAST(i.path AS BLOB), t.ocr_error FROM image_text t JOIN images i ON i.id = t.image_id "
+                    "WHERE t.ocr_status = ? ORDER BY i.path", (OCR_ERROR,))]
 
     def words_stats(self) -> dict:
         if not self.has_lexical():

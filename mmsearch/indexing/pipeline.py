@@ -135,6 +135,9 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
     read_missing_words(store, extractor, summary, workers=workers, progress=progress)
     summary.failed = len(summary.failures) + plan.known_failed
     summary.seconds = time.perf_counter() - t0
+    # closed here, not by the garbage collector: sqlite3's statement cache holds its connection in a
+    # cycle, and until the last connection closes the WAL's -wal and -shm files stay beside the catalog
+    cat.close()
     return summary
 
 

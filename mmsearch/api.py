@@ -51,8 +51,8 @@ class Index:
         return self._searcher
 
     def search(self, query: Optional[str] = None, image=None, k: int = 10, **filters):
-        """Text, image or mixed query ("2:dog + beach - people"); filters: under, exts, after, before,
-        min_score, rerank, rerank_k, alpha. Returns a list of Hit."""
+        """Text, image or mixed query ("2:dog + beach - people", '"invoice 2023" beach'); filters: under, exts,
+        after, before, min_score, rerank, rerank_k, alpha; mode: dense, text or hybrid. Returns a list of Hit."""
         images = [str(image)] if isinstance(image, (str, Path)) else list(image or [])
         return self.searcher.search(query, images, k=k, **filters)
 

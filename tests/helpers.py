@@ -6,6 +6,8 @@
   real cache. Nothing is downloaded.
 - build_served_index / exif_rotated_jpeg: a small served index for the server tests (PNGs, JPEGs in a
   subfolder, an EXIF-rotated JPEG, captions).
+- render / need_font / need_ocr: images with known words for the OCR tests (a missing font or rapidocr
+  skips off CI and fails on CI, where .ci/run and the dev extra install them).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+import pytest
+from PIL import Image, ImageDraw, ImageFont
 
 from mmsearch.config import ModelSpec
 from mmsearch.indexing.corpus import add_texts
@@ -207,3 +210,40 @@ def filter_kwargs(filters: dict, root: Path, to_time) -> dict:
         if key in kw:
             kw[key] = to_time(kw[key])
     return kw
+
+
+# ---- images with known words (issue 27): Debian's fonts, .ci/run installs them -------------------------
+
+DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+NOTO_CJK = "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"
+FONTS_INSTALL = "apt-get install -y fonts-dejavu-core fonts-noto-cjk"
+
+
+def need_font(path: str) -> str:
+    if os.path.exists(path):
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"font {path} missing on CI (.ci/run installs it: {FONTS_INSTALL})")
+    pytest.skip(f"font {path} missing: {FONTS_INSTALL}")
+
+
+def need_ocr():
+    from mmsearch.indexing.ocr import ocr_available
+
+    if not ocr_available():
+        if os.environ.get("CI"):
+            pytest.fail("rapidocr missing on CI (pip install -e '.[dev]' installs it)")
+        pytest.skip("rapidocr missing: pip install 'mmsearch[ocr]'")
+
+
+def render(path, lines, size=(480, 200), font_size=30, font=DEJAVU, bg=(245, 245, 240), fg=(20, 20, 20),
+           exif=None, fmt=None):
+    """Black text lines on a light background, saved to `path` (EXIF: a PIL Image.Exif)."""
+    img = Image.new("RGB", size, bg)
+    draw = ImageDraw.Draw(img)
+    f = ImageFont.truetype(need_font(font), font_size)
+    for i, line in enumerate(lines):
+        draw.text((24, 24 + int(font_size * 1.6) * i), line, fill=fg, font=f)
+    kw = {"exif": exif.tobytes()} if exif is not None else {}
+    img.save(path, fmt, **kw)
+    return path

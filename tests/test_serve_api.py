@@ -19,7 +19,8 @@ from mmsearch.serve import create_app
 from mmsearch.storage.store import IndexStore
 from helpers import build_served_index, exif_rotated_jpeg
 
-HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "taken_at", "name", "thumbnail"}
+HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "taken_at", "name", "thumbnail",
+            "text_score", "matches"}  # the last two: where the query's words are in the image (issue 27), else null
 LOCAL = "http://127.0.0.1"
 
 
@@ -88,6 +89,7 @@ def test_text_search_matches_the_library(client, served):
         assert set(h) == HIT_KEYS
         assert h["thumbnail"].startswith(f"/api/images/{h['id']}/thumb?size=256&v=")
         assert h["width"] > 0 and h["height"] > 0 and h["itm"] is None
+        assert h["matches"] is None and h["text_score"] is None  # no image's words say "a red circle"
 
 
 def test_weighted_terms_match_the_library(client, served):

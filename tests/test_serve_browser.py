@@ -176,6 +176,67 @@ def test_keyboard_and_phone_width(browser, server):
     assert page.evaluate("() => document.activeElement.id") == "q"
 
 
+@pytest.fixture(scope="module")
+def words_server(tmp_path_factory, synth_dir, tiny_checkpoint):
+    """A served index of a few screenshots with known words (OCR on) beside synthetic photos."""
+    from helpers import need_ocr, render
+
+    from mmsearch.config import ModelSpec
+    from mmsearch.indexing.pipeline import index_folders
+
+    need_ocr()
+    root = tmp_path_factory.mktemp("words")
+    photos = root / "photos"
+    photos.mkdir()
+    render(photos / "receipt.png", ["Invoice 2023 total", "Thank you"], size=(480, 200))
+    render(photos / "slide.png", ["Quarterly roadmap"], size=(480, 120))
+    for n in sorted(os.listdir(synth_dir / "images"))[:6]:
+        (photos / n).write_bytes((synth_dir / "images" / n).read_bytes())
+    idx = root / "idx"
+    index_folders(idx, [photos], spec=ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint)))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "mmsearch", "serve", "--index", str(idx), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+        assert m, line + (proc.stdout.read() if proc.poll() is not None else "")
+        yield m.group(1), photos
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_page_marks_the_matched_word_and_boxes_it(browser, words_server):
+    """Issue 27: the page highlights a matched word in the detail panel and draws its box on the image."""
+    url, photos = words_server
+    page = browser.new_page(viewport={"width": 1200, "height": 820})
+    problems = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(url + "?q=invoice")
+    page.wait_for_selector(".card")
+    first = _cards(page)[0]
+    assert first["path"] == str(photos / "receipt.png")
+    page.click(".card >> nth=0")
+    page.wait_for_selector("#d-words li mark")
+    assert page.text_content("#d-words li.matched mark") == "Invoice"
+    assert page.text_content("#d-words li.matched") == "Invoice 2023 total"
+    assert "Thank you" in page.text_content("#d-words")  # every line OCR read, the matched one marked
+    assert page.eval_on_selector_all("#d-boxes polygon", "els => els.length") == 1
+    page.wait_for_function("() => document.querySelector('#d-img').naturalWidth > 0")
+    # the box lies over the word: inside the image, in its upper left part, where the line was drawn
+    box = page.eval_on_selector("#d-boxes polygon", "p => { const r = p.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }")
+    img = page.eval_on_selector("#d-img", "i => { const r = i.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }")
+    assert img[0] <= box[0] < img[0] + img[2] * 0.2 and img[1] <= box[1] < img[1] + img[3] * 0.3
+    assert 0.3 * img[2] < box[2] < 0.8 * img[2]
+    # "Words only" in the filters sends mode=text: the page lists only images with the word
+    page.click("#toggle-filters")
+    page.select_option("#mode", "text")
+    page.wait_for_function("() => new URL(location).searchParams.get('mode') === 'text'")
+    page.wait_for_function("() => document.querySelectorAll('.card').length === 1")
+    assert problems == []
+
+
 def _api(url, path):
     return json.loads(_get(url + path)[1])
 

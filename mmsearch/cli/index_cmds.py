@@ -58,11 +58,15 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
 @click.option("--max-index-memory", default=None, help="Memory budget of a new index's vectors, e.g. 600MB.")
 @click.option("--reranker", type=click.Path(dir_okay=False), default=None,
               help="Re-ranker checkpoint: store its image tokens while indexing.")
+@click.option("--ocr/--no-ocr", default=None,
+              help="Read the words in the images (OCR, pip install 'mmsearch[ocr]') for search by words; recorded in "
+                   "the index: --ocr on an index built without it reads its images once [default: the index's "
+                   "setting; for a new index on when rapidocr is installed].")
 @ray_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @with_bar("embed")
 def index(paths, index_dir, model, pretrained, checkpoint, device, precision, batch_size, workers, exclude, hidden,
-          factory, max_index_memory, reranker, ray_address, ray_actors, as_json, progress):
+          factory, max_index_memory, reranker, ocr, ray_address, ray_actors, as_json, progress):
     """Index image folders (or files): new and changed files are embedded, moved ones reuse their
     embedding, deleted ones are removed. Re-running on an unchanged folder embeds nothing."""
     yielding_openmp()
@@ -72,7 +76,7 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
     summary = index_folders(index_dir_of(index_dir), paths, spec=model_spec(model, pretrained, checkpoint),
                             batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden,
                             factory=factory, reranker=reranker, device=device, precision=precision,
-                            executor=executor, progress=progress, max_index_memory=max_index_memory)
+                            executor=executor, progress=progress, max_index_memory=max_index_memory, ocr=ocr)
     progress.close()
     for note in summary.notes:  # on stderr, so --json output stays one object
         click.secho(note, fg="yellow", err=True)
@@ -101,6 +105,10 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
     rate = f" (embedding {s.embedded / s.embed_seconds:.1f} img/s)" if s.embedded and s.embed_seconds else ""
     click.echo(f"added {s.added}, updated {s.updated}, unchanged {s.unchanged}, moved {s.moved}, "
                f"removed {s.removed}, failed {s.failed} in {s.seconds:.1f}s{rate}")
+    if s.ocr_read or s.ocr_failures:
+        click.echo(f"OCR read {s.ocr_read} images, text in {s.ocr_text}"
+                   + (f"; failed on {len(s.ocr_failures)} (indexed without their words, see `mmsearch errors`)"
+                      if s.ocr_failures else ""))
 
 
 
@@ -124,9 +132,18 @@ def info(index_dir, as_json):
             *_ann_rows(data.get("ann")),
             ("reranker", data["reranker"]["path"] if data["reranker"] else "none"),
             ("rerank bytes/image", data["rerank_bytes_per_image"]),
+            ("ocr", _ocr_row(data.get("ocr"), data.get("words") or {})),
             ("bytes on disk", f"{data['bytes_on_disk']:,}")]
     for name, value in rows:
         click.echo(f"{name:<19}{value}")
+
+
+def _ocr_row(ocr, words):
+    if not ocr or not ocr.get("enabled"):
+        return f"off ({words.get('documents', 0)} images searchable by name and metadata)"
+    return (f"on ({ocr.get('reader')} {ocr.get('version')}, {ocr.get('models')}): text in {words.get('with_text', 0)} "
+            f"of {words.get('documents', 0)} images, {words.get('lines', 0)} lines, "
+            f"{words.get('ocr_failed', 0)} failed")
 
 
 def _ann_rows(ann):
@@ -149,7 +166,8 @@ def errors(index_dir, as_json):
     """List files that could not be indexed, with the reason. They are retried when they change."""
     from mmsearch.storage.store import IndexStore
 
-    rows = IndexStore.open(index_dir_of(index_dir)).catalog.failures()
+    cat = IndexStore.open(index_dir_of(index_dir)).catalog
+    rows = cat.failures() + cat.ocr_failures()
     for r in rows:
         emit_json(r) if as_json else click.echo(f"{shown(r['path'])}\t{r['reason']}")
     if not rows and not as_json:

@@ -183,4 +183,18 @@ def render_hits(hits, as_json, as_paths, key):
         click.echo(f"{'rank':>4}  {'score':>6}  {key}")
         for h in hits:
             click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {shown(h[key])}")
+            for m in (h.get("matches") or [])[:3]:  # why a hit matched: its words, the matched ones marked
+                click.echo(f"{'':>14}{m.get('key') or m['field']}: {marked(m['text'], m['spans'])}")
+
+
+def marked(text: str, spans) -> str:
+    """The text with each matched span in [brackets], cut to about 100 characters around the first."""
+    out, last = [], 0
+    for s, e in spans:
+        out += [text[last:s], "[", text[s:e], "]"]
+        last = e
+    out.append(text[last:])
+    line = "".join(out)
+    start = max(0, spans[0][0] - 40) if spans else 0
+    return ("…" if start else "") + line[start:start + 100] + ("…" if len(line) > start + 100 else "")
 

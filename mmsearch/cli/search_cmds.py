@@ -25,6 +25,10 @@ from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of,
 @click.option("--until", metavar="DATE", help="Only images taken on/before DATE (inclusive: the whole day; "
                                               "instead of --before).")
 @click.option("--min-score", type=number(-1, 1), default=None, help="Drop results scoring below X.")
+@click.option("--mode", type=click.Choice(["dense", "text", "hybrid"]), default=None,
+              help="dense: the image encoder only; text: the words in the images (OCR, file and folder names, "
+                   "EXIF/XMP) only; hybrid: both in one ranked list [default: hybrid where the index has words]. "
+                   'Quoted words must appear: \'"invoice 2023" beach\'.')
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank with the fusion model [default: on when configured].")
 @click.option("--rerank-k", default=32, show_default=True, type=count(1, MAX_RERANK_K),
               help="Candidates the re-ranker re-scores.")
@@ -33,7 +37,7 @@ from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of,
                    "was fitted to on validation data].")
 @device_option
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, until, min_score,
-           rerank, rerank_k, alpha, device):
+           mode, rerank, rerank_k, alpha, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
     if query and not images:
         single_blas_thread_for_text(index_dir_of(index_dir))
@@ -48,7 +52,7 @@ def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, ex
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
     else:
         hits = searcher.search(query, images, k=k, filters=filters, min_score=min_score, rerank=rerank,
-                               rerank_k=rerank_k, alpha=alpha)
+                               rerank_k=rerank_k, alpha=alpha, mode=mode)
     hits = [h.to_dict() for h in hits]
     for note in dict.fromkeys(searcher.store.notices):  # e.g. a family whose text queries need torch
         click.secho(note, fg="yellow", err=True)

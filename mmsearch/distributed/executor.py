@@ -37,6 +37,16 @@ def import_ray():
     return ray
 
 
+def _words(batch: dict, i: int):
+    """The extractor's result a worker sent for row i (None from a worker that read no words)."""
+    import json
+
+    from mmsearch.indexing.extract import Extract
+
+    raw = str(batch["words"][i]) if "words" in batch else ""
+    return Extract.from_dict(json.loads(raw)) if raw else None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
@@ -156,7 +166,7 @@ class RayExecutor:
                     device=pool["device"], precision=store.precision, token_grid=grid,
                     token_width=int(store.meta["vision_width"]) if grid else 0,
                     decode_workers=self.decode_workers or (8 if pool["gpu"] else 2), version=VERSION,
-                    tower=tower, threads=max(1, int(self.cpus_per_actor)))
+                    tower=tower, threads=max(1, int(self.cpus_per_actor)), ocr=store.meta.get("ocr"))
         return ds.map_batches(EmbedActor, batch_size=bs, batch_format="numpy", fn_constructor_kwargs=ctor,
                               compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
                               num_cpus=self.cpus_per_actor, num_gpus=pool["num_gpus"] or None)
@@ -202,7 +212,7 @@ class RayExecutor:
                 taken = float(batch["taken_at"][i])
                 qhash = str(batch["quick_hash"][i]) or None
                 orig = (int(batch["width"][i]), int(batch["height"][i]))
-                good.append((f, (None, orig, None if math.isnan(taken) else taken, qhash)))
+                good.append((f, (None, orig, None if math.isnan(taken) else taken, qhash, _words(batch, i))))
                 rows.append(i)
             else:
                 bad.append((f, MediaError(path, reason or "cannot read")))

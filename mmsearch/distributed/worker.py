@@ -20,13 +20,14 @@ OK, BAD, UNREACHABLE, FATAL = "ok", "bad", "unreachable", "fatal"
 class EmbedActor:
     def __init__(self, spec: dict, fingerprint: str, dim: int, device: str = "auto", precision: str = "fp32",
                  token_grid: Optional[int] = None, token_width: int = 0, decode_workers: int = 2,
-                 version: Optional[str] = None, tower=None, threads: int = 1):
+                 version: Optional[str] = None, tower=None, threads: int = 1, ocr: Optional[dict] = None):
         from mmsearch.config import VERSION
         from mmsearch.config import ModelSpec
         from mmsearch.errors import MmsearchError
 
         self.node = socket.gethostname()
         self.dim, self.token_grid, self.error, self.encoder = dim, token_grid, None, None
+        self.extractor = None
         # every batch has the same columns, whatever fails in it
         self.token_shape = (1 + token_grid * token_grid, token_width) if token_grid else None
         try:
@@ -47,6 +48,12 @@ class EmbedActor:
                                              f"{enc.fingerprint} != {fingerprint})")
                 enc.precision = torch_precision(check_precision(precision, dev), dev)
                 self.encoder = enc
+            from mmsearch.indexing.extract import Extractor  # the words of each image, as the local path reads them
+
+            settings = ocr or {}
+            os.environ.setdefault("MMSEARCH_OCR_THREADS", str(max(1, threads)))  # the actor's CPUs, not the node's
+            self.extractor = Extractor(ocr=bool(settings.get("enabled")), max_side=settings.get("max_side"),
+                                       max_boxes=settings.get("max_boxes"))
         except MmsearchError as exc:
             hint = " (the checkpoint must be readable at the same path on every node)" \
                 if spec.get("checkpoint") and "not found" in str(exc) else ""
@@ -63,7 +70,8 @@ class EmbedActor:
         out = {"path": np.array(paths, dtype=object), "kind": kind, "error": error,
                "node": np.full(n, self.node, dtype=object), "embedding": np.zeros((n, self.dim), np.float32),
                "width": np.zeros(n, np.int64), "height": np.zeros(n, np.int64),
-               "taken_at": np.full(n, np.nan), "quick_hash": np.full(n, "", dtype=object)}
+               "taken_at": np.full(n, np.nan), "quick_hash": np.full(n, "", dtype=object),
+               "words": np.full(n, "", dtype=object)}  # JSON of the extractor's result (indexing/extract.py)
         if self.token_shape:
             out["tokens"] = np.zeros((n,) + self.token_shape, np.float16)
         if self.error is not None:
@@ -79,7 +87,7 @@ class EmbedActor:
         infos = [scan.FileInfo(p, int(s), int(m)) for p, s, m in zip(paths, batch["size"], batch["mtime_ns"])]
         # all decodes are queued at once and encoded in slices as they finish: the encoder (a GPU above
         # all) works on one slice while the threads decode the next
-        results = self.pool.map(lambda f: decode_file(f, enc.image_size, prep), infos)
+        results = self.pool.map(lambda f: decode_file(f, enc.image_size, prep, self.extractor), infos)
         step = max(8, -(-n // 4))
         for start in range(0, n, step):
             good, pixels = [], []
@@ -91,7 +99,11 @@ class EmbedActor:
                     continue
                 good.append(i)
                 pixels.append(r[0])
-                _, orig, taken_at, qhash = r
+                _, orig, taken_at, qhash, words = r
+                if words is not None:
+                    import json
+
+                    out["words"][i] = json.dumps(words.to_dict(), ensure_ascii=False)
                 out["width"][i], out["height"][i] = int(orig[0]), int(orig[1])
                 out["taken_at"][i] = np.nan if taken_at is None else float(taken_at)
                 out["quick_hash"][i] = qhash or ""

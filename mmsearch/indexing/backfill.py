@@ -63,3 +63,32 @@ def backfill_text_states(store: IndexStore, batch_size: int = 256) -> int:
             for (text_id, _), st in zip(chunk, states):
                 cat.set_text_states(text_id, np.asarray(st))
     return len(missing)
+
+
+def read_missing_words(store: IndexStore, extractor, summary=None, batch_size: int = 16,
+                       workers: Optional[int] = None, progress: Progress = None) -> int:
+    """The words of images already indexed but not read: OCR switched on for an index built without it, a
+    catalog written before words were indexed, imported rows. One transaction per batch; a file that is
+    gone or unreadable now keeps its image row (the next `index` run removes or retries it)."""
+    from mmsearch.indexing.stage import count_words
+
+    cat = store.catalog
+    todo = cat.ids_needing_ocr() if extractor.ocr else cat.ids_needing_words()
+    if not todo:
+        return 0
+
+    def read(item):  # the extractor decodes at OCR size itself, and never raises
+        return extractor(item[1], None)
+
+    with ThreadPoolExecutor(max_workers=workers or max(1, min(4, os.cpu_count() or 1))) as pool:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            results = list(pool.map(read, chunk))
+            with cat.transaction():
+                for (image_id, path), words in zip(chunk, results):
+                    cat.put_words(image_id, path, words.meta, words.lines, words.status, words.error)
+                    if summary is not None:
+                        count_words(summary, path, words)
+            if progress:
+                progress(start + len(chunk), len(todo), stage="ocr" if extractor.ocr else "words")
+    return len(todo)

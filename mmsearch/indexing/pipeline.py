@@ -17,6 +17,8 @@ from typing import Iterable, Optional, Sequence
 from mmsearch.checks import MAX_BATCH, MAX_WORKERS, count
 from mmsearch.config import DEFAULT_FACTORY, ModelSpec
 from mmsearch.errors import MediaError, VectorIndexError
+from mmsearch.indexing.backfill import read_missing_words
+from mmsearch.indexing.extract import Extractor, check_ocr_request, resolve_ocr
 from mmsearch.indexing.plan import Plan, plan_changes
 from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, batch_pixels, commit_batch,
                                      decode_file, worker_transform)
@@ -32,12 +34,15 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
                   workers: Optional[int] = None, exclude: Sequence[str] = (), include_hidden: bool = False,
                   factory: Optional[str] = None, reranker: Optional[str] = None, device="cpu",
                   precision: Optional[str] = None, executor=None, progress: Progress = None,
-                  max_index_memory=None) -> IndexSummary:
+                  max_index_memory=None, ocr: Optional[bool] = None) -> IndexSummary:
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules.
 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
     (None: the index's own, devices.default_precision for a new one) is recorded in the index. `executor` replaces the local
     decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way.
+    `ocr` (None: the index's own setting; a new index reads words when rapidocr is installed) switches
+    OCR for this index; the words of new and changed files are read with their pixels, and images OCR
+    has not read yet (indexed while it was off, or before it existed) are read after them.
     The whole run holds the index's writer lock: IndexBusyError at once when another writer has it."""
     batch_size = count("batch_size", batch_size, 1, MAX_BATCH)  # before anything is opened or created
     workers = count("workers", workers, 1, MAX_WORKERS)
@@ -52,16 +57,17 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
             raise MediaError(r, "no such file or folder")
     with writer_lock(index_dir):
         return _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory,
-                             reranker, device, precision, executor, progress, max_index_memory)
+                             reranker, device, precision, executor, progress, max_index_memory, ocr)
 
 
 def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory, reranker,
-                  device, precision, executor, progress, max_index_memory) -> IndexSummary:
+                  device, precision, executor, progress, max_index_memory, ocr) -> IndexSummary:
     from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
 
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
     dev = select_device(device if executor is None else "cpu")
     created = not Catalog.exists(index_dir)
+    check_ocr_request(ocr)
     if precision is None and executor is None and created:
         precision = default_precision(dev, reranker=bool(reranker))
     if precision is not None and executor is None:
@@ -77,6 +83,9 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
                                f"`mmsearch reindex --factory '{factory}'` (no re-embedding needed)")
     if reranker:
         store.configure_reranker(reranker)
+    ocr_settings = resolve_ocr(store, ocr)
+    extractor = Extractor(ocr=ocr_settings["enabled"], max_side=ocr_settings["max_side"],
+                          max_boxes=ocr_settings["max_boxes"])
     cat = store.catalog
     plan = plan_changes(cat, roots, exclude, include_hidden)
     if not set(normalise_roots(roots)) <= set(recorded_roots(store.meta)):
@@ -94,6 +103,7 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
     with cat.transaction():
         for image_id, f in plan.moves:
             cat.update_image(image_id, path=f.path, mtime_ns=f.mtime_ns, ext=Path(f.path).suffix.lower())
+            cat.rename_words(image_id, f.path)  # what OCR read moves with the file
         cat.delete_images(plan.deleted_ids)
         cat.clear_failures(plan.stale_failures)
         for path, reason in plan.scan_failures:
@@ -123,7 +133,7 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
         started = time.perf_counter()
         embed_all(store, encoder, plan, vectors, summary, batch_size or default_batch_size(dev),
                    workers or default_decode_workers(dev), token_grid, progress,
-                   take_turns=device_type(dev) == "cpu")
+                   take_turns=device_type(dev) == "cpu", extractor=extractor)
         summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text()
         store.share_exports()
@@ -133,13 +143,18 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
             with cat.transaction():
                 cat.bump_generation()
         store.save_vectors(vectors, progress=progress)
+    read_missing_words(store, extractor, summary, workers=workers, progress=progress)
     summary.failed = len(summary.failures) + plan.known_failed
     summary.seconds = time.perf_counter() - t0
+    # closed here, not by the garbage collector: sqlite3's statement cache holds its connection in a
+    # cycle, and until the last connection closes the WAL's -wal and -shm files stay beside the catalog
+    cat.close()
     return summary
 
 
 def embed_all(store: IndexStore, encoder, plan: Plan, vectors, summary: IndexSummary, batch_size: int,
-               workers: Optional[int], token_grid: Optional[int], progress: Progress, take_turns: bool = False) -> None:
+               workers: Optional[int], token_grid: Optional[int], progress: Progress, take_turns: bool = False,
+               extractor: Optional[Extractor] = None) -> None:
     """Decode in worker threads, encode in batches. `take_turns` (a CPU encoder, whose threads use every
     core): decoders start no new file while a batch encodes. The encoder's threads meet at a barrier
     after every operator, so one core lent to a decoder stalls them all; taking turns measured
@@ -154,7 +169,7 @@ def embed_all(store: IndexStore, encoder, plan: Plan, vectors, summary: IndexSum
 
     def decode_in_turn(info, image_size, pil_transform):
         turn.wait()
-        return decode_file(info, image_size, pil_transform)
+        return decode_file(info, image_size, pil_transform, extractor)
 
     if progress:
         progress(0, len(todo), stage="embed")

@@ -42,6 +42,9 @@ class IndexSummary:
     created: bool = False  # this run created the index
     precision: str = ""  # the index's precision (part of its model record)
     notes: list = field(default_factory=list)  # one-line notes for the user (e.g. bf16 run as fp32 here)
+    ocr_read: int = 0  # images whose words OCR read this run (text found or not)
+    ocr_text: int = 0  # of which OCR found text in
+    ocr_failures: list = field(default_factory=list)  # (path, reason): indexed images OCR failed on
 
     @property
     def embedded(self) -> int:
@@ -54,15 +57,18 @@ class IndexSummary:
         return d
 
 
-def decode_file(info: scan.FileInfo, image_size: int, pil_transform):
-    """Runs in a worker thread: open + draft-decode + the model's PIL-side transform (resize, crop).
-    Returns (pixels, original size, date, quick hash) or the MediaError."""
+def decode_file(info: scan.FileInfo, image_size: int, pil_transform, extractor=None):
+    """Runs in a worker thread: open + draft-decode + the model's PIL-side transform (resize, crop), and
+    the extractor's words (metadata, OCR: indexing/extract.py) when one is given. Returns (pixels,
+    original size, date, quick hash, Extract or None) or the MediaError."""
     from mmsearch import media  # PIL: imported by the runs that decode, not by an unchanged re-run
 
     try:
         img = media.load_image(info.path, min_size=image_size)
         orig = img.info.get("original_size", img.size)
-        return pil_transform(img), orig, media.image_date(info.path), safe_hash(info.path)
+        pixels = pil_transform(img)
+        words = extractor(info.path, img) if extractor is not None else None
+        return pixels, orig, media.image_date(info.path), safe_hash(info.path), words
     except MediaError as exc:
         return exc
     except Exception as exc:  # one odd file must never stop a run
@@ -97,6 +103,16 @@ def batch_pixels(encoder, items):
     return torch.stack(items)
 
 
+def count_words(summary: IndexSummary, path: str, words) -> None:
+    from mmsearch.storage.lexical import OCR_ERROR, OCR_NONE, OCR_OK
+
+    if words.status in (OCR_OK, OCR_NONE):
+        summary.ocr_read += 1
+        summary.ocr_text += words.status == OCR_OK
+    elif words.status == OCR_ERROR:
+        summary.ocr_failures.append((path, words.error))
+
+
 def commit_batch(cat: Catalog, plan: Plan, vectors, good, bad, emb, toks, summary: IndexSummary,
                   also: Optional[Callable[[Catalog], None]] = None) -> None:
     """One transaction per batch; `also` adds an executor's own bookkeeping to the same transaction.
@@ -114,10 +130,18 @@ def commit_batch(cat: Catalog, plan: Plan, vectors, good, bad, emb, toks, summar
     with cat.transaction():
         if also is not None:
             also(cat)
-        for j, (f, (_, orig, taken_at, qhash)) in enumerate(good):
+        for j, (f, res) in enumerate(good):
+            _, orig, taken_at, qhash = res[:4]
+            words = res[4] if len(res) > 4 else None
             row = dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, quick_hash=qhash, width=int(orig[0]),
                        height=int(orig[1]), taken_at=taken_at, ext=Path(f.path).suffix.lower())
-            new_ids.append(cat.insert_image(row, emb[j], None if toks is None else toks[j]))
+            image_id = cat.insert_image(row, emb[j], None if toks is None else toks[j])
+            new_ids.append(image_id)
+            if words is None:  # no extractor ran: the name words now, the rest in a later back-fill
+                cat.put_words(image_id, f.path, None, None, None)
+            else:  # the image's words land in the same transaction as the image
+                cat.put_words(image_id, f.path, words.meta, words.lines, words.status, words.error)
+                count_words(summary, f.path, words)
             if f.path in plan.update_ids:
                 summary.updated += 1
                 removed.append(plan.update_ids[f.path])

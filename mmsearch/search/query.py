@@ -19,6 +19,9 @@ from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import EmptyIndexError, NonFiniteVectorError, QueryError
 from mmsearch.search.filters import Filters
+from mmsearch.search.hybrid import FUSE_DEPTH, MODES, TEXT_DEPTH, fuse, refuse_reranked, text_ranking
+from mmsearch.search.lexical import matches, parse_lexical, strip_quotes
+from mmsearch.storage.catalog import filter_sql
 from mmsearch.storage.fsnames import display
 from mmsearch.storage.schema import check_finite
 from mmsearch.storage.store import IndexStore
@@ -58,6 +61,8 @@ class Hit:
     width: Optional[int] = None
     height: Optional[int] = None
     row: Optional[dict] = field(default=None, repr=False, compare=False)
+    matches: Optional[list] = None  # where the query's words are in the image (search/lexical.py), when they matched
+    text_score: Optional[float] = None  # the words side's bm25 score, when they matched
 
     def __getitem__(self, key: str):
         """hit["text"], as when search_texts returned dicts: scripts written then keep working."""
@@ -73,8 +78,8 @@ class Hit:
                     "similarity": self.similarity, "itm": self.itm}
         d = {"rank": self.rank, "score": self.score, "path": self.path, "id": self.id,
              "similarity": self.similarity, "itm": self.itm}
-        d.update((k, v) for k, v in (("taken_at", self.taken_at), ("width", self.width), ("height", self.height))
-                 if v is not None)
+        d.update((k, v) for k, v in (("taken_at", self.taken_at), ("width", self.width), ("height", self.height),
+                                     ("text_score", self.text_score), ("matches", self.matches)) if v is not None)
         return d
 
 
@@ -203,11 +208,12 @@ class Searcher:
         states = None
         if texts:
             enc = self.store.text_encoder()
+            plain = [strip_quotes(t.text) or t.text for t in texts]  # quote marks are for the words side
             if want_states:
-                emb, st = enc.encode_texts([t.text for t in texts], return_states=True)
+                emb, st = enc.encode_texts(plain, return_states=True)
                 states = st[0] if len(terms) == 1 else None
             else:
-                emb = enc.encode_texts([t.text for t in texts])
+                emb = enc.encode_texts(plain)
             weighted += [(t.weight, e) for t, e in zip(texts, emb)]
         for t in terms:
             if t.text is None:  # an image file, an indexed id, or an upload's decoded pixels
@@ -219,11 +225,15 @@ class Searcher:
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
-               offset: int = 0, filters: Optional[Filters] = None, until=None) -> list[Hit]:
+               offset: int = 0, filters: Optional[Filters] = None, until=None, mode: Optional[str] = None) -> list[Hit]:
         """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
         after, before or until (inclusive); mmsearch.search.filters parses them). rerank=None re-ranks when
-        the index has a re-ranker and the query is one text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
-        Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap."""
+        the index has a re-ranker and the query is one text; alpha=None blends the re-ranker's score with the
+        similarity as fitted when it was trained. Re-ranking always re-scores the same top max(k, rerank_k),
+        so pages of one query never overlap. mode: dense (the encoder only), text (the images' words only)
+        or hybrid (both, fused: hybrid.py); None: hybrid when the index has words and the query has some,
+        else dense. A quoted phrase must appear in every hit of text and hybrid searches; min_score drops
+        hits whose words did not match."""
         k, offset, rerank_k, alpha, min_score = check_depths(k, offset, rerank_k, alpha, min_score)
         if filters is None:
             filters = Filters.parse(under=under, exts=exts, after=after, before=before, until=until)
@@ -233,6 +243,8 @@ class Searcher:
         cat = self.store.catalog
         if not cat.has_images():
             raise EmptyIndexError(f"index {self.store.dir} holds no images yet (run `mmsearch index FOLDER`)")
+        lexq = parse_lexical([t.text for t in terms if t.text is not None and t.weight > 0])
+        mode = self._mode(mode, lexq)
         single_text = len(terms) == 1 and terms[0].text is not None and terms[0].weight > 0
         if rerank is None:
             rerank = self.store.reranker_info() is not None and single_text
@@ -241,32 +253,86 @@ class Searcher:
         rerank = bool(rerank and single_text)
         vec, states = self.embed(terms, want_states=rerank)
         selection = None
+        where, args = filter_sql(filters.under, list(filters.exts) if filters.exts else None, filters.after,
+                                 filters.before)
         if filters.active:
             total = self.store.query_vectors().ntotal
             selection = cat.filter_selection(total, filters.under, list(filters.exts) if filters.exts else None,
                                              filters.after, filters.before)
-            ids, excluded = selection
-            if (len(ids) >= total) if excluded else (len(ids) == 0):
+            sel_ids, excluded = selection
+            if (len(sel_ids) >= total) if excluded else (len(sel_ids) == 0):
                 return []
+        if mode != "dense" and lexq.phrases:  # quoted words must appear: both sides search only those images
+            required = cat.lexical_search(lexq.required_match(), None, where, args)
+            if not required:
+                return []
+            selection = (np.array(sorted(i for i, _ in required), dtype=np.int64), False)
         depth = max(offset + k, rerank_k) if rerank else offset + k
-        scores, found = self._search_vectors(vec, depth, selection)
-        pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
-        itm = {}
-        if rerank and pairs:
-            itm = self._rerank_images(states, [i for i, _ in pairs[:max(k, rerank_k)]])
-        hits = _order(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)[offset:]
-        rows = cat.rows([i for i, *_ in hits[:k]])
+        dense, text = [], []
+        if mode != "text":
+            scores, found = self._search_vectors(vec, max(depth, FUSE_DEPTH) if mode == "hybrid" else depth, selection)
+            dense = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
+        if mode != "dense":
+            text = text_ranking(cat, lexq, where, args, max(TEXT_DEPTH, offset + k))
+        ranked = fuse(dense, text, mode)
+        if rerank and ranked:
+            top = max(k, rerank_k)
+            self._similarities(vec, ranked[:top])
+            itm = self._rerank_images(states, [r.id for r in ranked[:top]])
+            order = _order([(r.id, r.similarity) for r in ranked[:top]], itm,
+                           self._alpha(alpha, "text_to_image") if itm else 0.0)
+            by_id = {r.id: r for r in ranked[:top]}
+            for i, final, _, logit in order:
+                by_id[i].itm = logit
+                if mode != "hybrid" or not text:  # no fusion: the blended score is the score
+                    by_id[i].score = final
+            ranked = refuse_reranked(ranked, [i for i, *_ in order], text, top, mode)
+        return self._hits(ranked[offset:], vec, k, offset, min_score, lexq, fused=mode == "hybrid" and bool(text))
+
+    def _mode(self, mode: Optional[str], lexq) -> str:
+        if mode is not None and mode not in MODES:
+            raise QueryError(f"unknown search mode '{mode}' (choose from {', '.join(MODES)})")
+        if mode == "dense" or lexq.empty:
+            if mode == "text":
+                raise QueryError("a search by words needs words: give text (an image query is dense only)")
+            return "dense"
+        if not self.store.catalog.has_lexical():
+            if mode is None:
+                return "dense"
+            raise QueryError(f"index {self.store.dir} has no word index yet: run `mmsearch index` on it once "
+                             f"(it builds the index from the catalog)")
+        return mode or ("hybrid" if self.store.catalog.has_words() else "dense")
+
+    def _similarities(self, vec: np.ndarray, ranked: list) -> None:
+        """The dense similarity of candidates found by their words only (from their stored vectors)."""
+        missing = [r for r in ranked if r.similarity is None]
+        if missing:
+            sims = self.store.stored_vectors([r.id for r in missing]) @ vec
+            for r, s in zip(missing, sims):
+                r.similarity = float(s)
+
+    def _hits(self, ranked: list, vec: np.ndarray, k: int, offset: int, min_score: Optional[float], lexq,
+              fused: bool) -> list[Hit]:
+        """Hits of the page. min_score applies to the score, or after a fusion to the similarity of the hits
+        whose words did not match (an RRF score is no similarity)."""
+        cat = self.store.catalog
+        if min_score is not None:
+            ranked = [r for r in ranked if r.text_score is not None
+                      or (r.similarity if fused else r.score) >= min_score]
+        ranked = ranked[:k]
+        self._similarities(vec, ranked)
+        rows = cat.rows([r.id for r in ranked])
+        worded = [r.id for r in ranked if r.text_score is not None]
+        lines, metas = (cat.lines_of(worded), cat.metas_of(worded)) if worded else ({}, {})
         out = []
-        for i, final, sim, logit in hits:
-            if len(out) == k:
-                break
-            if min_score is not None and final < min_score:
-                continue
-            r = rows.get(i)
-            if r is None:
+        for r in ranked:
+            row = rows.get(r.id)
+            if row is None:
                 continue  # removed by a concurrent indexing run
-            out.append(Hit(rank=offset + len(out) + 1, score=final, id=i, similarity=sim, itm=logit, path=r["path"],
-                           taken_at=r["taken_at"], width=r["width"], height=r["height"], row=r))
+            found = matches(lexq, row["path"], lines[r.id], metas.get(r.id, {})) if r.id in lines else None
+            out.append(Hit(rank=offset + len(out) + 1, score=r.score, id=r.id, similarity=r.similarity, itm=r.itm,
+                           path=row["path"], taken_at=row["taken_at"], width=row["width"], height=row["height"],
+                           row=row, matches=found, text_score=r.text_score))
         return out
 
     def _search_vectors(self, vec: np.ndarray, depth: int, selection: Optional[tuple[np.ndarray, bool]]):

@@ -68,3 +68,16 @@ def image_file(request: Request, image_id: int = ImageId):
     return StreamingResponse(body(), media_type=kind, headers={
         "Cache-Control": "no-cache", "Content-Length": str(info.st_size),
         "Last-Modified": formatdate(info.st_mtime, usegmt=True)})
+
+
+@router.get("/{image_id}/words")
+def image_words(request: Request, image_id: int = ImageId):
+    """What OCR read in the image (lines with confidence and box as four corners in fractions of the image)
+    and its typed metadata; status is ok, none (no text), error, off (read without OCR) or null (not yet)."""
+    st = state(request)
+    st.row(image_id)
+    cat = st.store.catalog
+    words = cat.words_state(image_id) if cat.has_lexical() else None
+    if words is None:
+        return {"id": image_id, "ocr_status": None, "ocr_error": None, "meta": {}, "lines": []}
+    return dict(words, id=image_id, lines=cat.ocr_lines(image_id))

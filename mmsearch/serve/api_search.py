@@ -41,7 +41,7 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence = (), upload: b
         raise ApiError(400, "empty query: give q (text or weighted terms), id (an indexed image) or upload an image")
     started = time.perf_counter()
     hits = st.searcher.search(p.q, images, k=p.k, filters=p.filters, rerank=p.rerank, rerank_k=p.rerank_k,
-                              ids=p.ids, offset=p.offset)
+                              ids=p.ids, offset=p.offset, mode=p.mode)
     out = [hit_json(h) for h in hits]
     # a plain JSONResponse: FastAPI's generic encoder walking every hit cost more than the search itself
     return JSONResponse({"query": dict(p.echo(), upload=upload), "hits": out, "more": len(hits) == p.k,
@@ -53,7 +53,7 @@ def hit_json(h) -> dict:
     """A hit as the API shows it; a file name that is not UTF-8 is shown readably (fsnames.json_safe)."""
     return json_safe({"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
             "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
-            "thumbnail": thumb_url(h.row)})
+            "thumbnail": thumb_url(h.row), "text_score": h.text_score, "matches": h.matches})
 
 
 @router.get("/images/{image_id}/texts")

@@ -27,6 +27,7 @@ from mmsearch.errors import IndexNotFoundError, IndexVersionError
 from mmsearch.storage import dbfile
 from mmsearch.storage.failures import FailureRows
 from mmsearch.storage.fsnames import display, from_db, to_db
+from mmsearch.storage.lexical import LexicalRows
 from mmsearch.storage.schema import (CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, check_finite,  # noqa: F401
                                      from_blobs, sqlite_utils_without_pandas, to_blob)
 from mmsearch.storage.texts import TextRows
@@ -35,7 +36,7 @@ _ROW_KEYS = ("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "e
 
 
 @dbfile.typed_errors
-class Catalog(TextRows, FailureRows):
+class Catalog(TextRows, FailureRows, LexicalRows):
     """One index's SQLite catalog. Create with `Catalog.create`, open with `Catalog.open`."""
 
     def __init__(self, directory: Path, conn, readonly: bool = False):
@@ -61,6 +62,7 @@ class Catalog(TextRows, FailureRows):
         with conn:
             conn.executescript(SCHEMA)
             cat.set_meta(schema_version=SCHEMA_VERSION, generation=0, created_at=time.time(), **meta)
+        cat.ensure_lexical()
         return cat
 
     @classmethod
@@ -99,6 +101,10 @@ class Catalog(TextRows, FailureRows):
                     self.conn.executescript(SCHEMA)
             except sqlite3.OperationalError:
                 pass  # read-only file or busy: the indices only make things faster
+        try:
+            self.lexical_repairs = self.ensure_lexical()  # the word tables and FTS5 index: created or rebuilt
+        except sqlite3.OperationalError:
+            pass  # read-only file: searches by words wait for the next writable open
 
     def _migrate(self, version: int) -> None:
         with self.conn:
@@ -235,6 +241,7 @@ class Catalog(TextRows, FailureRows):
             "taken_at=coalesce(excluded.taken_at, taken_at), ext=excluded.ext, "
             "tokens=CASE WHEN embedding = excluded.embedding THEN tokens ELSE NULL END, "
             "embedding=excluded.embedding, indexed_at=excluded.indexed_at", args)
+        self.name_new_images([a[0] for a in args])
 
     def update_image(self, image_id: int, **fields) -> None:
         if "path" in fields:
@@ -344,7 +351,7 @@ class Catalog(TextRows, FailureRows):
     def filtered_ids(self, under: Optional[str] = None, exts: Optional[list[str]] = None,
                      after: Optional[float] = None, before: Optional[float] = None) -> list[int]:
         """Ids passing the metadata filters. The date is EXIF DateTimeOriginal, else the file's mtime."""
-        cond, args = _filter_sql(under, exts, after, before)
+        cond, args = filter_sql(under, exts, after, before)
         return [r[0] for r in self.conn.execute("SELECT id FROM images" + (f" WHERE {cond}" if cond else ""), args)]
 
     def filter_selection(self, total: int, under: Optional[str] = None, exts: Optional[list[str]] = None,
@@ -354,7 +361,7 @@ class Catalog(TextRows, FailureRows):
         that passes nearly everything as cheap as one that passes nearly nothing (SQLite counts in C)."""
         import numpy as np
 
-        cond, args = _filter_sql(under, exts, after, before)
+        cond, args = filter_sql(under, exts, after, before)
         if not cond:
             return np.empty(0, np.int64), True
         kept = self.conn.execute(f"SELECT count(*) FROM images WHERE {cond}", args).fetchone()[0]
@@ -370,7 +377,7 @@ class Catalog(TextRows, FailureRows):
         return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
 
 
-def _filter_sql(under: Optional[str], exts: Optional[list[str]], after: Optional[float],
+def filter_sql(under: Optional[str], exts: Optional[list[str]], after: Optional[float],
                 before: Optional[float]) -> tuple[str, list]:
     """The WHERE clause of the metadata filters ('' when none), each on an index of its own."""
     where, args = [], []

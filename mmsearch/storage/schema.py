@@ -57,6 +57,52 @@ CREATE TABLE IF NOT EXISTS texts (
 );
 """
 
+# The words of each image (additive: created when a catalog is opened writable, and rebuilt from
+# `image_text` when the FTS5 table is missing). `ocr_lines` holds what OCR read, line by line, with the
+# box as four corner points in fractions of the (EXIF-rotated) image; `image_text` is one document per
+# image, in the form FTS5 indexes (storage/words.py: CJK characters set apart), and FTS5 indexes it as
+# an external-content table kept in step by triggers, inside the same transactions as the images.
+LEXICAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ocr_lines (
+    image_id INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    score REAL,
+    box TEXT,
+    PRIMARY KEY (image_id, line)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS image_text (
+    image_id INTEGER PRIMARY KEY,
+    name TEXT,
+    meta TEXT,
+    ocr TEXT,
+    ocr_status TEXT,
+    ocr_error TEXT,
+    meta_json TEXT
+);
+CREATE INDEX IF NOT EXISTS image_text_status ON image_text(ocr_status);
+CREATE TRIGGER IF NOT EXISTS images_text_gone AFTER DELETE ON images BEGIN
+    DELETE FROM image_text WHERE image_id = old.id;
+    DELETE FROM ocr_lines WHERE image_id = old.id;
+END;
+"""
+
+FTS_TABLE = "image_text_fts"
+FTS_SCHEMA = f"""
+CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(
+    name, meta, ocr, content='image_text', content_rowid='image_id', tokenize='unicode61 remove_diacritics 2');
+CREATE TRIGGER IF NOT EXISTS image_text_ai AFTER INSERT ON image_text BEGIN
+    INSERT INTO {FTS_TABLE}(rowid, name, meta, ocr) VALUES (new.image_id, new.name, new.meta, new.ocr);
+END;
+CREATE TRIGGER IF NOT EXISTS image_text_ad AFTER DELETE ON image_text BEGIN
+    INSERT INTO {FTS_TABLE}({FTS_TABLE}, rowid, name, meta, ocr) VALUES ('delete', old.image_id, old.name, old.meta, old.ocr);
+END;
+CREATE TRIGGER IF NOT EXISTS image_text_au AFTER UPDATE ON image_text BEGIN
+    INSERT INTO {FTS_TABLE}({FTS_TABLE}, rowid, name, meta, ocr) VALUES ('delete', old.image_id, old.name, old.meta, old.ocr);
+    INSERT INTO {FTS_TABLE}(rowid, name, meta, ocr) VALUES (new.image_id, new.name, new.meta, new.ocr);
+END;
+"""
+
 
 def non_finite_rows(vectors) -> np.ndarray:
     """Row numbers of `vectors` ([n, d], or one [d] vector as row 0) holding NaN or +-inf."""

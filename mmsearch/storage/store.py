@@ -382,6 +382,8 @@ class IndexStore(TowerChoice):
             "ann": self.ann_info(),
             "reranker": self.reranker_info(),
             "rerank_bytes_per_image": int(np.prod(shape)) * 2 if shape else 0,
+            "ocr": self.meta.get("ocr"),
+            "words": self.catalog.words_stats(),
             "schema_version": self.meta.get("schema_version"),
             "bytes_on_disk": self.catalog.bytes_on_disk(),
         }

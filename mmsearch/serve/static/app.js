@@ -11,7 +11,7 @@ let info = null;
 let lastFocus = null;
 
 function blank() {
-  return { q: "", ids: [], folder: "", ext: "", after: "", until: "", rerank: null, upload: null };
+  return { q: "", ids: [], folder: "", ext: "", after: "", until: "", mode: "", rerank: null, upload: null };
 }
 
 // ---- query terms: the same grammar as the CLI ("2:dog + beach - people") ----------------------
@@ -45,7 +45,7 @@ function stateFromURL() {
   const s = blank();
   s.q = p.get("q") || "";
   s.ids = p.getAll("id").map(Number).filter((n) => Number.isInteger(n) && n >= 0);
-  for (const k of ["folder", "ext", "after", "until"]) s[k] = p.get(k) || "";
+  for (const k of ["folder", "ext", "after", "until", "mode"]) s[k] = p.get(k) || "";
   s.rerank = p.has("rerank") ? p.get("rerank") === "1" : null;
   const key = history.state && history.state.upload;
   s.upload = key && uploads.has(key) ? key : null;
@@ -56,7 +56,7 @@ function queryString(s, extra) {
   const p = new URLSearchParams();
   if (s.q) p.set("q", s.q);
   for (const i of s.ids) p.append("id", i);
-  for (const k of ["folder", "ext", "after", "until"]) if (s[k]) p.set(k, s[k]);
+  for (const k of ["folder", "ext", "after", "until", "mode"]) if (s[k]) p.set(k, s[k]);
   if (s.rerank !== null) p.set("rerank", s.rerank ? "1" : "0");
   for (const [k, v] of Object.entries(extra || {})) p.set(k, v);
   return p.toString();
@@ -80,6 +80,7 @@ function showState() {
   $("ext").value = state.ext;
   $("after").value = state.after;
   $("until").value = state.until;
+  $("mode").value = state.mode;
   $("rerank").checked = state.rerank !== false;
   renderChips();
 }
@@ -152,8 +153,10 @@ function renderHits(hits) {
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = h.score.toFixed(3);
-    score.title = h.itm === null ? `similarity ${h.similarity.toFixed(3)}` :
-      `re-ranked: ITM ${h.itm.toFixed(2)}, similarity ${h.similarity.toFixed(3)}`;
+    score.title = (h.itm === null ? `similarity ${h.similarity.toFixed(3)}` :
+      `re-ranked: ITM ${h.itm.toFixed(2)}, similarity ${h.similarity.toFixed(3)}`) +
+      (h.matches && h.matches.length ? " · words matched" : "");
+    if (h.matches && h.matches.length) card.classList.add("worded");
     meta.append(name, score);
     card.append(img, meta);
     card.addEventListener("click", () => openDetail(h, card));
@@ -215,13 +218,16 @@ async function openDetail(hit, card) {
   $("d-file").href = $("d-open").href = `/api/images/${hit.id}/file`;
   $("d-like").onclick = () => go(Object.assign(blank(), filtersOf(state), { ids: [hit.id] }));
   $("d-texts").replaceChildren();
+  showWords(hit, null);
   panel.hidden = false;
   panel.dataset.id = hit.id;
   document.body.classList.add("with-detail");
   $("close").focus();
   try {
-    const [meta, texts] = await Promise.all([api(`/api/images/${hit.id}`), api(`/api/images/${hit.id}/texts?k=5`)]);
+    const [meta, texts, words] = await Promise.all([api(`/api/images/${hit.id}`),
+      api(`/api/images/${hit.id}/texts?k=5`), api(`/api/images/${hit.id}/words`)]);
     if (panel.dataset.id !== String(hit.id)) return;
+    showWords(hit, words);
     const when = meta.taken_at || meta.mtime;
     $("d-date").textContent = new Date(when * 1000).toLocaleString() + (meta.taken_at ? " (EXIF)" : " (file date)");
     $("d-size").textContent = `${meta.width} × ${meta.height} px · ${bytes(meta.size)}`;
@@ -245,6 +251,60 @@ async function openDetail(hit, card) {
   }
 }
 
+// ---- why a hit matched: the words in the image, the matched ones marked and boxed ---------------------
+function marked(text, spans) {
+  const frag = document.createDocumentFragment();
+  let last = 0;
+  for (const [s, e] of spans || []) {
+    if (s < last) continue;
+    frag.append(document.createTextNode(text.slice(last, s)));
+    const m = document.createElement("mark");
+    m.textContent = text.slice(s, e);
+    frag.append(m);
+    last = e;
+  }
+  frag.append(document.createTextNode(text.slice(last)));
+  return frag;
+}
+
+function showWords(hit, words) {
+  const list = $("d-words");
+  const boxes = $("d-boxes");
+  list.replaceChildren();
+  boxes.replaceChildren();
+  const found = hit.matches || [];
+  const byLine = new Map(found.filter((m) => m.field === "ocr").map((m) => [m.line, m]));
+  const lines = words ? words.lines : found.filter((m) => m.field === "ocr").map((m) =>
+    ({ line: m.line, text: m.text, box: m.box }));
+  for (const ln of lines.slice(0, 60)) {
+    const m = byLine.get(ln.line);
+    const li = document.createElement("li");
+    li.append(marked(ln.text, m ? m.spans : []));
+    if (m) li.classList.add("matched");
+    list.append(li);
+    if (m && ln.box) {
+      const poly = document.createElementNS("http://www.w3.org/2000/svg", "polygon");
+      poly.setAttribute("points", ln.box.map(([x, y]) => `${x},${y}`).join(" "));
+      boxes.append(poly);
+    }
+  }
+  for (const m of found.filter((x) => x.field !== "ocr")) {
+    const li = document.createElement("li");
+    li.classList.add("matched");
+    const k = document.createElement("span");
+    k.className = "k";
+    k.textContent = m.field === "name" ? "file" : m.key;
+    li.append(k, marked(m.text, m.spans));
+    list.append(li);
+  }
+  if (words && words.ocr_status === "error") {
+    const li = document.createElement("li");
+    li.textContent = "OCR failed on this image: " + (words.ocr_error || "");
+    list.append(li);
+  }
+  $("d-words-wrap").hidden = !list.children.length;
+}
+
 function closeDetail() {
   const panel = $("detail");
   if (panel.hidden) return;
@@ -260,7 +320,7 @@ function bytes(n) {
 }
 
 function filtersOf(s) {
-  return { folder: s.folder, ext: s.ext, after: s.after, until: s.until, rerank: s.rerank };
+  return { folder: s.folder, ext: s.ext, after: s.after, until: s.until, mode: s.mode, rerank: s.rerank };
 }
 
 // ---- image queries: picker, drop, paste -----------------------------------------------------------
@@ -307,7 +367,7 @@ function wire() {
     f.hidden = !f.hidden;
     $("toggle-filters").setAttribute("aria-expanded", String(!f.hidden));
   });
-  for (const id of ["folder", "ext", "after", "until"]) {
+  for (const id of ["folder", "ext", "after", "until", "mode"]) {
     $(id).addEventListener("change", () => {
       const next = Object.assign({}, state, { [id]: $(id).value.trim() });
       hasQuery(next) ? go(next) : (state = next);
@@ -341,7 +401,8 @@ async function loadInfo() {
   }
   sel.value = state.folder;
   $("rerank-wrap").hidden = !info.rerank_available;
-  if (state.folder || state.ext || state.after || state.until) $("filters").hidden = false;
+  $("mode-wrap").hidden = !(info.words && info.words.documents);
+  if (state.folder || state.ext || state.after || state.until || state.mode) $("filters").hidden = false;
 }
 
 wire();

@@ -68,3 +68,7 @@ class DistributedError(MmsearchError):
 
 class TrainingError(MmsearchError):
     """A training run cannot start or continue as asked (bad batch split, precision, world size)."""
+
+
+class WatchError(MmsearchError):
+    """A watcher cannot start or go on as asked (no folder to watch, a bad ignore name or poll interval)."""

@@ -29,18 +29,24 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
                   workers: Optional[int] = None, exclude: Sequence[str] = (), include_hidden: bool = False,
                   factory: Optional[str] = None, reranker: Optional[str] = None, device="cpu",
                   precision: Optional[str] = None, executor=None, progress: Progress = None,
-                  max_index_memory=None) -> IndexSummary:
+                  max_index_memory=None, watched: Optional[Sequence] = None,
+                  store: Optional[IndexStore] = None) -> IndexSummary:
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules.
 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
     (None: the index's own, devices.default_precision for a new one) is recorded in the index. `executor` replaces the local
-    decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way."""
+    decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way.
+    `watched` (a watcher's run): the watched folders that `roots` lie in; a root that is gone is then a
+    deleted or moved path rather than an error, nothing under a watched folder that is away is touched
+    (plan.root_away), and the watched folders are what the index records as its roots. `store`: an
+    IndexStore of `index_dir` kept open between runs, so a watcher loads its image tower once."""
     from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
 
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
+    watched = None if watched is None else [os.path.abspath(os.fspath(w)) for w in watched]
     for r in roots:
-        if not os.path.exists(r):
+        if watched is None and not os.path.exists(r):
             raise MediaError(r, "no such file or folder")
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
     dev = select_device(device if executor is None else "cpu")
@@ -49,8 +55,11 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         precision = default_precision(dev, reranker=bool(reranker))
     if precision is not None and executor is None:
         check_precision(precision, dev)
-    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
-                                      precision=precision, max_index_memory=max_index_memory)
+    if store is None:
+        store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
+                                          precision=precision, max_index_memory=max_index_memory)
+    else:
+        store.meta = store.catalog.meta()  # another run may have changed it since (a re-ranker, the roots)
     if executor is None:  # the index's precision must run here, checked before anything changes
         check_precision(store.precision, dev)
     if factory and factory != store.factory:
@@ -59,11 +68,13 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     if reranker:
         store.configure_reranker(reranker)
     cat = store.catalog
-    plan = plan_changes(cat, roots, exclude, include_hidden)
-    with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
-        cat.set_meta(roots=sorted(set(store.meta.get("roots") or []) | set(roots)))
+    plan = plan_changes(cat, roots, exclude, include_hidden, watched=watched)
+    recorded = set(store.meta.get("roots") or [])
+    if not recorded >= set(watched if watched is not None else roots):
+        with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
+            cat.set_meta(roots=sorted(recorded | set(watched if watched is not None else roots)))
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
-                           created=created, precision=store.precision)
+                           created=created, precision=store.precision, away=plan.away)
     # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images)
     unchanged = not (plan.embed or plan.moves or plan.deleted_ids) and store.vectors_fresh()
     vectors = None if unchanged else store.vectors_for_update()

@@ -39,6 +39,7 @@ class IndexSummary:
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
     created: bool = False  # this run created the index
     precision: str = ""  # the index's precision (part of its model record)
+    away: list = field(default_factory=list)  # watched folders left alone because they are away (plan.root_away)
 
     @property
     def embedded(self) -> int:

@@ -117,7 +117,11 @@ def emit_json(obj):
 
 
 
-def render_hits(hits, as_json, as_paths, key):
+def render_hits(hits, as_json, as_paths, key, good_only=False):
+    """Hits as JSON lines, bare paths or a table; a table gets a `match` column (the calibrated score,
+    '*' for a good match) when the index is calibrated. good_only with no good match says so first."""
+    if good_only and hits and not any(h.get("good") for h in hits) and hits[0].get("good") is not None:
+        click.secho("no good match; closest results below", fg="yellow", err=True)
     if as_json:
         for h in hits:
             emit_json(h)
@@ -126,8 +130,34 @@ def render_hits(hits, as_json, as_paths, key):
             click.echo(h[key])
     elif not hits:
         click.echo("no results", err=True)
-    else:
+    elif hits[0].get("calibrated") is None:
         click.echo(f"{'rank':>4}  {'score':>6}  {key}")
         for h in hits:
             click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {h[key]}")
+    else:
+        click.echo(f"{'rank':>4}  {'score':>6}  {'match':>6}  {key}")
+        for h in hits:
+            mark = "*" if h.get("good") else " "
+            click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {h['calibrated']:>5.1f}{mark}  {h[key]}")
 
+
+class EchoLog:
+    """A logging handler that prints the library's log lines (a watcher's progress) with the time, on stderr."""
+
+    def __init__(self, name: str, level=None):
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                colour = {logging.WARNING: "yellow", logging.ERROR: "red"}.get(record.levelno)
+                click.secho(self.format(record), fg=colour, err=True)
+
+        self.handler = Handler()
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        self.logger = logging.getLogger(name)
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(level or logging.INFO)
+        self.logger.propagate = False
+
+    def close(self):
+        self.logger.removeHandler(self.handler)

@@ -22,6 +22,11 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
 @click.option("--after", help="Only images taken on/after DATE (EXIF date, else file mtime).")
 @click.option("--before", help="Only images taken before DATE.")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below X.")
+@click.option("--good-only", is_flag=True,
+              help="Only good matches (calibrated score at the index's threshold); with none, the closest results "
+                   "under a 'no good match' line.")
+@click.option("--sort", type=click.Choice(["relevance", "date"]), default="relevance", show_default=True,
+              help="date: the good matches, newest first (EXIF date, else the file's).")
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank with the fusion model [default: on when configured].")
 @click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
@@ -29,7 +34,7 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
                    "was fitted to on validation data].")
 @device_option
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
-           rerank, rerank_k, alpha, device):
+           good_only, sort, rerank, rerank_k, alpha, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
     from mmsearch.search.filters import Filters
     from mmsearch.search.query import Searcher
@@ -37,15 +42,17 @@ def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, ex
 
     filters = Filters.parse(under=under, exts=exts, after=after, before=before)  # before opening: bad input fails fast
     searcher = Searcher(IndexStore.open(index_dir_of(index_dir), device=device))  # torch only for new images
+    if over_texts and (good_only or sort != "relevance"):
+        raise click.UsageError("--good-only and --sort apply to image search, not --texts")
     if over_texts:
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
     else:
         hits = searcher.search(query, images, k=k, filters=filters, min_score=min_score, rerank=rerank,
-                               rerank_k=rerank_k, alpha=alpha)
+                               rerank_k=rerank_k, alpha=alpha, good_only=good_only, sort=sort)
     hits = [h.to_dict() for h in hits]
     for note in dict.fromkeys(searcher.store.notices):  # e.g. a family whose text queries need torch
         click.secho(note, fg="yellow", err=True)
-    render_hits(hits, as_json, as_paths, key="text" if over_texts else "path")
+    render_hits(hits, as_json, as_paths, key="text" if over_texts else "path", good_only=good_only)
 
 
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from mmsearch.config import DEFAULT_FACTORY, ModelSpec
+from mmsearch.config import DEFAULT_FACTORY, GOOD_MATCH, ModelSpec
 from mmsearch.errors import MediaError, VectorIndexError
 from mmsearch.indexing.plan import Plan, plan_changes
 from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, batch_pixels, commit_batch,
@@ -70,9 +70,11 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     cat = store.catalog
     plan = plan_changes(cat, roots, exclude, include_hidden, watched=watched)
     recorded = set(store.meta.get("roots") or [])
-    if not recorded >= set(watched if watched is not None else roots):
+    if not recorded >= set(watched if watched is not None else roots) or "relevance" not in store.meta:
         with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
             cat.set_meta(roots=sorted(recorded | set(watched if watched is not None else roots)))
+            if "relevance" not in store.meta:  # an index built before the good-match score: today's default
+                cat.set_meta(relevance=dict(GOOD_MATCH))
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
                            created=created, precision=store.precision, away=plan.away)
     # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images)

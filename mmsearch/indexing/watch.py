@@ -331,6 +331,11 @@ class Watcher:
         with self._lock:
             self.phase = phase
 
+    def fail(self, message: str) -> None:
+        """Record why the watcher stopped (its runner caught an unexpected error)."""
+        self._error(message)
+        self._set_phase("failed")
+
     def _error(self, message: str) -> None:
         log.error("%s", message)
         with self._lock:

@@ -18,9 +18,13 @@ from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import EmptyIndexError, QueryError
 from mmsearch.search.filters import Filters
+from mmsearch.search.relevance import CalibrationCache
 from mmsearch.storage.store import IndexStore
 
 DEFAULT_RERANK_K = 32
+SORTS = ("relevance", "date")
+GOOD_DEPTH = 1000  # the most good matches a date-sorted search orders
+DATE_DEPTH = 100  # an index without a calibration orders its closest 100 by date
 _SPLIT = re.compile(r"(?:^|\s+)([+-])(?:\s+|$)")
 _WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+?)\s*$")
 
@@ -49,6 +53,8 @@ class Hit:
     width: Optional[int] = None
     height: Optional[int] = None
     row: Optional[dict] = field(default=None, repr=False, compare=False)
+    calibrated: Optional[float] = None  # the good-match score (relevance.py); None: the index cannot say
+    good: Optional[bool] = None
 
     def __getitem__(self, key: str):
         """hit["text"], as when search_texts returned dicts: scripts written then keep working."""
@@ -64,8 +70,8 @@ class Hit:
                     "similarity": self.similarity, "itm": self.itm}
         d = {"rank": self.rank, "score": self.score, "path": self.path, "id": self.id,
              "similarity": self.similarity, "itm": self.itm}
-        d.update((k, v) for k, v in (("taken_at", self.taken_at), ("width", self.width), ("height", self.height))
-                 if v is not None)
+        d.update((k, v) for k, v in (("taken_at", self.taken_at), ("width", self.width), ("height", self.height),
+                                     ("calibrated", self.calibrated), ("good", self.good)) if v is not None)
         return d
 
 
@@ -113,6 +119,7 @@ class Searcher:
     def __init__(self, store: IndexStore, allow_paths: bool = True):
         self.store = store
         self.allow_paths = allow_paths  # False: query text never names a file (the web server)
+        self.calibration = CalibrationCache(store)
 
     # ---- embedding a query --------------------------------------------------------------------
     def _image_embedding(self, path: Optional[str], token_grid: Optional[int] = None, image_id: Optional[int] = None):
@@ -165,11 +172,20 @@ class Searcher:
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
-               offset: int = 0, filters: Optional[Filters] = None) -> list[Hit]:
+               offset: int = 0, filters: Optional[Filters] = None, good_only: bool = False,
+               sort: str = "relevance") -> list[Hit]:
         """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
         after, before; mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
         text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
-        Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap."""
+        Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap.
+
+        Every hit carries its calibrated score and whether it is a good match (relevance.py; None when the
+        index is too small to say). good_only keeps the good matches; when there is none at all, the
+        closest results come back all the same, each marked not good, for the caller to say so.
+        sort="date" orders the good matches (at most GOOD_DEPTH) by date, newest first: EXIF date, else the
+        file's; without a calibration it orders the closest DATE_DEPTH."""
+        if sort not in SORTS:
+            raise QueryError(f"sort: '{sort}' is not one of {', '.join(SORTS)}")
         if filters is None:
             filters = Filters.parse(under=under, exts=exts, after=after, before=before)
         terms = parse_query(query, images, ids, paths=self.allow_paths)
@@ -181,7 +197,7 @@ class Searcher:
             rerank = self.store.reranker_info() is not None and single_text
         elif rerank and self.store.reranker_info() is None:
             raise QueryError("no re-ranker configured for this index (`mmsearch rerank enable FILE`)")
-        rerank = bool(rerank and single_text)
+        rerank = bool(rerank and single_text and sort == "relevance")  # a date order needs no re-scoring
         vec, states = self.embed(terms, want_states=rerank)
         selection = None
         if filters.active:
@@ -191,26 +207,53 @@ class Searcher:
             ids, excluded = selection
             if (len(ids) >= total) if excluded else (len(ids) == 0):
                 return []
+        calibration = self.calibration.get()
+        standing = calibration.standing(vec) if calibration is not None else None
         depth = max(offset + k, rerank_k) if rerank else offset + k
-        scores, found = self._search_vectors(vec, depth, selection)
-        pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
+        narrowed = False  # the candidates are the good matches
+        if standing is not None and (good_only or sort == "date"):
+            good = self._good_pairs(vec, max(depth, DATE_DEPTH) if sort == "date" else depth, selection,
+                                    standing.cutoff, deepen=sort == "date")
+            narrowed = bool(good)
+        if narrowed:
+            pairs = good
+        else:
+            if sort == "date" and standing is None:
+                depth = max(depth, DATE_DEPTH)
+            scores, found = self._search_vectors(vec, depth, selection)
+            pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
         itm = {}
         if rerank and pairs:
             itm = self._rerank_images(states, [i for i, _ in pairs[:max(k, rerank_k)]])
-        hits = _order(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)[offset:]
-        rows = cat.rows([i for i, *_ in hits[:k]])
+        hits = _order(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)
+        if min_score is not None:
+            hits = [h for h in hits if h[1] >= min_score]
+        rows = None
+        if sort == "date" and (narrowed or standing is None):
+            rows = cat.rows([i for i, *_ in hits])
+            hits = sorted((h for h in hits if h[0] in rows), key=lambda h: -date_of(rows[h[0]]))
+        page = hits[offset:offset + k]
+        rows = rows if rows is not None else cat.rows([i for i, *_ in page])
         out = []
-        for i, final, sim, logit in hits:
-            if len(out) == k:
-                break
-            if min_score is not None and final < min_score:
-                continue
+        for i, final, sim, logit in page:
             r = rows.get(i)
             if r is None:
                 continue  # removed by a concurrent indexing run
             out.append(Hit(rank=offset + len(out) + 1, score=final, id=i, similarity=sim, itm=logit, path=r["path"],
-                           taken_at=r["taken_at"], width=r["width"], height=r["height"], row=r))
+                           taken_at=r["taken_at"], width=r["width"], height=r["height"], row=r,
+                           calibrated=None if standing is None else round(standing.score(sim), 3),
+                           good=None if standing is None else standing.good(sim)))
         return out
+
+    def _good_pairs(self, vec: np.ndarray, depth: int, selection, cutoff: float, deepen: bool) -> list:
+        """(id, similarity) of the good matches among the closest `depth`; `deepen`: search deeper while the
+        last one found is still good, up to GOOD_DEPTH (the good matches are a prefix of the cosine order)."""
+        while True:
+            scores, found = self._search_vectors(vec, depth, selection)
+            pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
+            if not deepen or len(pairs) < depth or pairs[-1][1] < cutoff or depth >= GOOD_DEPTH:
+                return [p for p in pairs if p[1] >= cutoff][:GOOD_DEPTH]
+            depth = min(GOOD_DEPTH, depth * 4)
 
     def _search_vectors(self, vec: np.ndarray, depth: int, selection: Optional[tuple[np.ndarray, bool]]):
         """The ANN search, exact over a filter's subset when it is small (its stored vectors), else
@@ -287,6 +330,11 @@ def _order(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
         else:  # no cached tokens: rank after every re-scored candidate
             scored.append((i, s - 10.0, s, None))
     return sorted(scored, key=lambda t: -t[1])
+
+
+def date_of(row: dict) -> float:
+    """A photo's date for sorting: when it was taken (EXIF), else the file's modification time."""
+    return row["taken_at"] if row.get("taken_at") is not None else row["mtime_ns"] / 1e9
 
 
 def timed_search(searcher: Searcher, *args, **kwargs):

@@ -93,6 +93,7 @@ class ServeState:
         self.thumbs = ThumbCache(self.store.dir)
         self.max_upload_bytes = max_upload_bytes
         self.embed_lock = threading.Lock()  # uploads embed one at a time: bounded CPU and memory
+        self.watcher = None  # mmsearch.indexing.watch.Watcher with `serve --watch` (it writes; this state only reads)
         self._folders: tuple = (None, [])
         self._roots: tuple = (None, [])
 

@@ -21,9 +21,12 @@ import numpy as np
 
 from mmsearch.config import SCHEMA_VERSION
 from mmsearch.errors import IndexNotFoundError, IndexVersionError
-from mmsearch.storage.schema import (CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, from_blobs,  # noqa: F401
+from mmsearch.storage.schema import (ADDITIVE, CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, from_blobs,  # noqa: F401
                                      sqlite_utils_without_pandas, to_blob)
 from mmsearch.storage.texts import TextRows
+
+ROW_FIELDS = ("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext", "indexed_at")
+
 
 class Catalog(TextRows):
     """One index's SQLite catalog. Create with `Catalog.create`, open with `Catalog.open`."""
@@ -87,9 +90,9 @@ class Catalog(TextRows):
         return cat
 
     def _add_indices(self) -> None:
-        """Additive schema (CREATE ... IF NOT EXISTS): catalogs written before an index existed get it."""
-        have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        if not {"images_state", "images_date", "images_ext"} <= have:
+        """Additive schema (CREATE ... IF NOT EXISTS): catalogs written before an index or table existed get it."""
+        have = set(self.conn.execute("SELECT type, name FROM sqlite_master"))
+        if any((kind, name) not in have for kind, names in ADDITIVE.items() for name in names):
             try:
                 with self.conn:
                     self.conn.executescript(SCHEMA)
@@ -212,10 +215,10 @@ class Catalog(TextRows):
         out = {}
         for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
             chunk = ids[start:start + 900]
-            q = (f"SELECT id, path, size, mtime_ns, width, height, taken_at, ext FROM images "
+            q = (f"SELECT id, path, size, mtime_ns, width, height, taken_at, ext, indexed_at FROM images "
                  f"WHERE id IN ({','.join('?' * len(chunk))})")
             for r in self.conn.execute(q, chunk):
-                out[r[0]] = dict(zip(("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext"), r))
+                out[r[0]] = dict(zip(ROW_FIELDS, r))
         return out
 
     def id_for_path(self, path: str) -> Optional[int]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from mmsearch.config import VERSION
 from mmsearch.storage.catalog import Catalog
-from mmsearch.config import DEFAULT_FACTORY, ModelSpec, same_model
+from mmsearch.config import DEFAULT_FACTORY, GOOD_MATCH, ModelSpec, same_model
 from mmsearch.errors import EmptyIndexError, ModelMismatchError, UnknownModelError, VectorIndexError
 from mmsearch.towers.choice import TowerChoice
 from mmsearch.towers.devices import PRECISIONS
@@ -95,7 +95,7 @@ class IndexStore(TowerChoice):
                       "text_width": encoder.text_width, "vision_width": encoder.vision_width}
         catalog = Catalog.create(directory, dict(record, factory=factory, precision=precision,
                                                  max_index_memory=parse_size(max_index_memory),
-                                                 mmsearch_version=VERSION))
+                                                 mmsearch_version=VERSION, relevance=dict(GOOD_MATCH)))
         store = cls(directory, catalog, device=device)
         store._encoder = encoder
         if encoder is None:

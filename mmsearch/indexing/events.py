@@ -189,8 +189,7 @@ class NativeSource:
         if not folders:
             return None
         gen = self._watch(*folders, recursive=False, stop_event=self.stop, rust_timeout=ms, yield_on_timeout=True,
-                          debounce=ms, step=max(20, min(250, ms // 2)), ignore_permission_denied=True,
-                          raise_interrupt=False)
+                          debounce=ms, step=max(20, min(250, ms // 2)), ignore_permission_denied=True)
         return gen, next(gen, set())  # the first answer comes once every watch is in place
 
     def _rearm(self) -> set:
@@ -217,8 +216,11 @@ class NativeSource:
             self.stop.wait(timeout)
             return set()
         raw = next(self.gen, None)
-        if raw is None:  # stopped
-            return set()
+        if raw is None:  # stopped, or the watch ended on its own: arm a new one
+            if self.stop.is_set():
+                return set()
+            self.gen = None
+            return self._rearm()
         paths = {path for _, path in raw}
         new_folders = []
         for change, path in raw:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import load_average, machine, machine_line, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -87,7 +89,7 @@ print(json.dumps({"imports_s": round(t1 - t0, 3), "open_catalog_s": round(t2 - t
 
 
 def load_avg() -> str:
-    return " ".join(open("/proc/loadavg").read().split()[:3])
+    return " ".join(f"{v:.2f}" for v in load_average())
 
 
 def recall(truth, found) -> float:
@@ -303,10 +305,11 @@ def main():
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
     result["ten_million_on_paper"] = ten_million()
+    result["machine"] = machine()
     print(render(result))
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    data[str(args.n)] = result
-    RESULTS.write_text(json.dumps(data, indent=1))
+    data[str(args.n)] = result  # one entry per n, each with the machine it ran on
+    write_json(RESULTS, data, indent=1)
     if args.keep:
         print(f"kept {work}")
     else:
@@ -326,7 +329,7 @@ def ten_million(n: int = 10_000_000, dim: int = 512) -> dict:
 
 def render(r: dict) -> str:
     lines = [f"n = {r['n']:,}, dim 512, {N_QUERIES} image-like + {N_QUERIES} text-like queries; load average at start "
-             f"{r['load_avg_start']}",
+             f"{r['load_avg_start']}", *([machine_line(r["machine"])] if "machine" in r else []),
              "", "| structure | build s | bytes/vec (RSS) | p50 ms | p99 ms | params | recall@10 image | recall@10 text "
              f"| image / text @nprobe {FIXED_NPROBE} | mmap: load s, RSS after 300 q |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -166,8 +166,15 @@ def main(argv=None):
                     help="re-ranker settings over the demo's")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"))
     args = ap.parse_args(argv)
+    # here, not at the top: tests load this file by path (no benchmarks/ on sys.path) and call compare()
+    from common import machine, machine_line, write_results
+
     if args.compare:
-        print(compare(*(json.loads(p.read_text()) for p in args.compare)))
+        results = [json.loads(p.read_text()) for p in args.compare]
+        print(compare(*results))
+        for path, res in zip(args.compare, results):
+            if "machine" in res:
+                print(f"{path.name}: {machine_line(res['machine'])}")
         return
     from mmsearch import demo
 
@@ -178,11 +185,11 @@ def main(argv=None):
         print(json.dumps(runs[-1]), flush=True)
     result = {"code": os.path.dirname(demo.__file__), "train": {**demo.DEMO_TRAIN, **args.train_args},
               "reranker": {**demo.DEMO_RERANKER, **args.reranker_args},
-              "images": demo.DEMO_IMAGES, "heldout_sets": len(heldout), "runs": runs}
+              "images": demo.DEMO_IMAGES, "heldout_sets": len(heldout), "runs": runs, "machine": machine()}
     print()
     print(render(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    print(machine_line(result["machine"]))
+    write_results(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
+
+from common import machine, machine_line, markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,14 +78,15 @@ def main():
                                "p99": round(float(np.percentile(nearest, 99)), 4), "max": round(float(nearest.max()), 4),
                                "share_at_or_above_0.95": round(float((nearest >= 0.95).mean()), 4)}
     out["seconds"] = round(time.perf_counter() - t, 1)
-    out["load_avg"] = " ".join(open("/proc/loadavg").read().split()[:3])
-    print("| pair | min | p1 | median |\n|---|---|---|---|")
-    for name, v in out["edits"].items():
-        print(f"| original vs {name} | {v['min']} | {v['p1']} | {v['median']} |")
+    out["machine"] = machine()
+    out["load_avg"] = " ".join(f"{v:.2f}" for v in out["machine"]["load"])
     d = out["distinct_nearest"]
-    print(f"| nearest distinct image | | p99 {d['p99']} (max {d['max']}) | {d['median']} |")
+    print(machine_line(out["machine"]))
+    print(markdown_table(["pair", "min", "p1", "median"],
+                         [(f"original vs {name}", v["min"], v["p1"], v["median"]) for name, v in out["edits"].items()]
+                         + [("nearest distinct image", "", f"p99 {d['p99']} (max {d['max']})", d["median"])]))
     print(f"share of images whose nearest distinct image is >= 0.95: {d['share_at_or_above_0.95']}")
-    (ROOT / "benchmarks" / "results" / "dupes_threshold.json").write_text(json.dumps(out, indent=1))
+    write_results("dupes_threshold", out, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ independent recomputation of R@k from the saved embeddings.
 
 Runs the real CLI (`python -m mmsearch eval DATA --checkpoint CKPT --json --out ... --save-embeddings ...`)
 in a subprocess, with the demo configuration's checkpoint (benchmarks/.cache/, trained by
-benchmarks/train_synth.py; trained here with the same configuration if missing). Then recomputes every
+benchmarks/train_synth.py or by this script with the same configuration if missing). Then recomputes every
 metric from the .npz with a naive full-matrix numpy computation that shares no code with
 mmsearch.evaluation.metrics, and checks both agree. Prints Markdown tables and writes benchmarks/results/eval_synth.json.
 """
@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common import CACHE, data_dir, demo_checkpoint, demo_config, load_average, machine, machine_line, write_results
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-from train_synth import CACHE, DEMO, data_dir, demo_checkpoint  # noqa: E402
 
 
 def run_eval(data: Path, ckpt: Path, split: str, out: Path, extra=()) -> tuple[dict, float, list]:
@@ -80,7 +79,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     factories = args.factory or ["HNSW32", "IVF4,Flat"]
 
-    data = data_dir(args.cache, DEMO["n"], DEMO["seed"], DEMO["size"]) / "captions.csv"
+    demo = demo_config()
+    data = data_dir(args.cache, demo["n"], demo["seed"], demo["size"]) / "captions.csv"
     ckpt = demo_checkpoint(args.cache, log=lambda line: print(line, flush=True))
     with tempfile.TemporaryDirectory(prefix="mmsearch-eval-") as tmp:
         tmp = Path(tmp)
@@ -128,11 +128,9 @@ def main(argv=None):
               "ann": ann, "ann_eval_wall_s": ann_walls, "ann_commands": ann_cmds,
               "naive_check": {"agree": agree, "max_abs_diff": diff, "npz_keys": npz_keys, **naive},
               "chance_R@1": 1 / exact["n_images"], "cpu_count": os.cpu_count(),
-              "loadavg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+              "loadavg_1m": round(load_average()[0], 2), "python": platform.python_version(), "machine": machine()}
+    print(machine_line(result["machine"]))
+    write_results(args.out, result)
     print(f"wrote {args.out}")
     if not agree:
         raise SystemExit(1)

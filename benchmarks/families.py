@@ -3,9 +3,9 @@ text-query time, as a user runs `mmsearch index` and `mmsearch search "..."`.
 
     python benchmarks/families.py [--n 32] [--repeat 3] [--models RN50,ViT-B-16-SigLIP]
 
-Hugging Face tokenizers / text-tower configs come from the offline stand-in cache of the tests
-(tests/hf_fixture.py, shrunk multilingual text towers: their speed is not the real models'). Prints a
-Markdown table with the load average, writes benchmarks/results/families.json.
+Hugging Face tokenizers / text-tower configs come from the offline stand-in cache the tests use too
+(benchmarks/common.py's build_hf_cache, shrunk multilingual text towers: their speed is not the real
+models'). Prints a Markdown table with the load average, writes benchmarks/results/families.json.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import build_hf_cache, load_average, machine, machine_line, markdown_table, write_results
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -40,14 +42,11 @@ def main(argv=None):
     ap.add_argument("--models", default=",".join(FAMILIES))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "families.json")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hf_fixture import build_hf_cache
-
     work = Path(tempfile.mkdtemp(prefix="mmsearch-families-"))
     env = dict(os.environ, HF_HUB_CACHE=str(build_hf_cache(work / "hub")), HF_HUB_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run(["synth", str(work / "data"), "--n", str(args.n), "--size", "256"], env)
-    load_before = os.getloadavg()
+    load_before = load_average()
     rows = []
     for model in args.models.split(","):
         idx = work / f"idx-{model}"
@@ -65,16 +64,16 @@ def main(argv=None):
                      "index_wall_s": round(wall, 1), "query_s_median": round(statistics.median(times), 2),
                      "query_s_all": [round(t, 2) for t in times]})
         print(json.dumps(rows[-1]), flush=True)
-    load_after = os.getloadavg()
+    load_after = load_average()
+    m = machine()
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); {os.cpu_count()} cores; "
-          f"{args.n} images of 256x256; random weights\n")
-    print("| model | dim | text query path | fresh-process text query (s, median) | indexing (img/s) |")
-    print("|---|---:|---|---:|---:|")
-    for r in rows:
-        print(f"| {r['model']} | {r['dim']} | {r['text_path']} | {r['query_s_median']} | {r['images_per_s']} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "load_before": load_before, "load_after": load_after,
-                                    "n_images": args.n}, indent=1))
+          f"{args.n} images of 256x256; random weights")
+    print(machine_line(m) + "\n")
+    print(markdown_table(["model", "dim", "text query path", "fresh-process text query (s, median)", "indexing (img/s)"],
+                         [(r["model"], r["dim"], r["text_path"], r["query_s_median"], r["images_per_s"]) for r in rows],
+                         align="lrlrr"))
+    write_results(args.out, {"rows": rows, "load_before": load_before, "load_after": load_after,
+                             "n_images": args.n, "machine": m}, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ with random weights (`--pretrained none`): speed does not depend on the weights.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -21,37 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from common import machine, machine_line, make_photos, write_results
 
 HERE = Path(__file__).parent
 # as `mmsearch index` does (cli._yielding_openmp); both measurements below run under the same policy
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def make_photos(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
-    """Photo-like JPEGs: smooth gradients, shapes and mild noise, so file size and decode cost look real."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    w, h = size
-    small = (w // 8, h // 8)
-    for i in range(n):
-        path = folder / f"photo_{i:04d}.jpg"
-        if path.exists():
-            continue
-        yy, xx = np.mgrid[0:small[1], 0:small[0]].astype(np.float32)
-        base = np.stack([np.sin(xx / rng.uniform(20, 80) + c) * 60 + rng.uniform(60, 190) +
-                         np.cos(yy / rng.uniform(20, 80) + c) * 40 for c in range(3)], -1)
-        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).resize(size, Image.BILINEAR)
-        draw = ImageDraw.Draw(img)
-        for _ in range(12):
-            x0, y0 = rng.integers(0, w), rng.integers(0, h)
-            r = int(rng.integers(h // 20, h // 4))
-            draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        img = img.filter(ImageFilter.GaussianBlur(2))
-        noise = rng.normal(0, 6, (h, w, 3))
-        img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
-        img.save(path, quality=90)
 
 
 def model_only(spec, n: int, batch_size: int) -> float:
@@ -160,7 +133,9 @@ def main(argv=None):
               "model_only_images_per_s": round(model_ips, 2), **{k: round(v, 3) if isinstance(v, float) else v
                                                                  for k, v in pipe.items()},
               "pipeline_vs_model": round(ratio, 3), "target_ratio": 0.9, "rclip_images_per_s": 5.5,
-              "cpu_count": os.cpu_count(), "python": platform.python_version(), "generate_s": round(gen_s, 1)}
+              "cpu_count": os.cpu_count(), "python": platform.python_version(), "generate_s": round(gen_s, 1),
+              "machine": machine()}
+    print(machine_line(result["machine"]))
     print(f"| {args.n} × {args.width}×{args.height} JPEG ({mb:.1f} MB) | images/s |")
     print("|---|---|")
     print(f"| model only ({args.model}, batch {args.batch_size}, {threads} torch threads) | {model_ips:.2f} |")
@@ -173,8 +148,7 @@ def main(argv=None):
     print(f"(medians of {args.repeat} alternating runs; model only {[round(m, 2) for m, _ in runs]}, "
           f"pipeline {[round(p['images_per_s'], 2) for _, p in runs]})")
     print(f"| rclip on the same kind of files (measured separately) | 5.5 |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     print(f"wrote {args.out}")
 
 

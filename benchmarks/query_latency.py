@@ -9,7 +9,6 @@ processes: the numpy text path (default) and the torch path (numpy tower removed
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -17,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine, machine_line, make_photos, markdown_table, write_results
 
 HERE = Path(__file__).parent
 
@@ -37,9 +38,6 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "query_latency.json")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    from index_throughput import make_photos
-
     photos = HERE / ".cache" / "photos_12mp" / "4000x3000"
     make_photos(photos, args.n, (4000, 3000))
     idx = HERE / ".cache" / f"index-{args.model}"
@@ -57,16 +55,13 @@ def main(argv=None):
     rows.append(("image query of an indexed photo (stored embedding)",
                  timed(exe + ["search", "--image", str(sorted(photos.glob("*.jpg"))[0]), "--index", str(idx),
                               "--paths"], args.repeat)))
-    print(f"| fresh process, {args.model}, index of {args.n} photos | median s |")
-    print("|---|---|")
-    for name, s in rows:
-        print(f"| {name} | {s:.3f} |")
-    print("| target | 0.5 |")
-    print("| rclip (measured separately on this machine) | 1.1 |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "photos": args.n, "repeat": args.repeat,
-                                    "median_seconds": dict(rows), "target_seconds": 0.5, "rclip_seconds": 1.1},
-                                   indent=2))
+    m = machine()
+    print(machine_line(m))
+    print(markdown_table([f"fresh process, {args.model}, index of {args.n} photos", "median s"],
+                         [(name, f"{s:.3f}") for name, s in rows]
+                         + [("target", 0.5), ("rclip (measured separately on this machine)", 1.1)]))
+    write_results(args.out, {"model": args.model, "photos": args.n, "repeat": args.repeat,
+                             "median_seconds": dict(rows), "target_seconds": 0.5, "rclip_seconds": 1.1, "machine": m})
     print(f"wrote {args.out}")
 
 

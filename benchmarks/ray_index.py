@@ -12,7 +12,6 @@ and writes benchmarks/results/ray_index.json; the cluster is always shut down.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import load_average, machine, machine_line, make_photos, write_results
 
 HERE = Path(__file__).parent
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `mmsearch index` does
@@ -67,9 +68,6 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=HERE / "results" / "ray_index.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
-    sys.path.insert(0, str(HERE))
-    from index_throughput import make_photos
-
     from mmsearch.config import ModelSpec
     from mmsearch.distributed import RayExecutor
 
@@ -83,7 +81,7 @@ def main(argv=None):
     warm = Path(tempfile.mkdtemp(prefix="mmsearch-raybench-warm-"))
     shutil.copy(sorted(folder.glob("*.jpg"))[0], warm / "one.jpg")
     _run(warm, spec)
-    load_before = os.getloadavg()
+    load_before = load_average()
 
     local = _run(folder, spec)
 
@@ -112,7 +110,7 @@ def main(argv=None):
         cluster.shutdown()
         shutil.rmtree(warm, ignore_errors=True)
         shutil.rmtree(os.environ["MMSEARCH_CACHE_DIR"], ignore_errors=True)
-    load_after = os.getloadavg()
+    load_after = load_average()
     overhead = dist["end_to_end_s"] / local["end_to_end_s"] - 1
     # once the actors run: what Ray costs per image, start-up (actors loading the model) apart
     work_overhead = local["after_first_commit_images_per_s"] / dist["after_first_commit_images_per_s"] - 1
@@ -124,7 +122,8 @@ def main(argv=None):
               "overhead_end_to_end": round(overhead, 3), "overhead_after_first_commit": round(work_overhead, 3),
               "recovery_cost_s": round(recover["end_to_end_s"] - dist["end_to_end_s"], 2), "target_overhead": 0.2,
               "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
-              "cpu_count": os.cpu_count(), "python": platform.python_version(), "ray_version": ray.__version__}
+              "cpu_count": os.cpu_count(), "python": platform.python_version(), "ray_version": ray.__version__,
+              "machine": machine()}
     print(f"| {args.n} photos {args.size} JPEG, {args.model} | end to end s | images/s | first commit at s | images/s after it | rows (dupes) |")
     print("|---|---|---|---|---|---|")
     for name, r in (("local `mmsearch index`", local), (f"Ray, 2 nodes × {args.node_cpus} CPUs, "
@@ -136,8 +135,8 @@ def main(argv=None):
           f"node kill costs {result['recovery_cost_s']:+.1f} s, "
           f"cluster start {start_s:.1f} s (not counted)")
     print(f"load average before {result['loadavg_before']}, after {result['loadavg_after']} on {os.cpu_count()} cores")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    print(machine_line(result["machine"]))
+    write_results(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -2,6 +2,7 @@
 The measurement behind `--good-only` and its default threshold (mmsearch/search/relevance.py).
 
     PYTHONPATH=. python benchmarks/relevance.py [--checkpoint demo-out/mmsearch-tiny.pt --data demo-out/data]
+        [--n 300 --steps 40]  (a quick check; the defaults are the demo's data and model, cached in benchmarks/.cache)
         [--seeds 5] [--k 10] [--vec-images 30000] [--vec-dim 256] [--vec-queries 1000]
 
 Two worlds, each with text and image queries made from one target image apiece:
@@ -17,20 +18,20 @@ that is not the target (in a query whose target was removed, every flagged hit i
 recall >= 0.9 of true matches: the best fixed cosine cut-off tuned on the same hits, the calibrated score
 with its threshold tuned the same way, and the calibrated score at the shipped default threshold. Also
 reported: how often a query whose target is gone gets no good hit at all (the page's "no good match").
-Writes benchmarks/results/relevance.json.
+Writes benchmarks/results/relevance.json (or --out).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import CACHE, checkpoint_path, data_dir, demo_config, machine_line, train_run, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -111,25 +112,20 @@ def edited(path, rng):
     return Image.open(buf).convert("RGB")
 
 
-def demo_world(args, work: Path):
+def demo_world(args):
     from PIL import Image
 
-    from mmsearch.config import ModelSpec, TINY_MODEL
-    from mmsearch.demo import DEMO_IMAGES, DEMO_SEED, DEMO_TRAIN
+    from mmsearch.config import ModelSpec
     from mmsearch.towers.encoder import load_encoder
 
-    data = Path(args.data) if args.data else work / "data"
-    if not args.data:
-        from mmsearch.datasets.readers import synthesize
-
-        synthesize(data, n=args.n or DEMO_IMAGES, seed=DEMO_SEED, size=64)
+    cfg = demo_config()
+    cfg.update({k: v for k, v in (("n", args.n), ("steps", args.steps)) if v})
+    data = Path(args.data) if args.data else data_dir(CACHE, cfg["n"], cfg["seed"], cfg["size"])
     ckpt = args.checkpoint
-    if ckpt is None:
-        from mmsearch.train import train_encoder
-
-        ckpt = work / "tiny.pt"
-        train_encoder(data / "captions.csv", ModelSpec(model=TINY_MODEL, pretrained=None), ckpt,
-                      **dict(DEMO_TRAIN, steps=args.steps or DEMO_TRAIN["steps"]))
+    if ckpt is None:  # the demo's model, cached under benchmarks/.cache (trained once, here or by train_synth.py)
+        ckpt = checkpoint_path(CACHE, cfg)
+        if not ckpt.exists():
+            train_run(CACHE, cfg)
     enc = load_encoder(ModelSpec(checkpoint=str(ckpt)))
     with open(data / "captions.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
@@ -186,17 +182,16 @@ def main():
     t0 = time.perf_counter()
     default = float(GOOD_MATCH["threshold"])
     results = []
-    with tempfile.TemporaryDirectory(prefix="relevance_") as work:
-        base, kinds, about = demo_world(args, Path(work))
-        results.append(dict(evaluate("demo held-out", base, kinds, args.seeds, args.k, default), about=about))
+    base, kinds, about = demo_world(args)
+    results.append(dict(evaluate("demo held-out", base, kinds, args.seeds, args.k, default), about=about))
     base, kinds, about = vec_world(args)
     results.append(dict(evaluate("synthvec", base, kinds, args.seeds, args.k, default), about=about))
     out = {"target_recall": TARGET_RECALL, "default_threshold": default, "method": GOOD_MATCH["method"],
-           "results": results, "seconds": round(time.perf_counter() - t0, 1),
-           "load_avg": " ".join(open("/proc/loadavg").read().split()[:3])}
+           "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     for r in results:
         print("\n".join(render(r)) + "\n")
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(machine_line())
+    write_results(Path(args.out), out)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ Prints Markdown tables and writes benchmarks/results/rerank.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import machine, machine_line, write_results
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
@@ -164,8 +165,9 @@ def main(argv=None):
     ts = result["true_vs_swap_R@1"]
     print(f"\ntrue vs swapped scene (gallery of 2), R@1: dual encoder {100 * ts['plain']:.1f}, "
           f"re-ranked {100 * ts['re-ranked']:.1f}; score blend alpha {alpha:g} (fitted on validation)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
+    result["machine"] = machine()
+    print(machine_line(result["machine"]))
+    write_results(args.out, result, default=str)
     print(f"wrote {args.out}")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import platform
 import re
@@ -28,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common import load_average, machine, machine_line, make_photos, markdown_table, write_results
+
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from index_throughput import make_photos  # noqa: E402
 
 WORDS = ("dog cat beach mountain city night red blue green car tree river snow boat bird flower sunset "
          "street house child bicycle forest table window bridge").split()
@@ -185,21 +184,22 @@ def main():
             shutil.rmtree(idx, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    load = os.getloadavg()
+    load = load_average()
     report = {"model": args.model, "cpus": os.cpu_count(), "platform": platform.platform(),
-              "loadavg_at_end": [round(x, 2) for x in load], "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+              "loadavg_at_end": [round(x, 2) for x in load], "results": results, "machine": machine()}
+    write_results(Path(args.out), report)
     print(f"model {args.model} (random weights), {os.cpu_count()} CPUs, load average at end "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
-    print("| images | measure | p50 | p99 | per s | server CPU / request | errors |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(machine_line(report["machine"]) + "\n")
+    rows = []
     for r in results:
-        rows = [("text query, 1 client", r["text_1_client"]), ("text query, 8 clients", r["text_8_clients"]),
-                ("thumbnail 256 px, cold", r["thumbnails"]["cold"]), ("thumbnail 256 px, cached", r["thumbnails"]["cached"])]
-        for name, m in rows:
-            print(f"| {r['images']:,} | {name} | {m['p50_ms']} ms | {m['p99_ms']} ms | {m['per_s']} | "
-                  f"{m['server_cpu_ms']} ms | {m.get('errors', 0)} |")
+        for name, m in (("text query, 1 client", r["text_1_client"]), ("text query, 8 clients", r["text_8_clients"]),
+                        ("thumbnail 256 px, cold", r["thumbnails"]["cold"]),
+                        ("thumbnail 256 px, cached", r["thumbnails"]["cached"])):
+            rows.append((f"{r['images']:,}", name, f"{m['p50_ms']} ms", f"{m['p99_ms']} ms", m["per_s"],
+                         f"{m['server_cpu_ms']} ms", m.get("errors", 0)))
+    print(markdown_table(["images", "measure", "p50", "p99", "per s", "server CPU / request", "errors"], rows,
+                         align="rlrrrrr"))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Markdown table, writes benchmarks/results/tower_precision.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,17 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common import load_average, machine, machine_line, write_results
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-
-
-def _flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return "unknown"
-    wanted = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
-    return ",".join(f for f in wanted if f in flags) or "none"
 
 
 TOWERS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "amp-bf16"), ("onnxruntime", "int8"))
@@ -120,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "tower_precision.json")
     args = ap.parse_args(argv)
-    load0 = os.getloadavg()
+    load0 = load_average()
     if args.checkpoint is None:
         from mmsearch.config import ModelSpec
         from mmsearch.datasets.readers import synthesize
@@ -133,7 +125,9 @@ def main(argv=None):
                       steps=args.steps, batch_size=64, lr=1e-3)
     q = quality(args.checkpoint, args.data)
     s = speed(args.speed_model, args.repeat)
-    res = {"quality": q, "speed": s, "cpu_flags": _flags(), "load_before": load0, "load_after": os.getloadavg(),
+    m = machine()
+    res = {"quality": q, "speed": s, "cpu_flags": ",".join(m["flags"]) or "none", "load_before": load0,
+           "load_after": m["load"], "machine": m,
            "trained_here": {"n": args.n, "steps": args.steps} if args.data.parent.name.startswith("towerq-") else None}
     print(f"held-out: {q['images']} images, {q['captions']} captions; model {args.checkpoint}")
     print("| image tower | min / mean cos to torch | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | top-1 = torch's |")
@@ -150,8 +144,8 @@ def main(argv=None):
     for name, v in ips.items():
         print(f"| {name} | {v} | {v / base:.2f}× | {s['cos_to_onnxruntime_fp32_random_input_min'][name]:.5f} |")
     print(f"load average before {tuple(round(v, 2) for v in load0)}, after {tuple(round(v, 2) for v in res['load_after'])}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
+    print(machine_line(m))
+    write_results(args.out, res)
 
 
 if __name__ == "__main__":

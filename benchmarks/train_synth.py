@@ -6,7 +6,8 @@ configuration and for a longer run.
 For each run: synthesise the data (cached under benchmarks/.cache/), train mmsearch-tiny from scratch
 with `mmsearch.train.train_encoder` (what `mmsearch train` calls), then compute text→image and
 image→text R@1/5/10 on the held-out test split with `mmsearch.evaluation.evaluate` (CLIP_benchmark definitions).
-The demo-configuration checkpoint is kept under benchmarks/.cache/ for benchmarks/eval_synth.py.
+The demo-configuration checkpoint is kept under benchmarks/.cache/, where benchmarks/eval_synth.py finds it
+(both through benchmarks/common.py).
 Prints a Markdown table and writes benchmarks/results/train_synth.json.
 
 Timings: "train wall" is the whole `train_encoder` call (model build, image decoding, the steps,
@@ -20,73 +21,18 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
+
+from common import CACHE, demo_config, machine, machine_line, train_run, write_results
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
 
 from mmsearch.config import TINY_MODEL, ModelSpec  # noqa: E402
-from mmsearch.demo import DEMO_IMAGES, DEMO_SEED, DEMO_TRAIN  # noqa: E402
 
-CACHE = HERE / ".cache"
-DEMO = dict(n=DEMO_IMAGES, seed=DEMO_SEED, size=64, **DEMO_TRAIN)  # exactly what `mmsearch demo` trains
-
-
-def data_dir(cache: Path, n: int, seed: int, size: int) -> Path:
-    """Synthetic data for (n, seed, size), generated once; written to a temp folder, then renamed."""
-    folder = cache / f"synth-n{n}-seed{seed}-px{size}"
-    if not (folder / "captions.csv").exists():
-        from mmsearch.datasets.readers import synthesize
-
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        synthesize(tmp, n=n, seed=seed, size=size)
-        if (folder / "captions.csv").exists():  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-    return folder
-
-
-def checkpoint_path(cache: Path, cfg: dict) -> Path:
-    return cache / "models" / (f"{TINY_MODEL}-n{cfg['n']}-seed{cfg['seed']}-px{cfg['size']}-"
-                               f"s{cfg['steps']}-b{cfg['batch_size']}-lr{cfg['lr']:g}.pt")
-
-
-def train_run(cache: Path, cfg: dict, log=print) -> dict:
-    """Synthesise (cached), train from scratch, time it. Returns the timings and the checkpoint path."""
-    from mmsearch.train import train_encoder
-
-    t = time.perf_counter()
-    data = data_dir(cache, cfg["n"], cfg["seed"], cfg["size"])
-    synth_s = time.perf_counter() - t
-    ckpt = checkpoint_path(cache, cfg)
-    load0 = os.getloadavg()[0]
-    t, cpu = time.perf_counter(), time.process_time()
-    partial = ckpt.with_name(ckpt.name + f".partial{os.getpid()}")  # so an existing ckpt is always finished
-    res = train_encoder(data / "captions.csv", ModelSpec(model=TINY_MODEL, pretrained=None), partial,
-                        steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                        log=lambda line: log("    " + line))
-    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    os.replace(partial, ckpt)
-    return {"data": str(data), "checkpoint": str(ckpt), "synth_or_cache_s": round(synth_s, 2),
-            "train_wall_s": round(wall, 2), "train_cpu_s": round(cpu, 2), "train_loop_s": res["train_seconds"],
-            "steps_per_s": round(cfg["steps"] / wall, 3), "loop_steps_per_s": round(cfg["steps"] / res["train_seconds"], 3),
-            "first_loss": res["first_loss"], "final_loss": res["final_loss"],
-            "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)]}
-
-
-def demo_checkpoint(cache: Path = CACHE, log=print) -> Path:
-    """The demo-configuration checkpoint, trained here if not cached yet (used by eval_synth.py)."""
-    ckpt = checkpoint_path(cache, DEMO)
-    if not ckpt.exists():
-        log(f"training the demo configuration -> {ckpt}")
-        train_run(cache, DEMO, log=log)
-    return ckpt
+DEMO = demo_config()  # exactly what `mmsearch demo` trains
 
 
 def held_out(data: Path, ckpt: Path) -> dict:
@@ -152,17 +98,15 @@ def main(argv=None):
                      "total_wall_s": round(time.perf_counter() - t, 2), "torch_threads": torch.get_num_threads()})
 
     result = {"model": TINY_MODEL, "runs": runs, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-              "python": platform.python_version()}
+              "python": platform.python_version(), "machine": machine()}
     if args.only and args.out.exists():  # keep the other configuration's last result
         old = {r["name"]: r for r in json.loads(args.out.read_text()).get("runs", [])}
         old.update({r["name"]: r for r in runs})
         result["runs"] = [old[k] for k in configs if k in old]
     print()
     print(render(result["runs"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    print(machine_line(result["machine"]))
+    write_results(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -23,12 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from common import CACHE, data_dir, load_average, machine, machine_line, write_results
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-from train_synth import CACHE, data_dir  # noqa: E402
 
 PLAIN = r'''
 import csv, json, os, resource, sys, time
@@ -85,14 +84,14 @@ if int(__import__("os").environ.get("RANK", 0)) == 0:
 
 
 def _run(cmd: list, env=None) -> dict:
-    load = os.getloadavg()[0]
+    load = load_average()[0]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"failed: {' '.join(cmd[:6])}...\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("{\"timed_steps\"")][-1]
     res = json.loads(line)
-    res.update(wall_s=round(time.perf_counter() - t, 1), loadavg_1m=[round(load, 2), round(os.getloadavg()[0], 2)])
+    res.update(wall_s=round(time.perf_counter() - t, 1), loadavg_1m=[round(load, 2), round(load_average()[0], 2)])
     return res
 
 
@@ -146,13 +145,11 @@ def main(argv=None):
 
     result = {"model": "mmsearch-tiny", "runs": runs, "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "python": platform.python_version(), "steps": args.steps, "warmup": args.warmup,
-              "threads_per_process": args.threads}
+              "threads_per_process": args.threads, "machine": machine()}
     print()
     print(render(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    print(machine_line(result["machine"]))
+    write_results(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -26,6 +26,8 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
+from common import load_average, machine, machine_line, write_results
+
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 RCLIP_VERSION = "3.3.0"
@@ -111,6 +113,8 @@ def _photo(job) -> None:
 
 
 def make_photos(folder: Path, n: int, w: int, h: int, seed0: int, pool: Pool) -> None:
+    """`n` of `_photo`'s JPEGs, in parallel. Not common.make_photos: these are other images (a random
+    colour field per file, in parallel, one seed a file), the ones this comparison has been measured on."""
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(folder / f"img_{i:05d}.jpg", seed0 + i, w, h) for i in range(n)]
     pool.map(_photo, [j for j in jobs if not j[0].exists()], chunksize=2)
@@ -136,10 +140,6 @@ def timed(cmd, cwd=None, env=None) -> float:
         except (ValueError, IndexError):
             pass
     return wall
-
-
-def load() -> list:
-    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]] if Path("/proc/loadavg").exists() else []
 
 
 class Tools:
@@ -211,7 +211,7 @@ def main(argv=None):
     tools = Tools(rclip, datadir, work, precisions)
     names = tools.names()
     times = {}  # (row, tool) -> [seconds]
-    load_before = load()
+    load_before = load_average()
     first = {}
 
     def report(final=False):
@@ -231,24 +231,24 @@ def main(argv=None):
             lines.append("| first index of the model on this machine (torch + export, once; rclip: its download) | — | "
                          + " | ".join(f"{first[n]:.2f} s | —" for n in names[1:] if n in first) + " |")
         lines.append(f"({'medians of ' + str(args.runs) if final else 'PARTIAL'}; load average before {load_before}, "
-                     f"now {load()}; {os.cpu_count()} CPUs; {platform.machine()})")
-        result = {"complete": final, "runs": args.runs, "load_before": load_before, "load_after": load(),
+                     f"now {load_average()}; {os.cpu_count()} CPUs; {platform.machine()})")
+        m = machine()
+        lines.append(machine_line(m))
+        result = {"complete": final, "runs": args.runs, "load_before": load_before, "load_after": load_average(),
                   "cpu_count": os.cpu_count(), "rclip_version": RCLIP_VERSION, "model": MODEL, "precisions": precisions,
                   "rows": {r: {n: {"median_s": round(med[(r, n)], 3), "runs_s": [round(v, 3) for v in times[(r, n)]]}
                                for n in names if (r, n) in med} for r in rows},
                   "first_index_of_model_s": {n: round(v, 3) for n, v in first.items()},
-                  "mmsearch_summaries": SUMMARIES, "table": lines, "total_s": round(time.perf_counter() - t0, 1)}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-        os.replace(tmp, args.out)
+                  "mmsearch_summaries": SUMMARIES, "table": lines, "total_s": round(time.perf_counter() - t0, 1),
+                  "machine": m}
+        write_results(args.out, result, ensure_ascii=False)
         if final:
             print("\n".join(lines))
             print(f"wrote {args.out}", file=sys.stderr)
 
     def rec(row, name, seconds):
         times.setdefault((row, name), []).append(seconds)
-        print(f"  {row:<40} {name:<14} {seconds:7.2f}s  load {load()[0]:.2f}", file=sys.stderr)
+        print(f"  {row:<40} {name:<14} {seconds:7.2f}s  load {load_average()[0]:.2f}", file=sys.stderr)
         report()
 
     # the first index of a model on a machine loads torch and exports the towers (then cached): once

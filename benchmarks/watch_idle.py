@@ -17,13 +17,14 @@ walk linearly in files and keeps the native figure. Writes benchmarks/results/wa
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from common import machine_line, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -90,7 +91,7 @@ def main():
         poll.add_root(str(tree))  # warms the dentry cache, as a running watcher's walks do
         start = cpu()
         for _ in range(args.walks):
-            poll.snapshots[str(tree)] = poll._snapshot(str(tree))
+            poll.snapshots[str(tree)] = poll.snapshot(str(tree))
         walk = (cpu() - start) / args.walks
         native = NativeSource(IgnoreList(), 0.5, stop)
         start = cpu()
@@ -116,7 +117,6 @@ def main():
             "extrapolated_cpu_s_per_h": {"native": round(native_idle + loop["native"], 2),
                                          "poll": round(per_hour_poll * scale + loop["poll"], 2)},
             "extrapolated_native_arm_cpu_s": round(arm * scale, 3),
-            "load_avg": " ".join(open("/proc/loadavg").read().split()[:3]),
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,7 +126,8 @@ def main():
     print(f"| native events | {m['native']} | {e['native']} (+{out['extrapolated_native_arm_cpu_s']} s once, to arm) |")
     print(f"| polling every {args.poll:g} s | {m['poll']} | {e['poll']} |")
     print(f"walk: {out['poll_walk_cpu_s']} CPU s for {args.files:,} files ({out['poll_walk_us_per_file']} us/file)")
-    (ROOT / "benchmarks" / "results" / "watch_idle.json").write_text(json.dumps(out, indent=1))
+    print(machine_line())
+    write_results("watch_idle", out)
 
 
 if __name__ == "__main__":

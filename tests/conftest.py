@@ -50,3 +50,13 @@ def trained(synth_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(trained):
     return trained[0]
+
+
+@pytest.fixture
+def small_tiers(monkeypatch):
+    """ANN tiers ~50x smaller than the real ones (Flat up to 1000 vectors, IVF16 up to 3000, IVF64 up to
+    100k), so every tier is reached in seconds."""
+    from mmsearch.storage import ann
+
+    monkeypatch.setattr(ann, "FLAT_MAX", 1000)
+    monkeypatch.setattr(ann, "IVF_TIERS", ((3000, 16), (100_000, 64)))

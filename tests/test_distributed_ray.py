@@ -19,7 +19,7 @@ import ray
 from PIL import Image
 from ray.cluster_utils import Cluster
 
-from badfiles import make_photo_folder
+from helpers import make_photo_folder
 from mmsearch.config import ModelSpec
 from mmsearch.distributed import RayExecutor
 from mmsearch.distributed import pending

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from badfiles import make_photo_folder
+from helpers import make_photo_folder
 from mmsearch.config import ModelSpec
 from mmsearch.errors import ModelMismatchError, VectorIndexError
 from mmsearch.indexing.pipeline import index_folders

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_fixtures import build_served_index
+from helpers import build_served_index
 
 CHROMIUM = "/usr/bin/chromium-headless-shell"
 INSTALL = "apt-get update && apt-get install -y chromium-headless-shell"
@@ -176,6 +176,60 @@ def test_keyboard_and_phone_width(browser, server):
     assert page.evaluate("() => document.activeElement.id") == "q"
 
 
+def _api(url, path):
+    return json.loads(_get(url + path)[1])
+
+
+def test_date_filter_to_is_inclusive_and_one_day_works(browser, server):
+    """Issue 31 item 16: the page's "To" was exclusive (To = May 31 dropped May 31) and From = To was an error;
+    the page now sends the API's inclusive `until`."""
+    import datetime as dt
+
+    url, _, _ = server
+    hit = _api(url, "api/search?q=red+circle&k=1")["hits"][0]
+    meta = _api(url, f"api/images/{hit['id']}")
+    day = dt.datetime.fromtimestamp(meta["taken_at"] or meta["mtime"], dt.timezone.utc).date()
+    on_day = len(_api(url, f"api/search?q=red+circle&k=200&after={day}&until={day}")["hits"])
+    assert on_day >= 1
+    page = browser.new_page(viewport={"width": 1200, "height": 820})
+    page.goto(url + "?q=red+circle")
+    page.wait_for_selector(".card")
+    page.click("#toggle-filters")
+    page.fill("#until", str(day))  # To = the photos' day, no From: that day is kept
+    page.wait_for_function("d => new URL(location).searchParams.get('until') === d", arg=str(day))
+    page.wait_for_function("n => document.querySelectorAll('.card').length === n", arg=min(on_day, 24))
+    page.fill("#after", str(day))  # From = To: one day
+    page.wait_for_function("d => new URL(location).searchParams.get('after') === d", arg=str(day))
+    page.wait_for_function("n => document.querySelectorAll('.card').length === n", arg=min(on_day, 24))
+    assert not page.eval_on_selector("#status", "e => e.classList.contains('error')"), page.text_content("#status")
+    assert hit["id"] in [c["id"] for c in _cards(page)]
+    page.fill("#until", str(day - dt.timedelta(days=1)))  # To before From: the API's one-line reason
+    page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+
+
+def test_an_oversized_upload_says_too_large(browser, server, tmp_path):
+    """Issue 31 item 17: the page checks the cap itself, and when a page does not know it (an old tab, a cap
+    changed by a restart) the server's 413 reaches the page instead of a connection reset."""
+    url, _, _ = server
+    cap = _api(url, "api/info")["max_upload_bytes"]
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(cap + (1 << 20)))
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_function("() => document.querySelector('#q').placeholder.startsWith('Search ')")
+    page.set_input_files("#file", str(big))
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('too large')")
+
+    unaware = browser.new_page()
+    unaware.route("**/api/info", lambda route: route.fulfill(json=dict(route.fetch().json(), max_upload_bytes=1 << 40)))
+    unaware.goto(url)
+    unaware.wait_for_function("() => document.querySelector('#q').placeholder.startsWith('Search ')")
+    unaware.set_input_files("#file", str(big))
+    unaware.wait_for_function("() => document.querySelector('#status').textContent.includes('too large')",
+                              timeout=30000)
+    assert "limit" in unaware.text_content("#status")
+
+
 # ---- issue 28: good matches only, sort by date, a live album fed by `serve --watch` ---------------------------
 @pytest.fixture(scope="module")
 def watch_server(tmp_path_factory, synth_dir, tiny_checkpoint):
@@ -229,7 +283,7 @@ def watch_server(tmp_path_factory, synth_dir, tiny_checkpoint):
         print(proc.communicate(timeout=10)[0][-4000:])  # the server's log, shown when a test failed
 
 
-def _api(url, path, **params):
+def _query(url, path, **params):
     from urllib.parse import urlencode
 
     return json.loads(_get(url + path.lstrip("/") + ("?" + urlencode(params) if params else ""))[1])
@@ -239,8 +293,8 @@ def test_good_only_switch_hides_poor_results_and_sort_by_date_reorders(browser, 
     """Issue 28: the good-only switch (on by default on a calibrated index) hides poor results; sort by date
     reorders the good matches, newest first."""
     url, _, query, _ = watch_server
-    good = [h["id"] for h in _api(url, "/api/search", q=query, k=24, good_only="true")["hits"]]
-    dated = [h["id"] for h in _api(url, "/api/search", q=query, k=24, sort="date")["hits"]]
+    good = [h["id"] for h in _query(url, "/api/search", q=query, k=24, good_only="true")["hits"]]
+    dated = [h["id"] for h in _query(url, "/api/search", q=query, k=24, sort="date")["hits"]]
     page = browser.new_page(viewport={"width": 1200, "height": 820})
     problems = []
     page.on("pageerror", lambda e: problems.append(str(e)))
@@ -278,7 +332,7 @@ def test_an_album_opens_and_gains_a_photo_the_watcher_indexed(browser, watch_ser
     page.wait_for_selector(".card")
     assert f"album={name}" in page.url and "Album" in page.text_content("#status")
     before = _cards(page)
-    best = _api(url, "/api/search", q=query, k=1)["hits"][0]["path"]
+    best = _query(url, "/api/search", q=query, k=1)["hits"][0]["path"]
     new = photos / "arrived-while-open.png"
     shutil.copy(best, new)  # the same pixels as the best match, today's file date
     page.wait_for_function("p => document.querySelector('.card') && document.querySelector('.card').title === p",

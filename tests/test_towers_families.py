@@ -1,6 +1,6 @@
 """Every open_clip family a user would pick, end to end with random weights and offline: index, text
 query, image query, eval. Families whose tokenizer or text-tower config comes from the Hugging Face hub
-run against a locally built stand-in in the hub's cache layout (tests/hf_fixture.py) with HF_HUB_OFFLINE.
+run against a locally built stand-in in the hub's cache layout (tests/helpers.py) with HF_HUB_OFFLINE.
 A missing extra, or hub files missing offline, is one line naming what to do."""
 import os
 import shutil
@@ -20,7 +20,7 @@ from mmsearch.indexing.pipeline import index_folders
 from mmsearch.search.query import Searcher
 from mmsearch.storage.store import IndexStore
 from conftest import one_torch_thread
-from hf_fixture import build_hf_cache
+from helpers import build_hf_cache
 
 # the smallest member of each family (random weights; building is most of the cost)
 FAMILIES = ["RN50", "MobileCLIP-S1", "MobileCLIP2-S0", "ViT-B-16-SigLIP", "ViT-B-32-SigLIP2-256",

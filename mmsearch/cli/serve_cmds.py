@@ -27,7 +27,7 @@ from mmsearch.cli.watch_cmds import watch_options
 @watch_options
 def serve(index_dir, host, port, token, allow_hosts, cors_origins, max_upload_mb, device, watch, poll, ignore,
           debounce):
-    """Serve a search page and a JSON API (/docs) for an index; prints the URL to open."""
+    """Serve a search page and a JSON API (schema at /openapi.json) for an index; prints the URL to open."""
     from mmsearch.serve.run import prepare
 
     if not watch and (poll is not None or ignore):
@@ -35,7 +35,7 @@ def serve(index_dir, host, port, token, allow_hosts, cors_origins, max_upload_mb
     options = dict(poll=poll, ignore=ignore, debounce=debounce) if watch else None
     launch = prepare(index_dir_of(index_dir), host, port, token, allow_hosts, cors_origins, max_upload_mb, device,
                      watch=options)
-    click.echo(f"mmsearch: serving {launch.images} images at {launch.url}  (API docs: /docs; Ctrl-C stops)")
+    click.echo(f"mmsearch: serving {launch.images} images at {launch.url}  (API schema: /openapi.json; Ctrl-C stops)")
     if launch.token:
         click.echo(f"token: scripts send 'Authorization: Bearer {launch.token}'")
     echo = EchoLog("mmsearch.watch") if watch else None

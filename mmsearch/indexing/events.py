@@ -118,7 +118,8 @@ class PollSource:
         self.next_poll = time.monotonic() + self.interval
         self.walks = 0
 
-    def _snapshot(self, root: str) -> dict:
+    def snapshot(self, root: str) -> dict:
+        """path -> (size, mtime_ns) of every image file under `root` that is not ignored."""
         snap = {}
         for _, files in walk(root, self.ignore):
             for e in files:
@@ -131,7 +132,7 @@ class PollSource:
         return snap
 
     def add_root(self, root: str) -> set:
-        self.snapshots[root] = self._snapshot(root)  # the baseline: the watcher's catch-up run covers the rest
+        self.snapshots[root] = self.snapshot(root)  # the baseline: the watcher's catch-up run covers the rest
         return set()
 
     def drop_root(self, root: str) -> None:
@@ -147,7 +148,7 @@ class PollSource:
         for root in list(self.snapshots):
             if not os.path.isdir(root):
                 continue  # away: the watcher notices and drops it; never report its files as deleted
-            old, new = self.snapshots[root], self._snapshot(root)
+            old, new = self.snapshots[root], self.snapshot(root)
             changed.update(p for p, s in new.items() if old.get(p) != s)
             changed.update(old.keys() - new.keys())
             self.snapshots[root] = new

@@ -2,7 +2,8 @@
 
 Incremental and exact (plan.py has the rules). Every batch is one SQLite transaction, so a kill at
 any point loses at most the batch in flight; the FAISS file is a cache rebuilt from the catalog when
-it is stale.
+it is stale, and repaired from the stored embeddings when it lacks rows the catalog has. A run holds
+the index's writer lock throughout (mmsearch.storage.lock): a second writer is refused at once.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from mmsearch.indexing.plan import Plan, plan_changes
 from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, batch_pixels, commit_batch,
                                      decode_file, worker_transform)
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.roots import record_roots
+from mmsearch.storage.lock import writer_lock
 from mmsearch.storage.store import IndexStore
 
 __all__ = ["index_folders", "IndexSummary"]
@@ -39,15 +42,23 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     `watched` (a watcher's run): the watched folders that `roots` lie in; a root that is gone is then a
     deleted or moved path rather than an error, nothing under a watched folder that is away is touched
     (plan.root_away), and the watched folders are what the index records as its roots. `store`: an
-    IndexStore of `index_dir` kept open between runs, so a watcher loads its image tower once."""
-    from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
-
+    IndexStore of `index_dir` kept open between runs, so a watcher loads its image tower once.
+    The whole run holds the index's writer lock: IndexBusyError at once when another writer has it."""
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     watched = None if watched is None else [os.path.abspath(os.fspath(w)) for w in watched]
     for r in roots:
         if watched is None and not os.path.exists(r):
             raise MediaError(r, "no such file or folder")
+    with writer_lock(index_dir):
+        return _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory,
+                             reranker, device, precision, executor, progress, max_index_memory, watched, store)
+
+
+def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory, reranker,
+                  device, precision, executor, progress, max_index_memory, watched, store) -> IndexSummary:
+    from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
+
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
     dev = select_device(device if executor is None else "cpu")
     created = not Catalog.exists(index_dir)
@@ -58,7 +69,9 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     if store is None:
         store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
                                           precision=precision, max_index_memory=max_index_memory)
-    else:
+        if not created:
+            store.catalog.check_integrity()  # a damaged catalog is refused before anything is written to it
+    else:  # a watcher's store, checked when it was opened
         store.meta = store.catalog.meta()  # another run may have changed it since (a re-ranker, the roots)
     if executor is None:  # the index's precision must run here, checked before anything changes
         check_precision(store.precision, dev)
@@ -69,16 +82,17 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         store.configure_reranker(reranker)
     cat = store.catalog
     plan = plan_changes(cat, roots, exclude, include_hidden, watched=watched)
-    recorded = set(store.meta.get("roots") or [])
-    if not recorded >= set(watched if watched is not None else roots) or "relevance" not in store.meta:
+    if "relevance" not in store.meta or not set(store.meta.get("roots") or []) >= set(watched or roots):
         with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
-            cat.set_meta(roots=sorted(recorded | set(watched if watched is not None else roots)))
+            record_roots(cat, watched if watched is not None else roots)
             if "relevance" not in store.meta:  # an index built before the good-match score: today's default
                 cat.set_meta(relevance=dict(GOOD_MATCH))
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
                            created=created, precision=store.precision, away=plan.away)
-    # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images)
-    unchanged = not (plan.embed or plan.moves or plan.deleted_ids) and store.vectors_fresh()
+    # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images),
+    # unless it counts fewer or more vectors than the catalog has rows (then it is repaired below)
+    unchanged = not (plan.embed or plan.moves or plan.deleted_ids) and store.vectors_fresh() \
+        and store.vectors_complete()
     vectors = None if unchanged else store.vectors_for_update()
 
     with cat.transaction():
@@ -115,6 +129,10 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         store.export_fast_text()
         store.share_exports()
     if vectors is not None:
+        summary.repaired = store.repair_vectors(vectors)
+        if summary.repaired:  # a server holding the damaged vectors at this generation reloads them
+            with cat.transaction():
+                cat.bump_generation()
         store.save_vectors(vectors, progress=progress)
     summary.failed = len(summary.failures) + plan.known_failed
     summary.seconds = time.perf_counter() - t0

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 
 from mmsearch.config import VERSION
 from mmsearch.serve.api_search import state
+from mmsearch.storage.fsnames import json_safe
 
 router = APIRouter(prefix="/api", tags=["info"])
 
@@ -22,7 +23,7 @@ def info(request: Request):
                 max_upload_bytes=st.max_upload_bytes, calibrated=calibration is not None,
                 good_threshold=None if calibration is None else calibration.threshold,
                 watching=st.watcher is not None)
-    return data
+    return json_safe(data)
 
 
 @router.get("/health")

@@ -14,7 +14,7 @@ let inflight = 0;  // an open album re-runs when the index changes (a watcher ad
 const LIVE_MS = 2000;
 
 function blank() {
-  return { q: "", ids: [], folder: "", ext: "", after: "", before: "", rerank: null, upload: null,
+  return { q: "", ids: [], folder: "", ext: "", after: "", until: "", rerank: null, upload: null,
     good: null, sort: "relevance", album: "" };
 }
 
@@ -52,7 +52,7 @@ function stateFromURL() {
   const s = blank();
   s.q = p.get("q") || "";
   s.ids = p.getAll("id").map(Number).filter((n) => Number.isInteger(n) && n >= 0);
-  for (const k of ["folder", "ext", "after", "before"]) s[k] = p.get(k) || "";
+  for (const k of ["folder", "ext", "after", "until"]) s[k] = p.get(k) || "";
   s.rerank = p.has("rerank") ? p.get("rerank") === "1" : null;
   s.good = p.has("good") ? p.get("good") === "1" : null;
   s.sort = p.get("sort") === "date" ? "date" : "relevance";
@@ -66,7 +66,7 @@ function queryString(s, extra) {
   const p = new URLSearchParams();
   if (s.q) p.set("q", s.q);
   for (const i of s.ids) p.append("id", i);
-  for (const k of ["folder", "ext", "after", "before"]) if (s[k]) p.set(k, s[k]);
+  for (const k of ["folder", "ext", "after", "until"]) if (s[k]) p.set(k, s[k]);
   if (s.rerank !== null) p.set("rerank", s.rerank ? "1" : "0");
   if (s.good !== null) p.set("good", s.good ? "1" : "0");
   if (s.sort !== "relevance") p.set("sort", s.sort);
@@ -100,7 +100,7 @@ function showState() {
   $("folder").value = state.folder;
   $("ext").value = state.ext;
   $("after").value = state.after;
-  $("before").value = state.before;
+  $("until").value = state.until;
   $("rerank").checked = state.rerank !== false;
   $("good").checked = goodOnly(state);
   $("sort").value = state.sort;
@@ -298,7 +298,7 @@ function bytes(n) {
 }
 
 function filtersOf(s) {
-  return { folder: s.folder, ext: s.ext, after: s.after, before: s.before, rerank: s.rerank, good: s.good, sort: s.sort };
+  return { folder: s.folder, ext: s.ext, after: s.after, until: s.until, rerank: s.rerank, good: s.good, sort: s.sort };
 }
 
 // ---- image queries: picker, drop, paste -----------------------------------------------------------
@@ -345,7 +345,7 @@ function wire() {
     f.hidden = !f.hidden;
     $("toggle-filters").setAttribute("aria-expanded", String(!f.hidden));
   });
-  for (const id of ["folder", "ext", "after", "before"]) {
+  for (const id of ["folder", "ext", "after", "until"]) {
     $(id).addEventListener("change", () => {
       const next = Object.assign({}, state, { [id]: $(id).value.trim() });
       hasQuery(next) ? go(next) : (state = next);
@@ -382,7 +382,7 @@ async function loadInfo() {
   sel.value = state.folder;
   $("rerank-wrap").hidden = !info.rerank_available;
   $("good-wrap").hidden = !info.calibrated;
-  if (state.folder || state.ext || state.after || state.before) $("filters").hidden = false;
+  if (state.folder || state.ext || state.after || state.until) $("filters").hidden = false;
   await loadAlbums();
 }
 

@@ -89,6 +89,11 @@ def watching(idx, roots, checkpoint, mode="native", debounce=0.15, **kw):
     assert not failure, failure
 
 
+def idle(w):
+    """Wait until the run that committed what a test saw has returned (its summary is in `runs` only then)."""
+    wait_for(lambda: w.status()["pending"] == 0 and w.status()["state"] == "watching", what="the run to finish")
+
+
 def totals(runs) -> dict:
     keys = ("added", "updated", "moved", "removed")
     return {k: sum(getattr(s, k) for s, _ in runs) for k in keys} | {"failed": sum(len(s.failures) for s, _ in runs)}
@@ -119,6 +124,7 @@ def test_watcher_sees_new_changed_renamed_and_deleted_files(tmp_path, synth_dir,
         assert str(photos / "new.png") not in st and st[str(photos / "sub" / "renamed.png")][0] == moved_id
         os.remove(photos / srcs[1].name)  # deleted
         wait_for(lambda: str(photos / srcs[1].name) not in states(idx), what="the deletion")
+        idle(w)
         t = totals(runs)
     assert t == {"added": 1, "updated": 1, "moved": 1, "removed": 1, "failed": 0}
     assert sorted(states(idx)) == sorted(str(p) for p in [photos / srcs[0].name, photos / srcs[2].name,
@@ -144,6 +150,7 @@ def test_a_file_written_slowly_is_indexed_once_complete(tmp_path, synth_dir, tin
                 time.sleep(0.25)
         wait_for(lambda: str(target) in states(idx), what="the slow file")
         time.sleep(1.5)  # nothing more happens to it
+        idle(w)
         t = totals(runs)
     assert t == {"added": 1, "updated": 0, "moved": 0, "removed": 0, "failed": 0}
     assert states(idx)[str(target)][1] == len(data)
@@ -159,6 +166,7 @@ def test_a_burst_of_1000_files_is_indexed_in_batches(tmp_path, tiny_checkpoint):
         for i in range(1000):
             Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(photos / "burst" / f"{i:04d}.png")
         wait_for(lambda: len(states(idx)) == 1001, timeout=180, what="1,000 files indexed")
+        idle(w)
         t = totals(runs)
         n_runs = len(runs)
     assert t["added"] == 1000 and t["failed"] == 0
@@ -230,6 +238,7 @@ def test_an_unmounted_folder_keeps_its_photos_and_is_watched_for_its_return(tmp_
         os.rename(away, photos)
         wait_for(lambda: w.status()["roots"][0]["present"], what="the folder's return")
         wait_for(lambda: str(photos / "while-away.png") in states(idx), what="the catch-up after the return")
+        idle(w)
         t = totals(runs)
     assert len(states(idx)) == 5 and t["removed"] == 0
 

@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The training tests run in a process of their own: after the rest of the suite (ONNX Runtime, OpenVINO,
+# Ray and server threads in one long-lived process) an in-process gloo step crashed pytest with SIGSEGV
+# twice here, while the same tests pass in a fresh process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore-glob='tests/test_train*.py'
+	$(BIN)/python -m pytest -q tests/test_train*.py
 
 demo: $(STAMP)
 	$(BIN)/mmsearch demo --out demo-out

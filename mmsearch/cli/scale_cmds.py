@@ -6,13 +6,13 @@ from pathlib import Path
 import click
 
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import (echo_path, emit_json, index_dir_of, index_option, model_options, model_spec,
-                                  output_options, shown, with_bar)
+from mmsearch.cli.options import (count, echo_path, emit_json, index_dir_of, index_option, model_options, model_spec,
+                                  number, output_options, shown, with_bar)
 
 
 @cli.command()
 @index_option
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
+@click.option("--threshold", type=number(-1, 1), default=None,
               help="Cosine similarity at or above which two images are near-duplicates [default: 0.95, "
                    "measured on edited copies vs distinct images].")
 @output_options
@@ -43,7 +43,7 @@ def dupes(index_dir, threshold, as_json, as_paths, progress):
 @cli.command("export")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @index_option
-@click.option("--shard-size", default=100_000, show_default=True, help="Images per img_emb_N.npy shard.")
+@click.option("--shard-size", default=100_000, show_default=True, type=count(1), help="Images per img_emb_N.npy shard.")
 @click.option("--float16", is_flag=True, help="Write float16 vectors (half the size, as clip-retrieval does).")
 @with_bar("export")
 def export_cmd(out, index_dir, shard_size, float16, progress):

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from mmsearch.checks import MAX_BATCH, MAX_WORKERS, count
 from mmsearch.config import DEFAULT_FACTORY, GOOD_MATCH, ModelSpec
 from mmsearch.errors import MediaError, VectorIndexError
 from mmsearch.indexing.plan import Plan, plan_changes
@@ -44,6 +45,12 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     (plan.root_away), and the watched folders are what the index records as its roots. `store`: an
     IndexStore of `index_dir` kept open between runs, so a watcher loads its image tower once.
     The whole run holds the index's writer lock: IndexBusyError at once when another writer has it."""
+    batch_size = count("batch_size", batch_size, 1, MAX_BATCH)  # before anything is opened or created
+    workers = count("workers", workers, 1, MAX_WORKERS)
+    if max_index_memory is not None:
+        from mmsearch.storage.ann import parse_size
+
+        parse_size(max_index_memory)  # a bad budget fails before a model loads, not after
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     watched = None if watched is None else [os.path.abspath(os.fspath(w)) for w in watched]

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from mmsearch.checks import MAX_K, MAX_RERANK_K, count, number
 from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import EmptyIndexError, NonFiniteVectorError, QueryError
@@ -26,11 +27,14 @@ from mmsearch.storage.store import IndexStore
 DEFAULT_RERANK_K = 32
 MAX_TERMS = 32  # text, image and id terms of one query
 MAX_QUERY_CHARS = 2000  # the text tower reads ~77 tokens a term: more characters only cost parsing
+MAX_WEIGHT = 100.0  # |weight| of one term: past this a term is not "more important", it is a typo or an attack
 SORTS = ("relevance", "date")
 GOOD_DEPTH = 1000  # the most good matches a date-sorted search orders
 DATE_DEPTH = 100  # an index without a calibration orders its closest 100 by date
 _SPLIT = re.compile(r"(?:^|\s+)([+-])(?:\s+|$)")
-_WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+?)\s*$")
+# anything float() reads as a number counts as a weight, so '1e40:red' or 'nan:red' is refused, not read as text
+_WEIGHT = re.compile(r"^\s*([-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|inf(?:inity)?|nan))\s*:\s*(.+?)\s*$",
+                     re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,7 @@ def parse_query(query: Optional[str], images: Sequence = (), ids: Sequence[int] 
             weight, body = 1.0, raw
             m = _WEIGHT.match(raw)
             if m:
-                weight, body = float(m.group(1)), m.group(2)
-                _finite([weight], f"the weight of term {body!r}")
+                weight, body = check_weight(m.group(1), m.group(2)), m.group(2)
             if sign == "-":
                 weight = -weight
             is_path = paths and _is_image_path(body)
@@ -126,6 +129,40 @@ def parse_query(query: Optional[str], images: Sequence = (), ids: Sequence[int] 
     if not terms:
         raise QueryError("empty query: give text, an image file, or --image FILE")
     return terms
+
+
+def check_weight(text: str, body: str) -> float:
+    """A term's weight: a finite number with |w| <= MAX_WEIGHT (float32 sums overflow far below 1e39)."""
+    w = float(text)
+    if not (np.isfinite(w) and abs(w) <= MAX_WEIGHT):
+        shown = text if len(text) <= 24 else text[:20] + "..."
+        raise QueryError(f"the weight of term {body!r} ({shown}) is out of range: a weight is a finite number "
+                         f"from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+    return w
+
+
+def check_depths(k, offset, rerank_k, alpha, min_score):
+    """The numeric arguments of a search, refused (ArgumentError) outside what the CLI's options allow."""
+    return (count("k", k, 1, MAX_K, optional=False), count("offset", offset, 0, optional=False),
+            count("rerank_k", rerank_k, 1, MAX_RERANK_K, optional=False), number("alpha", alpha, 0.0, 1.0),
+            number("min_score", min_score))
+
+
+def combine(weighted) -> np.ndarray:
+    """sum(w * e) over (weight, embedding) pairs, L2-normalised, summed in float64 so no weight or
+    embedding can overflow it; non-finite input or terms that cancel out are a QueryError."""
+    vec = None
+    for w, e in weighted:
+        e = np.asarray(e, np.float64)
+        vec = w * e if vec is None else vec + w * e
+    if vec is None:
+        raise QueryError("empty query: give text, an image file, or --image FILE")
+    _finite(vec, "the query vector (a term's embedding)")
+    norm = float(np.linalg.norm(vec))
+    if not np.isfinite(norm) or norm < 1e-8:  # norm overflows only past ~1e154 per component
+        raise QueryError("the query terms cancel out; nothing to search for" if norm < 1e-8 else
+                         "the query vector is too large to normalise")
+    return (vec / norm).astype(np.float32)
 
 
 class Searcher:
@@ -169,7 +206,7 @@ class Searcher:
     def embed(self, terms: list[Term], want_states: bool = False):
         """(query vector [d], text token states of a single-text query or None)."""
         texts = [t for t in terms if t.text is not None]
-        vec = np.zeros(self.store.dim, np.float32)
+        weighted = []
         states = None
         if texts:
             enc = self.store.text_encoder()
@@ -178,28 +215,21 @@ class Searcher:
                 states = st[0] if len(terms) == 1 else None
             else:
                 emb = enc.encode_texts([t.text for t in texts])
-            with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
-                for t, e in zip(texts, emb):
-                    vec += t.weight * e
+            weighted += [(t.weight, e) for t, e in zip(texts, emb)]
         for t in terms:
-            if t.text is None:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    vec += t.weight * self._image_embedding(t.image, image_id=t.image_id, pixels=t.pixels)[0]
-        _finite(vec, "the query vector (its weights overflow)")
-        norm = float(np.linalg.norm(vec))
-        if norm < 1e-8:
-            raise QueryError("the query terms cancel out; nothing to search for")
-        return vec / norm, states
+            if t.text is None:  # an image file, an indexed id, or an upload's decoded pixels
+                weighted.append((t.weight, self._image_embedding(t.image, image_id=t.image_id, pixels=t.pixels)[0]))
+        return combine(weighted), states
 
     # ---- text -> image, image -> image --------------------------------------------------------
     def search(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
-               offset: int = 0, filters: Optional[Filters] = None, good_only: bool = False,
+               offset: int = 0, filters: Optional[Filters] = None, until=None, good_only: bool = False,
                sort: str = "relevance") -> list[Hit]:
         """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
-        after, before; mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
+        after, before or until (inclusive); mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
         text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
         Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap.
 
@@ -208,10 +238,13 @@ class Searcher:
         closest results come back all the same, each marked not good, for the caller to say so.
         sort="date" orders the good matches (at most GOOD_DEPTH) by date, newest first: EXIF date, else the
         file's; without a calibration it orders the closest DATE_DEPTH."""
+        k, offset, rerank_k, alpha, min_score = check_depths(k, offset, rerank_k, alpha, min_score)
         if sort not in SORTS:
             raise QueryError(f"sort: '{sort}' is not one of {', '.join(SORTS)}")
         if filters is None:
-            filters = Filters.parse(under=under, exts=exts, after=after, before=before)
+            filters = Filters.parse(under=under, exts=exts, after=after, before=before, until=until)
+        elif any(v is not None for v in (under, exts, after, before, until)):
+            raise QueryError("give filters either as Filters or one by one (under, exts, after, before, until)")
         terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if not cat.has_images():
@@ -307,6 +340,7 @@ class Searcher:
     def search_texts(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                      rerank: Optional[bool] = None, rerank_k: int = DEFAULT_RERANK_K,
                      alpha: Optional[float] = None, ids: Sequence[int] = ()) -> list[Hit]:
+        k, _, rerank_k, alpha, _ = check_depths(k, 0, rerank_k, alpha, None)
         terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if cat.count_texts() == 0:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import mimetypes
+import os
+from email.utils import formatdate
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from mmsearch.errors import MediaError
 from mmsearch.serve.api_search import state
@@ -13,6 +15,7 @@ from mmsearch.serve.params import MAX_ID
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 ImageId = Path(..., ge=0, lt=MAX_ID, description="Catalog id (from a search hit).")
+CHUNK = 1 << 16
 
 
 @router.get("/{image_id}")
@@ -47,5 +50,21 @@ def image_file(request: Request, image_id: int = ImageId):
     kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
     if not kind.startswith("image/") or kind == "image/svg+xml":
         kind = "application/octet-stream"  # never let a browser run what it was handed as a photo
-    return FileResponse(path, media_type=kind, headers={"Cache-Control": "no-cache"},
-                        content_disposition_type="inline")
+    # opened here, not by the response later: an indexer deleting or renaming the file between the check
+    # and the send was a 500 (found by benchmarks/soak_serve.py); an open file is sent whole even then
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise ApiError(410, f"image {image_id} is gone from disk (moved or deleted); re-run `mmsearch index`") from None
+    except OSError as exc:
+        raise ApiError(403, f"image {image_id} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    info = os.fstat(fh.fileno())
+
+    def body():
+        with fh:
+            while chunk := fh.read(CHUNK):
+                yield chunk
+
+    return StreamingResponse(body(), media_type=kind, headers={
+        "Cache-Control": "no-cache", "Content-Length": str(info.st_size),
+        "Last-Modified": formatdate(info.st_mtime, usegmt=True)})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from mmsearch.errors import EmptyIndexError, MediaError, MmsearchError, QueryError
+from mmsearch.errors import ArgumentError, EmptyIndexError, MediaError, MmsearchError, QueryError
 from mmsearch.storage.albums import AlbumError, AlbumNotFoundError
 
 log = logging.getLogger("mmsearch.serve")
@@ -21,7 +21,7 @@ def error_body(message: str) -> dict:
 
 
 def status_of(exc: MmsearchError) -> int:
-    if isinstance(exc, (QueryError, MediaError)):
+    if isinstance(exc, (QueryError, MediaError, ArgumentError)):
         return 400
     if isinstance(exc, EmptyIndexError):
         return 409

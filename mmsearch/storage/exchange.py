@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from mmsearch.checks import count
 from mmsearch.errors import DatasetError, ModelMismatchError
 from mmsearch.storage.fsnames import display, from_db, is_exact, to_db
 from mmsearch.storage.roots import is_under_roots, normalise_roots, record_roots, recorded_roots
@@ -52,6 +53,7 @@ def model_record(store) -> dict:
 def export_embeddings(store, out, shard_size: int = 100_000, float16: bool = False,
                       progress: Progress = None) -> dict:
     """Write every image's embedding and catalog row, in id order, as numbered shards."""
+    shard_size = count("shard_size", shard_size, optional=False)
     pa = _pyarrow()
     out = Path(out)
     (out / "img_emb").mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from mmsearch.cli import cli
 from mmsearch.config import GOOD_MATCH, ModelSpec
 from mmsearch.indexing.pipeline import index_folders
 from mmsearch.indexing.watch import Watcher
-from mmsearch.search.query import Searcher, date_of
+from mmsearch.search.query import Searcher
+from mmsearch.search.relevance import date_of
 from mmsearch.search.relevance import MIN_IMAGES
 from mmsearch.serve import create_app
 from mmsearch.storage.catalog import Catalog

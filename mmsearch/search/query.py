@@ -19,7 +19,7 @@ from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import EmptyIndexError, NonFiniteVectorError, QueryError
 from mmsearch.search.filters import Filters
-from mmsearch.search.relevance import CalibrationCache
+from mmsearch.search.relevance import CalibrationCache, date_of, good_pairs  # noqa: F401 (date_of: for callers)
 from mmsearch.storage.fsnames import display
 from mmsearch.storage.schema import check_finite
 from mmsearch.storage.store import IndexStore
@@ -269,16 +269,15 @@ class Searcher:
         depth = max(offset + k, rerank_k) if rerank else offset + k
         narrowed = False  # the candidates are the good matches
         if standing is not None and (good_only or sort == "date"):
-            good = self._good_pairs(vec, max(depth, DATE_DEPTH) if sort == "date" else depth, selection,
-                                    standing.cutoff, deepen=sort == "date")
+            good = good_pairs(lambda d: self._pairs(vec, d, selection), max(depth, DATE_DEPTH) if sort == "date"
+                              else depth, standing.cutoff, deepen=sort == "date", most=GOOD_DEPTH)
             narrowed = bool(good)
         if narrowed:
             pairs = good
         else:
             if sort == "date" and standing is None:
                 depth = max(depth, DATE_DEPTH)
-            scores, found = self._search_vectors(vec, depth, selection)
-            pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
+            pairs = self._pairs(vec, depth, selection)
         itm = {}
         if rerank and pairs:
             itm = self._rerank_images(states, [i for i, _ in pairs[:max(k, rerank_k)]])
@@ -302,15 +301,9 @@ class Searcher:
                            good=None if standing is None else standing.good(sim)))
         return out
 
-    def _good_pairs(self, vec: np.ndarray, depth: int, selection, cutoff: float, deepen: bool) -> list:
-        """(id, similarity) of the good matches among the closest `depth`; `deepen`: search deeper while the
-        last one found is still good, up to GOOD_DEPTH (the good matches are a prefix of the cosine order)."""
-        while True:
-            scores, found = self._search_vectors(vec, depth, selection)
-            pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
-            if not deepen or len(pairs) < depth or pairs[-1][1] < cutoff or depth >= GOOD_DEPTH:
-                return [p for p in pairs if p[1] >= cutoff][:GOOD_DEPTH]
-            depth = min(GOOD_DEPTH, depth * 4)
+    def _pairs(self, vec: np.ndarray, depth: int, selection) -> list[tuple[int, float]]:
+        scores, found = self._search_vectors(vec, depth, selection)
+        return [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
 
     def _search_vectors(self, vec: np.ndarray, depth: int, selection: Optional[tuple[np.ndarray, bool]]):
         """The ANN search, exact over a filter's subset when it is small (its stored vectors), else
@@ -389,11 +382,6 @@ def _order(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
         else:  # no cached tokens: rank after every re-scored candidate
             scored.append((i, s - 10.0, s, None))
     return sorted(scored, key=lambda t: -t[1])
-
-
-def date_of(row: dict) -> float:
-    """A photo's date for sorting: when it was taken (EXIF), else the file's modification time."""
-    return row["taken_at"] if row.get("taken_at") is not None else row["mtime_ns"] / 1e9
 
 
 def _finite(values, what: str) -> None:

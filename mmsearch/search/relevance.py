@@ -16,7 +16,7 @@ the sample's embeddings from the catalog.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -91,3 +91,19 @@ class CalibrationCache:
         if len(sample) >= MIN_IMAGES:
             self._value = Calibration(sample[:size], float(rec["threshold"]), rec["method"])
         return self._value
+
+
+def good_pairs(search: Callable[[int], list], depth: int, cutoff: float, deepen: bool, most: int) -> list:
+    """(id, similarity) of the good matches (similarity >= cutoff) among the closest `depth` that
+    `search(depth)` returns, best first; `deepen`: search deeper while the last one found is still good,
+    up to `most` (the good matches of a query are a prefix of its cosine order)."""
+    while True:
+        pairs = search(depth)
+        if not deepen or len(pairs) < depth or pairs[-1][1] < cutoff or depth >= most:
+            return [p for p in pairs if p[1] >= cutoff][:most]
+        depth = min(most, depth * 4)
+
+
+def date_of(row: dict) -> float:
+    """A photo's date for sorting: when it was taken (EXIF), else the file's modification time."""
+    return row["taken_at"] if row.get("taken_at") is not None else row["mtime_ns"] / 1e9

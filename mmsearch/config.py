@@ -19,6 +19,10 @@ TINY_MODEL = "mmsearch-tiny"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
                               ".heic", ".heif"})
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
+# The good-match score (mmsearch/search/relevance.py): recorded in an index's meta when it is built, so a
+# later default does not change what an existing index calls good. The threshold (a z-score against the
+# query's similarity to a sample of the collection) was chosen on held-out data by benchmarks/relevance.py.
+GOOD_MATCH = {"method": "z-sample-1", "sample": 2000, "threshold": 2.1}
 
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "towers" / "model_configs"

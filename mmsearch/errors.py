@@ -97,3 +97,7 @@ class CatalogCorruptError(MmsearchError):
 
 class NonFiniteVectorError(MmsearchError):
     """A vector holds NaN or infinity; it is refused wherever vectors come in (mmsearch.storage.schema.check_finite)."""
+
+
+class WatchError(MmsearchError):
+    """A watcher cannot start or go on as asked (no folder to watch, a bad ignore name or poll interval)."""

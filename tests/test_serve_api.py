@@ -20,7 +20,8 @@ from mmsearch.storage.store import IndexStore
 from helpers import build_served_index, exif_rotated_jpeg
 
 HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "taken_at", "name", "thumbnail",
-            "text_score", "matches"}  # the last two: where the query's words are in the image (issue 27), else null
+            "text_score", "matches",  # where the query's words are in the image (issue 27), else null
+            "calibrated", "good", "date", "indexed_at"}
 LOCAL = "http://127.0.0.1"
 
 
@@ -80,7 +81,8 @@ def test_health_and_info(client, served):
 def test_text_search_matches_the_library(client, served):
     idx, _ = served
     data = ok(client.get("/api/search", params={"q": "a red circle", "k": 5}))
-    assert set(data) == {"query", "hits", "more", "reranked", "took_ms"}
+    assert set(data) == {"query", "hits", "more", "reranked", "took_ms", "calibrated", "good_threshold", "no_good_match"}
+    assert data["calibrated"] is False and data["no_good_match"] is False  # 31 images: too few to calibrate
     assert data["more"] is True and data["reranked"] is False and data["query"]["q"] == "a red circle"
     ref = Searcher(IndexStore.open(idx)).search("a red circle", k=5)
     assert [h["id"] for h in data["hits"]] == [h.id for h in ref]
@@ -88,7 +90,7 @@ def test_text_search_matches_the_library(client, served):
     for h in data["hits"]:
         assert set(h) == HIT_KEYS
         assert h["thumbnail"].startswith(f"/api/images/{h['id']}/thumb?size=256&v=")
-        assert h["width"] > 0 and h["height"] > 0 and h["itm"] is None
+        assert h["width"] > 0 and h["height"] > 0 and h["itm"] is None and h["calibrated"] is None
         assert h["matches"] is None and h["text_score"] is None  # no image's words say "a red circle"
 
 

@@ -289,3 +289,115 @@ def test_an_oversized_upload_says_too_large(browser, server, tmp_path):
     unaware.wait_for_function("() => document.querySelector('#status').textContent.includes('too large')",
                               timeout=30000)
     assert "limit" in unaware.text_content("#status")
+
+
+# ---- issue 28: good matches only, sort by date, a live album fed by `serve --watch` ---------------------------
+@pytest.fixture(scope="module")
+def watch_server(tmp_path_factory, synth_dir, tiny_checkpoint):
+    """`mmsearch serve --watch` over 70 PNGs with distinct file dates (a calibrated index) and one album; yields
+    (base URL, photos dir, query, the album's name). The query has a few good matches whose date order is not
+    their relevance order."""
+    import csv
+    import shutil
+
+    import numpy as np
+
+    from mmsearch.config import ModelSpec
+    from mmsearch.indexing.pipeline import index_folders
+    from mmsearch.search import albums
+    from mmsearch.search.query import Searcher
+    from mmsearch.storage.store import IndexStore
+
+    root = tmp_path_factory.mktemp("browser-watch")
+    photos, idx = root / "photos", root / "idx"
+    photos.mkdir()
+    names = sorted(os.listdir(synth_dir / "images"))[:70]
+    for name, day in zip(names, np.random.default_rng(1).permutation(len(names))):
+        shutil.copy(synth_dir / "images" / name, photos / name)
+        os.utime(photos / name, (1.7e9 + day * 86400, 1.7e9 + day * 86400))
+    index_folders(idx, [photos], spec=ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint)))
+    searcher = Searcher(IndexStore.open(idx))
+    with open(synth_dir / "captions.csv", newline="") as fh:
+        captions = [r["caption"] for r in csv.DictReader(fh)][:300:5]
+
+    def fit(c):
+        good = searcher.search(c, k=24, good_only=True)
+        dated = searcher.search(c, k=24, sort="date")
+        return 3 <= len(good) <= 12 and all(h.good for h in good) and [h.id for h in good] != [h.id for h in dated]
+    query = next(c for c in captions if fit(c))
+    albums.create(searcher, "live", query)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "mmsearch", "serve", "--index", str(idx), "--port", "0", "--watch",
+                             "--debounce", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+        assert m, line + (proc.stdout.read() if proc.poll() is not None else "")
+        url = m.group(1)
+        deadline = time.monotonic() + 60
+        while (_health(url).get("watcher") or {}).get("state") != "watching":
+            assert time.monotonic() < deadline, "the watcher did not start"
+            time.sleep(0.1)
+        yield url, photos, query, "live"
+    finally:
+        proc.terminate()
+        print(proc.communicate(timeout=10)[0][-4000:])  # the server's log, shown when a test failed
+
+
+def _query(url, path, **params):
+    from urllib.parse import urlencode
+
+    return json.loads(_get(url + path.lstrip("/") + ("?" + urlencode(params) if params else ""))[1])
+
+
+def test_good_only_switch_hides_poor_results_and_sort_by_date_reorders(browser, watch_server):
+    """Issue 28: the good-only switch (on by default on a calibrated index) hides poor results; sort by date
+    reorders the good matches, newest first."""
+    url, _, query, _ = watch_server
+    good = [h["id"] for h in _query(url, "/api/search", q=query, k=24, good_only="true")["hits"]]
+    dated = [h["id"] for h in _query(url, "/api/search", q=query, k=24, sort="date")["hits"]]
+    page = browser.new_page(viewport={"width": 1200, "height": 820})
+    problems = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#good-wrap:not([hidden])")
+    assert page.is_checked("#good")
+    page.fill("#q", query)
+    page.press("#q", "Enter")
+    page.wait_for_function("n => document.querySelectorAll('.card').length === n", arg=len(good))
+    assert [c["id"] for c in _cards(page)] == good
+    assert page.eval_on_selector_all(".card", "els => els.every(e => e.classList.contains('good'))")
+    assert "good matches" in page.text_content("#status")
+    page.uncheck("#good")  # the poor results come back: a full page of the closest
+    page.wait_for_function("() => document.querySelectorAll('.card').length === 24")
+    assert [c["id"] for c in _cards(page)][:len(good)] == good and "good=0" in page.url
+    page.check("#good")
+    page.wait_for_function("n => document.querySelectorAll('.card').length === n", arg=len(good))
+    page.select_option("#sort", "date")
+    page.wait_for_function("ids => JSON.stringify([...document.querySelectorAll('.card')].map(e => +e.dataset.id))"
+                           " === JSON.stringify(ids)", arg=dated)
+    assert dated != good and sorted(dated) == sorted(good) and "sort=date" in page.url
+    assert problems == []
+
+
+def test_an_album_opens_and_gains_a_photo_the_watcher_indexed(browser, watch_server):
+    """Issue 28: an album opens as a live result and shows a photo that `serve --watch` indexed while the page
+    was open (the album sorts by date: the new file comes first)."""
+    import shutil
+
+    url, photos, query, name = watch_server
+    page = browser.new_page(viewport={"width": 1200, "height": 820})
+    page.goto(url)
+    page.wait_for_selector(f"#albums a[data-name='{name}']")
+    page.click(f"#albums a[data-name='{name}']")
+    page.wait_for_selector(".card")
+    assert f"album={name}" in page.url and "Album" in page.text_content("#status")
+    before = _cards(page)
+    best = _query(url, "/api/search", q=query, k=1)["hits"][0]["path"]
+    new = photos / "arrived-while-open.png"
+    shutil.copy(best, new)  # the same pixels as the best match, today's file date
+    page.wait_for_function("p => document.querySelector('.card') && document.querySelector('.card').title === p",
+                           arg=str(new), timeout=60000)
+    assert len(_cards(page)) == len(before) + 1
+    assert "1 new since it was saved" in page.text_content("#status")
+    assert _health(url)["watcher"]["totals"]["added"] >= 1

@@ -170,7 +170,11 @@ def echo_path(path: str) -> None:
     click.echo(path if is_exact(path) else to_db(path))
 
 
-def render_hits(hits, as_json, as_paths, key):
+def render_hits(hits, as_json, as_paths, key, good_only=False):
+    """Hits as JSON lines, bare paths or a table; a table gets a `match` column (the calibrated score,
+    '*' for a good match) when the index is calibrated. good_only with no good match says so first."""
+    if good_only and hits and not any(h.get("good") for h in hits) and hits[0].get("good") is not None:
+        click.secho("no good match; closest results below", fg="yellow", err=True)
     if as_json:
         for h in hits:
             emit_json(h)
@@ -179,12 +183,19 @@ def render_hits(hits, as_json, as_paths, key):
             echo_path(h[key])
     elif not hits:
         click.echo("no results", err=True)
-    else:
+    elif hits[0].get("calibrated") is None:
         click.echo(f"{'rank':>4}  {'score':>6}  {key}")
         for h in hits:
             click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {shown(h[key])}")
             for m in (h.get("matches") or [])[:3]:  # why a hit matched: its words, the matched ones marked
                 click.echo(f"{'':>14}{m.get('key') or m['field']}: {marked(m['text'], m['spans'])}")
+    else:
+        click.echo(f"{'rank':>4}  {'score':>6}  {'match':>6}  {key}")
+        for h in hits:
+            mark = "*" if h.get("good") else " "
+            click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {h['calibrated']:>5.1f}{mark}  {shown(h[key])}")
+            for m in (h.get("matches") or [])[:3]:  # why a hit matched: its words, the matched ones marked
+                click.echo(f"{'':>22}{m.get('key') or m['field']}: {marked(m['text'], m['spans'])}")
 
 
 def marked(text: str, spans) -> str:
@@ -198,3 +209,24 @@ def marked(text: str, spans) -> str:
     start = max(0, spans[0][0] - 40) if spans else 0
     return ("…" if start else "") + line[start:start + 100] + ("…" if len(line) > start + 100 else "")
 
+
+class EchoLog:
+    """A logging handler that prints the library's log lines (a watcher's progress) with the time, on stderr."""
+
+    def __init__(self, name: str, level=None):
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                colour = {logging.WARNING: "yellow", logging.ERROR: "red"}.get(record.levelno)
+                click.secho(self.format(record), fg=colour, err=True)
+
+        self.handler = Handler()
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        self.logger = logging.getLogger(name)
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(level or logging.INFO)
+        self.logger.propagate = False
+
+    def close(self):
+        self.logger.removeHandler(self.handler)

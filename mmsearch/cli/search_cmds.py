@@ -29,6 +29,11 @@ from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of,
               help="dense: the image encoder only; text: the words in the images (OCR, file and folder names, "
                    "EXIF/XMP) only; hybrid: both in one ranked list [default: hybrid where the index has words]. "
                    'Quoted words must appear: \'"invoice 2023" beach\'.')
+@click.option("--good-only", is_flag=True,
+              help="Only good matches (calibrated score at the index's threshold); with none, the closest results "
+                   "under a 'no good match' line.")
+@click.option("--sort", type=click.Choice(["relevance", "date"]), default="relevance", show_default=True,
+              help="date: the good matches, newest first (EXIF date, else the file's).")
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank with the fusion model [default: on when configured].")
 @click.option("--rerank-k", default=32, show_default=True, type=count(1, MAX_RERANK_K),
               help="Candidates the re-ranker re-scores.")
@@ -37,7 +42,7 @@ from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of,
                    "was fitted to on validation data].")
 @device_option
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, until, min_score,
-           mode, rerank, rerank_k, alpha, device):
+           mode, good_only, sort, rerank, rerank_k, alpha, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
     if query and not images:
         single_blas_thread_for_text(index_dir_of(index_dir))
@@ -48,15 +53,17 @@ def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, ex
     # before opening: bad input fails fast, with the words the server and the Python API use
     filters = Filters.parse(under=under, exts=exts, after=after, before=before, until=until)
     searcher = Searcher(IndexStore.open(index_dir_of(index_dir), device=device))  # torch only for new images
+    if over_texts and (good_only or sort != "relevance"):
+        raise click.UsageError("--good-only and --sort apply to image search, not --texts")
     if over_texts:
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
     else:
         hits = searcher.search(query, images, k=k, filters=filters, min_score=min_score, rerank=rerank,
-                               rerank_k=rerank_k, alpha=alpha, mode=mode)
+                               rerank_k=rerank_k, alpha=alpha, mode=mode, good_only=good_only, sort=sort)
     hits = [h.to_dict() for h in hits]
     for note in dict.fromkeys(searcher.store.notices):  # e.g. a family whose text queries need torch
         click.secho(note, fg="yellow", err=True)
-    render_hits(hits, as_json, as_paths, key="text" if over_texts else "path")
+    render_hits(hits, as_json, as_paths, key="text" if over_texts else "path", good_only=good_only)
 
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import index_dir_of, index_option
+from mmsearch.cli.options import EchoLog, index_dir_of, index_option
+from mmsearch.cli.watch_cmds import watch_options
 
 
 @cli.command()
@@ -21,12 +22,25 @@ from mmsearch.cli.options import index_dir_of, index_option
 @click.option("--device", default="auto", show_default=True,
               help="Where uploads are embedded: auto or cpu = the CPU (the index's ONNX image tower, no torch); "
                    "cuda, cuda:N or mps = torch on that device.")
-def serve(index_dir, host, port, token, allow_hosts, cors_origins, max_upload_mb, device):
+@click.option("--watch", "watch", is_flag=True,
+              help="Also keep the index current with the folders it was built from (see `mmsearch watch`).")
+@watch_options
+def serve(index_dir, host, port, token, allow_hosts, cors_origins, max_upload_mb, device, watch, poll, ignore,
+          debounce):
     """Serve a search page and a JSON API (schema at /openapi.json) for an index; prints the URL to open."""
     from mmsearch.serve.run import prepare
 
-    launch = prepare(index_dir_of(index_dir), host, port, token, allow_hosts, cors_origins, max_upload_mb, device)
+    if not watch and (poll is not None or ignore):
+        raise click.UsageError("--poll and --ignore need --watch")
+    options = dict(poll=poll, ignore=ignore, debounce=debounce) if watch else None
+    launch = prepare(index_dir_of(index_dir), host, port, token, allow_hosts, cors_origins, max_upload_mb, device,
+                     watch=options)
     click.echo(f"mmsearch: serving {launch.images} images at {launch.url}  (API schema: /openapi.json; Ctrl-C stops)")
     if launch.token:
         click.echo(f"token: scripts send 'Authorization: Bearer {launch.token}'")
-    launch.run()
+    echo = EchoLog("mmsearch.watch") if watch else None
+    try:
+        launch.run()
+    finally:
+        if echo is not None:
+            echo.close()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmsearch.errors import DatasetError
+
 LOCAL_DIM, IMAGE_LOCAL, IMAGE_NOISE, TEXT_GAP, TEXT_NOISE = 12, 0.6, 0.25, 1.4, 2.5
 
 
@@ -91,3 +93,19 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int, chunk: int = 200_0
         top = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
         best_s, best_i = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_i, top, 1)
     return best_i
+
+
+def paired_queries(mix: Mixture, images: np.ndarray, targets: np.ndarray, kind: str = "text", seed: int = 4,
+                   image_noise: float = 0.5) -> np.ndarray:
+    """One query per target image, made from that image: "text" is its caption as a text tower would place
+    it (the image's vector, off the manifold by the modality gap and text noise, as text_queries), "image"
+    a near copy of it (an edited photo: a little isotropic noise). The relevance benchmark removes some
+    targets from the index to ask whether a search can tell that its image is gone."""
+    rng = np.random.default_rng(seed)
+    base = images[np.asarray(targets)]
+    noise = rng.standard_normal(base.shape).astype(np.float32) / np.sqrt(mix.dim)
+    if kind == "text":
+        return _unit(base + TEXT_GAP * mix.gap + TEXT_NOISE * noise)
+    if kind == "image":
+        return _unit(base + image_noise * noise)
+    raise DatasetError(f"kind must be 'text' or 'image', not {kind!r}")

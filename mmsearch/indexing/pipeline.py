@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from mmsearch.checks import MAX_BATCH, MAX_WORKERS, count
-from mmsearch.config import DEFAULT_FACTORY, ModelSpec
+from mmsearch.config import DEFAULT_FACTORY, GOOD_MATCH, ModelSpec
 from mmsearch.errors import MediaError, VectorIndexError
 from mmsearch.indexing.backfill import read_missing_words
 from mmsearch.indexing.extract import Extractor, check_ocr_request, resolve_ocr
@@ -34,7 +34,8 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
                   workers: Optional[int] = None, exclude: Sequence[str] = (), include_hidden: bool = False,
                   factory: Optional[str] = None, reranker: Optional[str] = None, device="cpu",
                   precision: Optional[str] = None, executor=None, progress: Progress = None,
-                  max_index_memory=None, ocr: Optional[bool] = None) -> IndexSummary:
+                  max_index_memory=None, ocr: Optional[bool] = None, watched: Optional[Sequence] = None,
+                  store: Optional[IndexStore] = None) -> IndexSummary:
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules.
 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
@@ -43,6 +44,10 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     `ocr` (None: the index's own setting; a new index reads words when rapidocr is installed) switches
     OCR for this index; the words of new and changed files are read with their pixels, and images OCR
     has not read yet (indexed while it was off, or before it existed) are read after them.
+    `watched` (a watcher's run): the watched folders that `roots` lie in; a root that is gone is then a
+    deleted or moved path rather than an error, nothing under a watched folder that is away is touched
+    (plan.root_away), and the watched folders are what the index records as its roots. `store`: an
+    IndexStore of `index_dir` kept open between runs, so a watcher loads its image tower once.
     The whole run holds the index's writer lock: IndexBusyError at once when another writer has it."""
     batch_size = count("batch_size", batch_size, 1, MAX_BATCH)  # before anything is opened or created
     workers = count("workers", workers, 1, MAX_WORKERS)
@@ -52,16 +57,17 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         parse_size(max_index_memory)  # a bad budget fails before a model loads, not after
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
+    watched = None if watched is None else [os.path.abspath(os.fspath(w)) for w in watched]
     for r in roots:
-        if not os.path.exists(r):
+        if watched is None and not os.path.exists(r):
             raise MediaError(r, "no such file or folder")
     with writer_lock(index_dir):
         return _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory,
-                             reranker, device, precision, executor, progress, max_index_memory, ocr)
+                             reranker, device, precision, executor, progress, max_index_memory, ocr, watched, store)
 
 
 def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory, reranker,
-                  device, precision, executor, progress, max_index_memory, ocr) -> IndexSummary:
+                  device, precision, executor, progress, max_index_memory, ocr, watched, store) -> IndexSummary:
     from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
 
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
@@ -72,10 +78,13 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
         precision = default_precision(dev, reranker=bool(reranker))
     if precision is not None and executor is None:
         check_precision(precision, dev)
-    store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
-                                      precision=precision, max_index_memory=max_index_memory)
-    if not created:
-        store.catalog.check_integrity()  # a damaged catalog is refused before anything is written to it
+    if store is None:
+        store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
+                                          precision=precision, max_index_memory=max_index_memory)
+        if not created:
+            store.catalog.check_integrity()  # a damaged catalog is refused before anything is written to it
+    else:  # a watcher's store, checked when it was opened
+        store.meta = store.catalog.meta()  # another run may have changed it since (a re-ranker, the roots)
     if executor is None:  # the index's precision must run here, checked before anything changes
         check_precision(store.precision, dev)
     if factory and factory != store.factory:
@@ -87,13 +96,16 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
     extractor = Extractor(ocr=ocr_settings["enabled"], max_side=ocr_settings["max_side"],
                           max_boxes=ocr_settings["max_boxes"])
     cat = store.catalog
-    plan = plan_changes(cat, roots, exclude, include_hidden)
-    if not set(normalise_roots(roots)) <= set(recorded_roots(store.meta)):
+    plan = plan_changes(cat, roots, exclude, include_hidden, watched=watched)
+    recorded = watched if watched is not None else roots
+    if "relevance" not in store.meta or not set(normalise_roots(recorded)) <= set(recorded_roots(store.meta)):
         # the folders ever indexed: a server serves files only from inside them (no write when unchanged)
         with cat.transaction():
-            store.meta["roots"] = record_roots(cat, roots)
+            store.meta["roots"] = record_roots(cat, recorded)
+            if "relevance" not in store.meta:  # an index built before the good-match score: today's default
+                cat.set_meta(relevance=dict(GOOD_MATCH))
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
-                           created=created, precision=store.precision)
+                           created=created, precision=store.precision, away=plan.away)
     # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images),
     # unless it counts fewer or more vectors than the catalog has rows (then it is repaired below)
     unchanged = not (plan.embed or plan.moves or plan.deleted_ids) and store.vectors_fresh() \

@@ -3,11 +3,18 @@
 New files are embedded, changed ones (size or mtime) re-embedded, moved ones (same size + quick hash
 as a file that vanished) keep their embedding, deleted ones leave. Every executor (local threads,
 Ray, a watcher) runs the same plan; planning always happens on the driver, against SQLite.
+
+A watcher plans only the paths its events named, inside the folders it watches (`watched`). There a
+path that is gone is a deleted (or moved) file or folder, but only while its watched folder is present:
+a watched folder that is missing, unreadable, or empty while the catalog holds photos under it is
+*away* (an unmounted disk, a NAS that dropped off the network), and nothing under it is planned, so
+its photos stay in the index until it returns.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Optional
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
 
 from mmsearch.errors import MmsearchError
 from mmsearch.indexing import scan
@@ -27,17 +34,57 @@ class Plan:
     scan_failures: list  # (path, reason) from the walk itself
     unchanged: int
     known_failed: int
+    away: list = field(default_factory=list)  # watched folders skipped because they are away (root_away)
 
 
-def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool) -> Plan:
+def root_away(root: str, cat: Optional[Catalog]) -> Optional[str]:
+    """Why a watched folder looks away ('missing', 'unreadable', 'empty'), or None when it is present.
+    An empty folder counts as away only while the catalog holds photos under it: an unmounted disk
+    leaves its empty mount point behind, and "every photo deleted at once" is rarer than that."""
+    if not os.path.isdir(root):
+        return "missing"
+    try:
+        with os.scandir(root) as it:
+            empty = next(it, None) is None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if empty and cat is not None and next(cat.image_states_under(root), None) is not None:
+        return "empty (unmounted?)"
+    return None
+
+
+def watched_root_of(path: str, watched: Sequence[str]) -> Optional[str]:
+    inside = [w for w in watched if is_under_roots(path, [w])]
+    return max(inside, key=len) if inside else None
+
+
+def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool,
+                 watched: Optional[Sequence[str]] = None) -> Plan:
     """The diff between the folders and the catalog, as a merge of two path-ordered streams (the walk
-    and the catalog's covering index): memory grows with the changes, not with the collection."""
+    and the catalog's covering index): memory grows with the changes, not with the collection.
+    `watched`: the folders a watcher watches, each of `roots` inside one (see the module docstring)."""
     scan_failures: list = []
     failed = cat.failure_states()
     failed_now: dict = {}  # path -> (size, mtime) of files on record as failed, as they are now
     embed, update_ids, new, gone = [], {}, [], {}
     unchanged = known_failed = 0
+    away: dict = {}  # watched folder -> whether it is away, decided once per plan
+    covered = []  # the roots planned (not under an away folder): only their failures can be stale
     for root in scan.normalise_roots(roots):
+        if watched is not None:
+            home = watched_root_of(root, watched)
+            if home is None:
+                raise MmsearchError(f"{root} is outside the watched folders")
+            if home not in away:
+                away[home] = root_away(home, cat) is not None
+            if away[home]:
+                continue
+            if not os.path.lexists(root):  # gone from a present folder: deleted, or moved (matched below)
+                covered.append(root)
+                for row in cat.image_states_under(root):
+                    gone[row[0]] = row[1:]
+                continue
+        covered.append(root)
         files = scan.scan([root], exclude=exclude, include_hidden=include_hidden,
                           on_error=lambda p, reason: scan_failures.append((str(p), reason)))
         for f, row in merge_by_path(files, cat.image_states_under(root)):
@@ -72,10 +119,10 @@ def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool) 
     known_failed += len(known_scan)
     scan_failed = {p for p, _ in scan_failures}
     scan_failures = [f for f in scan_failures if f not in known_scan]
-    stale_failures = [p for p in failed if is_under_roots(p, roots) and p not in scan_failed
+    stale_failures = [p for p in failed if is_under_roots(p, covered) and p not in scan_failed
                       and (p not in failed_now or failed[p] != failed_now[p])]
     return Plan(embed, update_ids, moves, [row[0] for row in gone.values()], stale_failures, scan_failures,
-                 unchanged, known_failed)
+                 unchanged, known_failed, away=sorted(w for w, is_away in away.items() if is_away))
 
 
 def merge_by_path(files: Iterator, rows: Iterator) -> Iterator[tuple]:

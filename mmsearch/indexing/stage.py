@@ -45,6 +45,7 @@ class IndexSummary:
     ocr_read: int = 0  # images whose words OCR read this run (text found or not)
     ocr_text: int = 0  # of which OCR found text in
     ocr_failures: list = field(default_factory=list)  # (path, reason): indexed images OCR failed on
+    away: list = field(default_factory=list)  # watched folders left alone because they are away (plan.root_away)
 
     @property
     def embedded(self) -> int:

@@ -22,6 +22,7 @@ from mmsearch.search.filters import Filters
 from mmsearch.search.hybrid import FUSE_DEPTH, MODES, TEXT_DEPTH, fuse, refuse_reranked, text_ranking
 from mmsearch.search.lexical import matches, parse_lexical, strip_quotes
 from mmsearch.storage.catalog import filter_sql
+from mmsearch.search.relevance import CalibrationCache, date_of, good_pairs  # noqa: F401 (date_of: for callers)
 from mmsearch.storage.fsnames import display
 from mmsearch.storage.schema import check_finite
 from mmsearch.storage.store import IndexStore
@@ -30,6 +31,9 @@ DEFAULT_RERANK_K = 32
 MAX_TERMS = 32  # text, image and id terms of one query
 MAX_QUERY_CHARS = 2000  # the text tower reads ~77 tokens a term: more characters only cost parsing
 MAX_WEIGHT = 100.0  # |weight| of one term: past this a term is not "more important", it is a typo or an attack
+SORTS = ("relevance", "date")
+GOOD_DEPTH = 1000  # the most good matches a date-sorted search orders
+DATE_DEPTH = 100  # an index without a calibration orders its closest 100 by date
 _SPLIT = re.compile(r"(?:^|\s+)([+-])(?:\s+|$)")
 # anything float() reads as a number counts as a weight, so '1e40:red' or 'nan:red' is refused, not read as text
 _WEIGHT = re.compile(r"^\s*([-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|inf(?:inity)?|nan))\s*:\s*(.+?)\s*$",
@@ -63,6 +67,8 @@ class Hit:
     row: Optional[dict] = field(default=None, repr=False, compare=False)
     matches: Optional[list] = None  # where the query's words are in the image (search/lexical.py), when they matched
     text_score: Optional[float] = None  # the words side's bm25 score, when they matched
+    calibrated: Optional[float] = None  # the good-match score (relevance.py); None: the index cannot say
+    good: Optional[bool] = None
 
     def __getitem__(self, key: str):
         """hit["text"], as when search_texts returned dicts: scripts written then keep working."""
@@ -79,7 +85,8 @@ class Hit:
         d = {"rank": self.rank, "score": self.score, "path": self.path, "id": self.id,
              "similarity": self.similarity, "itm": self.itm}
         d.update((k, v) for k, v in (("taken_at", self.taken_at), ("width", self.width), ("height", self.height),
-                                     ("text_score", self.text_score), ("matches", self.matches)) if v is not None)
+                                     ("text_score", self.text_score), ("matches", self.matches),
+                                     ("calibrated", self.calibrated), ("good", self.good)) if v is not None)
         return d
 
 
@@ -170,6 +177,7 @@ class Searcher:
     def __init__(self, store: IndexStore, allow_paths: bool = True):
         self.store = store
         self.allow_paths = allow_paths  # False: query text never names a file (the web server)
+        self.calibration = CalibrationCache(store)
 
     # ---- embedding a query --------------------------------------------------------------------
     def _image_embedding(self, path: Optional[str], token_grid: Optional[int] = None, image_id: Optional[int] = None,
@@ -225,16 +233,27 @@ class Searcher:
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
-               offset: int = 0, filters: Optional[Filters] = None, until=None, mode: Optional[str] = None) -> list[Hit]:
+               offset: int = 0, filters: Optional[Filters] = None, until=None, mode: Optional[str] = None,
+               good_only: bool = False, sort: str = "relevance") -> list[Hit]:
         """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
         after, before or until (inclusive); mmsearch.search.filters parses them). rerank=None re-ranks when
         the index has a re-ranker and the query is one text; alpha=None blends the re-ranker's score with the
         similarity as fitted when it was trained. Re-ranking always re-scores the same top max(k, rerank_k),
-        so pages of one query never overlap. mode: dense (the encoder only), text (the images' words only)
-        or hybrid (both, fused: hybrid.py); None: hybrid when the index has words and the query has some,
-        else dense. A quoted phrase must appear in every hit of text and hybrid searches; min_score drops
-        hits whose words did not match."""
+        so pages of one query never overlap.
+
+        mode: dense (the encoder only), text (the images' words only) or hybrid (both, fused: hybrid.py);
+        None: hybrid when the index has words and the query has some, else dense. A quoted phrase must
+        appear in every hit of text and hybrid searches; min_score drops hits whose words did not match.
+
+        Every hit carries its calibrated score and whether it is a good match (relevance.py; None when the
+        index is too small to say); a hit whose words matched the query is a good match too. good_only
+        keeps the good matches; when there is none at all, the closest results come back all the same,
+        each marked not good, for the caller to say so. sort="date" orders the good matches (at most
+        GOOD_DEPTH) by date, newest first: EXIF date, else the file's; without a calibration it orders the
+        closest DATE_DEPTH."""
         k, offset, rerank_k, alpha, min_score = check_depths(k, offset, rerank_k, alpha, min_score)
+        if sort not in SORTS:
+            raise QueryError(f"sort: '{sort}' is not one of {', '.join(SORTS)}")
         if filters is None:
             filters = Filters.parse(under=under, exts=exts, after=after, before=before, until=until)
         elif any(v is not None for v in (under, exts, after, before, until)):
@@ -250,7 +269,7 @@ class Searcher:
             rerank = self.store.reranker_info() is not None and single_text
         elif rerank and self.store.reranker_info() is None:
             raise QueryError("no re-ranker configured for this index (`mmsearch rerank enable FILE`)")
-        rerank = bool(rerank and single_text)
+        rerank = bool(rerank and single_text and sort == "relevance")  # a date order needs no re-scoring
         vec, states = self.embed(terms, want_states=rerank)
         selection = None
         where, args = filter_sql(filters.under, list(filters.exts) if filters.exts else None, filters.after,
@@ -267,11 +286,12 @@ class Searcher:
             if not required:
                 return []
             selection = (np.array(sorted(i for i, _ in required), dtype=np.int64), False)
+        calibration = self.calibration.get()
+        standing = calibration.standing(vec) if calibration is not None else None
         depth = max(offset + k, rerank_k) if rerank else offset + k
-        dense, text = [], []
+        dense, text, narrowed = [], [], False
         if mode != "text":
-            scores, found = self._search_vectors(vec, max(depth, FUSE_DEPTH) if mode == "hybrid" else depth, selection)
-            dense = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
+            dense, narrowed = self._dense(vec, depth, selection, standing, good_only, sort, mode == "hybrid")
         if mode != "dense":
             text = text_ranking(cat, lexq, where, args, max(TEXT_DEPTH, offset + k))
         ranked = fuse(dense, text, mode)
@@ -287,7 +307,29 @@ class Searcher:
                 if mode != "hybrid" or not text:  # no fusion: the blended score is the score
                     by_id[i].score = final
             ranked = refuse_reranked(ranked, [i for i, *_ in order], text, top, mode)
-        return self._hits(ranked[offset:], vec, k, offset, min_score, lexq, fused=mode == "hybrid" and bool(text))
+        if min_score is not None:  # after a fusion: by the similarity of the hits whose words did not match
+            fused = mode == "hybrid" and bool(text)
+            self._similarities(vec, ranked)
+            ranked = [r for r in ranked if r.text_score is not None
+                      or (r.similarity if fused else r.score) >= min_score]
+        rows = None
+        if sort == "date" and (narrowed or standing is None or mode == "text"):
+            rows = cat.rows([r.id for r in ranked])
+            ranked = sorted((r for r in ranked if r.id in rows), key=lambda r: -date_of(rows[r.id]))
+        return self._hits(ranked[offset:offset + k], vec, offset, lexq, standing, rows)
+
+    def _dense(self, vec: np.ndarray, depth: int, selection, standing, good_only: bool, sort: str,
+               hybrid: bool) -> tuple[list[tuple[int, float]], bool]:
+        """The dense side's (id, similarity) best first, and whether they are the good matches only (asked
+        for by good_only or a date order, and there are some)."""
+        if standing is not None and (good_only or sort == "date"):
+            good = good_pairs(lambda d: self._pairs(vec, d, selection), max(depth, DATE_DEPTH) if sort == "date"
+                              else depth, standing.cutoff, deepen=sort == "date", most=GOOD_DEPTH)
+            if good:
+                return good, True
+        if sort == "date" and standing is None:
+            depth = max(depth, DATE_DEPTH)
+        return self._pairs(vec, max(depth, FUSE_DEPTH) if hybrid else depth, selection), False
 
     def _mode(self, mode: Optional[str], lexq) -> str:
         if mode is not None and mode not in MODES:
@@ -311,29 +353,30 @@ class Searcher:
             for r, s in zip(missing, sims):
                 r.similarity = float(s)
 
-    def _hits(self, ranked: list, vec: np.ndarray, k: int, offset: int, min_score: Optional[float], lexq,
-              fused: bool) -> list[Hit]:
-        """Hits of the page. min_score applies to the score, or after a fusion to the similarity of the hits
-        whose words did not match (an RRF score is no similarity)."""
+    def _hits(self, page: list, vec: np.ndarray, offset: int, lexq, standing, rows: Optional[dict]) -> list[Hit]:
+        """The page's hits, with why their words matched and their good-match standing."""
         cat = self.store.catalog
-        if min_score is not None:
-            ranked = [r for r in ranked if r.text_score is not None
-                      or (r.similarity if fused else r.score) >= min_score]
-        ranked = ranked[:k]
-        self._similarities(vec, ranked)
-        rows = cat.rows([r.id for r in ranked])
-        worded = [r.id for r in ranked if r.text_score is not None]
+        self._similarities(vec, page)
+        rows = rows if rows is not None else cat.rows([r.id for r in page])
+        worded = [r.id for r in page if r.text_score is not None]
         lines, metas = (cat.lines_of(worded), cat.metas_of(worded)) if worded else ({}, {})
         out = []
-        for r in ranked:
+        for r in page:
             row = rows.get(r.id)
             if row is None:
                 continue  # removed by a concurrent indexing run
             found = matches(lexq, row["path"], lines[r.id], metas.get(r.id, {})) if r.id in lines else None
             out.append(Hit(rank=offset + len(out) + 1, score=r.score, id=r.id, similarity=r.similarity, itm=r.itm,
                            path=row["path"], taken_at=row["taken_at"], width=row["width"], height=row["height"],
-                           row=row, matches=found, text_score=r.text_score))
+                           row=row, matches=found, text_score=r.text_score,
+                           calibrated=None if standing is None else round(standing.score(r.similarity), 3),
+                           good=None if standing is None else (standing.good(r.similarity)
+                                                               or r.text_score is not None)))
         return out
+
+    def _pairs(self, vec: np.ndarray, depth: int, selection) -> list[tuple[int, float]]:
+        scores, found = self._search_vectors(vec, depth, selection)
+        return [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
 
     def _search_vectors(self, vec: np.ndarray, depth: int, selection: Optional[tuple[np.ndarray, bool]]):
         """The ANN search, exact over a filter's subset when it is small (its stored vectors), else

@@ -41,19 +41,33 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence = (), upload: b
         raise ApiError(400, "empty query: give q (text or weighted terms), id (an indexed image) or upload an image")
     started = time.perf_counter()
     hits = st.searcher.search(p.q, images, k=p.k, filters=p.filters, rerank=p.rerank, rerank_k=p.rerank_k,
-                              ids=p.ids, offset=p.offset, mode=p.mode)
+                              ids=p.ids, offset=p.offset, mode=p.mode, good_only=p.good_only,
+                              sort=p.sort)
+    return hits_reply(st, hits, p.k, p.good_only, started, query=dict(p.echo(), upload=upload))
+
+
+def hits_reply(st: ServeState, hits, k: int, good_only: bool, started: float, **extra) -> JSONResponse:
+    """The JSON of a page of hits; `no_good_match`: good matches were asked for and there is none (the
+    hits are then the closest results)."""
+    calibration = st.searcher.calibration.get()
     out = [hit_json(h) for h in hits]
     # a plain JSONResponse: FastAPI's generic encoder walking every hit cost more than the search itself
-    return JSONResponse({"query": dict(p.echo(), upload=upload), "hits": out, "more": len(hits) == p.k,
-                         "reranked": any(h.itm is not None for h in hits),
-                         "took_ms": round((time.perf_counter() - started) * 1000, 2)})
+    return JSONResponse(dict(extra, hits=out, more=len(hits) == k, reranked=any(h.itm is not None for h in hits),
+                             calibrated=calibration is not None,
+                             good_threshold=None if calibration is None else calibration.threshold,
+                             no_good_match=bool(good_only and hits and hits[0].good is False
+                                                and not any(h.good for h in hits)),
+                             took_ms=round((time.perf_counter() - started) * 1000, 2)))
 
 
 def hit_json(h) -> dict:
     """A hit as the API shows it; a file name that is not UTF-8 is shown readably (fsnames.json_safe)."""
     return json_safe({"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
             "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
-            "thumbnail": thumb_url(h.row), "text_score": h.text_score, "matches": h.matches})
+            "thumbnail": thumb_url(h.row), "text_score": h.text_score, "matches": h.matches,
+            "calibrated": h.calibrated, "good": h.good,
+            "date": h.taken_at if h.taken_at is not None else h.row["mtime_ns"] / 1e9,
+            "indexed_at": h.row.get("indexed_at")})
 
 
 @router.get("/images/{image_id}/texts")

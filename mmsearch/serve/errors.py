@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from mmsearch.errors import ArgumentError, EmptyIndexError, MediaError, MmsearchError, QueryError
+from mmsearch.storage.albums import AlbumError, AlbumNotFoundError
 
 log = logging.getLogger("mmsearch.serve")
 
@@ -24,6 +25,10 @@ def status_of(exc: MmsearchError) -> int:
         return 400
     if isinstance(exc, EmptyIndexError):
         return 409
+    if isinstance(exc, AlbumNotFoundError):
+        return 404
+    if isinstance(exc, AlbumError):
+        return 400
     return 503  # the server cannot do it (a model that will not load, ...): not the request's fault
 
 

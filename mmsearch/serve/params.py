@@ -25,10 +25,13 @@ class SearchParams:
     rerank: Optional[bool]
     rerank_k: int
     mode: Optional[str] = None
+    good_only: bool = False
+    sort: str = "relevance"
 
     def echo(self) -> dict:
         return {"q": self.q, "id": self.ids, "k": self.k, "offset": self.offset, **self.filters.to_dict(),
-                "rerank": self.rerank, "rerank_k": self.rerank_k, "mode": self.mode}
+                "rerank": self.rerank, "rerank_k": self.rerank_k, "mode": self.mode, "good_only": self.good_only,
+                "sort": self.sort}
 
 
 def search_params(
@@ -46,6 +49,9 @@ def search_params(
         mode: Optional[Literal["dense", "text", "hybrid"]] = Query(
             None, description="dense: the image encoder only; text: the words in the images only; hybrid: both "
                               "fused [default: hybrid where the index has words]."),
+        good_only: bool = Query(False, description="Only good matches (calibrated score at the index's threshold); "
+                                                   "with none, the closest results and no_good_match=true."),
+        sort: Literal["relevance", "date"] = Query("relevance", description="date: the good matches, newest first."),
 ) -> SearchParams:
     if any(not 0 <= i < MAX_ID for i in id):
         raise ApiError(400, "id: must be a catalog id (a non-negative integer)")
@@ -57,4 +63,4 @@ def search_params(
     except FilterError as exc:
         raise ApiError(400, f"{exc} (folders: see /api/info)" if str(exc).startswith("folder") else str(exc)) from None
     return SearchParams(q=q if q and q.strip() else None, ids=list(id), k=k, offset=offset, filters=filters,
-                        rerank=rerank, rerank_k=rerank_k, mode=mode)
+                        rerank=rerank, rerank_k=rerank_k, mode=mode, good_only=good_only, sort=sort)

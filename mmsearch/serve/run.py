@@ -29,8 +29,10 @@ class Launch:
 
 def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
             allow_hosts: Sequence[str] = (), cors_origins: Sequence[str] = (), max_upload_mb: int = 20,
-            device: str = "cpu") -> Launch:
-    """Everything short of serving. Off loopback a token is mandatory: one is generated when none is given."""
+            device: str = "cpu", watch: Optional[dict] = None) -> Launch:
+    """Everything short of serving. Off loopback a token is mandatory: one is generated when none is given.
+    `watch` (Watcher options: poll, ignore, debounce): also keep the index current with the folders it
+    records, from a thread of this process."""
     if device not in (None, "auto", "cpu"):  # a GPU asked for: refuse a missing one now, not at the first upload
         from mmsearch.towers.devices import resolve_device
 
@@ -39,8 +41,9 @@ def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optiona
         raise ServeError(f"--token: {token_problem(token)} (it travels in a header, a cookie and a URL)")
     if not is_loopback(host) and not token:
         token = new_token()
+    watcher = None if watch is None else _watcher(index_dir, watch)
     app = create_app(index_dir, token=token, allowed_hosts=list(allow_hosts), bind=host, cors_origins=cors_origins,
-                     max_upload_bytes=max_upload_mb * 2**20, device=device)
+                     max_upload_bytes=max_upload_mb * 2**20, device=device, watcher=watcher)
     import uvicorn
 
     sock = _bind(host, port)
@@ -48,6 +51,21 @@ def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optiona
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
     url = f"http://{shown}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
     return Launch(uvicorn.Server(config), sock, url, token, app.state.mm.store.catalog.count_images())
+
+
+def _watcher(index_dir, options: dict):
+    from mmsearch.indexing.watch import Watcher
+    from mmsearch.storage.catalog import Catalog
+
+    cat = Catalog.open(index_dir, readonly=True)
+    try:
+        roots = cat.meta().get("roots") or []
+    finally:
+        cat.close()
+    if not roots:
+        raise ServeError(f"--watch: index {index_dir} records no folders to watch (index one first, or run "
+                         f"`mmsearch watch FOLDER --index {index_dir}`)")
+    return Watcher(index_dir, roots, **options)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -101,6 +101,7 @@ class ServeState:
         self.max_upload_bytes = max_upload_bytes
         self.upload_slots = UploadSlots()  # uploads decoded (and held) at once: bounded memory
         self.embed_lock = threading.Lock()  # uploads embed one at a time: bounded CPU
+        self.watcher = None  # mmsearch.indexing.watch.Watcher with `serve --watch` (it writes; this state only reads)
         self._folders: tuple = (None, [])
 
     def image_size(self) -> int:

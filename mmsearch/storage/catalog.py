@@ -28,11 +28,11 @@ from mmsearch.storage import dbfile
 from mmsearch.storage.failures import FailureRows
 from mmsearch.storage.fsnames import display, from_db, to_db
 from mmsearch.storage.lexical import LexicalRows
-from mmsearch.storage.schema import (CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, check_finite,  # noqa: F401
-                                     from_blobs, sqlite_utils_without_pandas, to_blob)
+from mmsearch.storage.schema import (ADDITIVE, CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA,  # noqa: F401
+                                     check_finite, from_blobs, sqlite_utils_without_pandas, to_blob)
 from mmsearch.storage.texts import TextRows
 
-_ROW_KEYS = ("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext")
+_ROW_KEYS = ("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext", "indexed_at")
 
 
 @dbfile.typed_errors
@@ -93,9 +93,9 @@ class Catalog(TextRows, FailureRows, LexicalRows):
         return cat
 
     def _add_indices(self) -> None:
-        """Additive schema (CREATE ... IF NOT EXISTS): catalogs written before an index existed get it."""
-        have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        if not {"images_state", "images_date", "images_ext"} <= have:
+        """Additive schema (CREATE ... IF NOT EXISTS): catalogs written before an index or table existed get it."""
+        have = set(self.conn.execute("SELECT type, name FROM sqlite_master"))
+        if any((kind, name) not in have for kind, names in ADDITIVE.items() for name in names):
             try:
                 with self.conn:
                     self.conn.executescript(SCHEMA)
@@ -262,7 +262,7 @@ class Catalog(TextRows, FailureRows, LexicalRows):
         out = {}
         for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
             chunk = ids[start:start + 900]
-            q = (f"SELECT id, CAST(path AS BLOB), size, mtime_ns, width, height, taken_at, ext FROM images "
+            q = (f"SELECT id, CAST(path AS BLOB), size, mtime_ns, width, height, taken_at, ext, indexed_at FROM images "
                  f"WHERE id IN ({','.join('?' * len(chunk))})")
             for r in self.conn.execute(q, chunk):
                 out[r[0]] = dict(zip(_ROW_KEYS, r), path=from_db(r[1]))

@@ -13,8 +13,12 @@ CATALOG_NAME = "catalog.db"
 # fits per page (4.2 KB per image measured at 20k images); 16 KB pages hold seven (about 2.5 KB per image).
 PAGE_SIZE = 16384
 
-# Ordered migrations: MIGRATIONS[v] upgrades a schema of version v to v+1.
+# Ordered migrations: MIGRATIONS[v] upgrades a schema of version v to v+1. A new table or index needs
+# none: SCHEMA is all CREATE ... IF NOT EXISTS and runs on every writable open that lacks one of
+# ADDITIVE (Catalog.open), so older readers still open the catalog.
 MIGRATIONS: dict[int, str] = {}
+
+ADDITIVE = {"index": {"images_state", "images_date", "images_ext"}, "table": {"albums"}}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -46,6 +50,17 @@ CREATE TABLE IF NOT EXISTS failures (
     mtime_ns INTEGER,
     reason TEXT NOT NULL,
     failed_at REAL
+);
+-- Saved searches (additive: created when an older catalog is opened writable; readers treat a missing
+-- table as no albums). A row keeps the query and its filters, not photos: opening it searches again.
+CREATE TABLE IF NOT EXISTS albums (
+    name TEXT PRIMARY KEY,
+    query TEXT NOT NULL,
+    filters TEXT,
+    sort TEXT NOT NULL DEFAULT 'date',
+    good_only INTEGER NOT NULL DEFAULT 1,
+    k INTEGER NOT NULL DEFAULT 200,
+    created_at REAL
 );
 CREATE TABLE IF NOT EXISTS texts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

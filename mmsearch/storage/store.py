@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # annotations only: numpy loads where it is used, not on impo
 
 from mmsearch.config import VERSION
 from mmsearch.storage.catalog import Catalog
-from mmsearch.config import DEFAULT_FACTORY, ModelSpec, same_model
+from mmsearch.config import DEFAULT_FACTORY, GOOD_MATCH, ModelSpec, same_model
 from mmsearch.errors import EmptyIndexError, ModelMismatchError, UnknownModelError, VectorIndexError
 from mmsearch.storage.lock import may_write_caches, writer_lock
 from mmsearch.towers.choice import TowerChoice
@@ -99,7 +99,7 @@ class IndexStore(TowerChoice):
                       "text_width": encoder.text_width, "vision_width": encoder.vision_width}
         catalog = Catalog.create(directory, dict(record, factory=factory, precision=precision,
                                                  max_index_memory=parse_size(max_index_memory),
-                                                 mmsearch_version=VERSION))
+                                                 mmsearch_version=VERSION, relevance=dict(GOOD_MATCH)))
         store = cls(directory, catalog, device=device)
         store._encoder = encoder
         if encoder is None:

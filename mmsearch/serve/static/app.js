@@ -9,10 +9,17 @@ let offset = 0;
 let busy = 0;
 let info = null;
 let lastFocus = null;
+let seenGeneration = null;
+let inflight = 0;  // an open album re-runs when the index changes (a watcher added photos)
+const LIVE_MS = 2000;
 
 function blank() {
-  return { q: "", ids: [], folder: "", ext: "", after: "", until: "", mode: "", rerank: null, upload: null };
+  return { q: "", ids: [], folder: "", ext: "", after: "", until: "", mode: "", rerank: null, upload: null,
+    good: null, sort: "relevance", album: "" };
 }
+
+// good matches only: on by default where the index is calibrated (info.calibrated), unless the URL says good=0
+function goodOnly(s) { return s.good !== null ? s.good : Boolean(info && info.calibrated); }
 
 // ---- query terms: the same grammar as the CLI ("2:dog + beach - people") ----------------------
 function parseTerms(q) {
@@ -47,6 +54,9 @@ function stateFromURL() {
   s.ids = p.getAll("id").map(Number).filter((n) => Number.isInteger(n) && n >= 0);
   for (const k of ["folder", "ext", "after", "until", "mode"]) s[k] = p.get(k) || "";
   s.rerank = p.has("rerank") ? p.get("rerank") === "1" : null;
+  s.good = p.has("good") ? p.get("good") === "1" : null;
+  s.sort = p.get("sort") === "date" ? "date" : "relevance";
+  s.album = p.get("album") || "";
   const key = history.state && history.state.upload;
   s.upload = key && uploads.has(key) ? key : null;
   return s;
@@ -58,11 +68,22 @@ function queryString(s, extra) {
   for (const i of s.ids) p.append("id", i);
   for (const k of ["folder", "ext", "after", "until", "mode"]) if (s[k]) p.set(k, s[k]);
   if (s.rerank !== null) p.set("rerank", s.rerank ? "1" : "0");
+  if (s.good !== null) p.set("good", s.good ? "1" : "0");
+  if (s.sort !== "relevance") p.set("sort", s.sort);
+  if (s.album) p.set("album", s.album);
   for (const [k, v] of Object.entries(extra || {})) p.set(k, v);
   return p.toString();
 }
 
-function hasQuery(s) { return Boolean(s.q || s.ids.length || s.upload); }
+// what the API takes: the page's own keys (good, album) become good_only, or go into the path
+function apiQuery(s, extra) {
+  const p = new URLSearchParams(queryString(Object.assign({}, s, { good: null, album: "", sort: "relevance" }), extra));
+  p.set("good_only", goodOnly(s) ? "true" : "false");
+  p.set("sort", s.sort);
+  return p.toString();
+}
+
+function hasQuery(s) { return Boolean(s.q || s.ids.length || s.upload || s.album); }
 
 function go(next, push = true) {
   state = next;
@@ -82,6 +103,10 @@ function showState() {
   $("until").value = state.until;
   $("mode").value = state.mode;
   $("rerank").checked = state.rerank !== false;
+  $("good").checked = goodOnly(state);
+  $("sort").value = state.sort;
+  $("good").disabled = $("sort").disabled = Boolean(state.album);  // an album has its own
+  document.querySelectorAll("#albums a").forEach((a) => a.classList.toggle("open", a.dataset.name === state.album));
   renderChips();
 }
 
@@ -104,10 +129,14 @@ async function search(append) {
   if (!hasQuery(state)) { setStatus(""); return; }
   const mine = ++busy;
   setStatus(state.upload ? "Embedding the image…" : "Searching…");
-  const qs = queryString(state, { k: PAGE, offset });
+  const qs = apiQuery(state, { k: PAGE, offset });
+  inflight++;
   try {
     let data;
-    if (state.upload) {
+    if (state.album) {
+      data = await api(`/api/albums/${encodeURIComponent(state.album)}?k=${PAGE}&offset=${offset}`);
+      seenGeneration = data.generation;
+    } else if (state.upload) {
       const form = new FormData();
       form.append("image", uploads.get(state.upload), "query-image");
       data = await api("/api/search?" + qs, { method: "POST", body: form });
@@ -115,14 +144,22 @@ async function search(append) {
       data = await api("/api/search?" + qs);
     }
     if (mine !== busy) return;  // a newer search started meanwhile
-    renderHits(data.hits);
+    if (!append) $("grid").replaceChildren();  // a live album refresh replaces what it showed
+    $("no-good").hidden = !data.no_good_match;
+    renderHits(data.hits, data.no_good_match);
     offset += data.hits.length;
     $("more").hidden = !data.more;
     const n = offset;
-    setStatus(n ? `${n}${data.more ? "+" : ""} results · ${Math.round(data.took_ms)} ms` +
-      (data.reranked ? " · re-ranked" : "") : "No results. Try other words or fewer filters.");
+    const what = data.no_good_match ? "closest results" : (goodOnly(state) && data.calibrated ? "good matches" : "results");
+    const head = data.album ? `Album “${data.album.name}” (“${data.album.query}”): ` : "";
+    const fresh = data.album && data.added_since_saved ? ` · ${data.added_since_saved} new since it was saved` : "";
+    setStatus(n ? `${head}${n}${data.more ? "+" : ""} ${what}${fresh} · ${Math.round(data.took_ms)} ms` +
+      (data.reranked ? " · re-ranked" : "") + (state.sort === "date" && !data.album ? " · newest first" : "")
+      : head + "No results. Try other words or fewer filters.");
   } catch (err) {
     if (mine === busy) setStatus(err.message, true);
+  } finally {
+    inflight--;
   }
 }
 
@@ -132,12 +169,12 @@ function setStatus(text, error) {
 }
 
 // ---- rendering ------------------------------------------------------------------------------------
-function renderHits(hits) {
+function renderHits(hits, poor) {
   const grid = $("grid");
   for (const h of hits) {
     const card = document.createElement("button");
     card.type = "button";
-    card.className = "card";
+    card.className = "card" + (h.good ? " good" : "") + (poor ? " poor" : "");
     card.dataset.id = h.id;
     card.title = h.path;
     const img = document.createElement("img");
@@ -155,7 +192,8 @@ function renderHits(hits) {
     score.textContent = h.score.toFixed(3);
     score.title = (h.itm === null ? `similarity ${h.similarity.toFixed(3)}` :
       `re-ranked: ITM ${h.itm.toFixed(2)}, similarity ${h.similarity.toFixed(3)}`) +
-      (h.matches && h.matches.length ? " · words matched" : "");
+      (h.matches && h.matches.length ? " · words matched" : "") +
+      (h.calibrated === null ? "" : ` · match ${h.calibrated.toFixed(1)}${h.good ? " (good)" : ""}`);
     if (h.matches && h.matches.length) card.classList.add("worded");
     meta.append(name, score);
     card.append(img, meta);
@@ -320,7 +358,8 @@ function bytes(n) {
 }
 
 function filtersOf(s) {
-  return { folder: s.folder, ext: s.ext, after: s.after, until: s.until, mode: s.mode, rerank: s.rerank };
+  return { folder: s.folder, ext: s.ext, after: s.after, until: s.until, mode: s.mode, rerank: s.rerank,
+    good: s.good, sort: s.sort };
 }
 
 // ---- image queries: picker, drop, paste -----------------------------------------------------------
@@ -374,6 +413,8 @@ function wire() {
     });
   }
   $("rerank").addEventListener("change", () => go(Object.assign({}, state, { rerank: $("rerank").checked })));
+  $("good").addEventListener("change", () => go(Object.assign({}, state, { good: $("good").checked })));
+  $("sort").addEventListener("change", () => go(Object.assign({}, state, { sort: $("sort").value })));
   $("clear-filters").addEventListener("click", () => go(Object.assign({}, state, filtersOf(blank()))));
   document.addEventListener("keydown", (e) => {
     const typing = ["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName);
@@ -402,12 +443,41 @@ async function loadInfo() {
   sel.value = state.folder;
   $("rerank-wrap").hidden = !info.rerank_available;
   $("mode-wrap").hidden = !(info.words && info.words.documents);
+  $("good-wrap").hidden = !info.calibrated;
   if (state.folder || state.ext || state.after || state.until || state.mode) $("filters").hidden = false;
+  await loadAlbums();
+}
+
+async function loadAlbums() {
+  let data;
+  try { data = await api("/api/albums"); } catch (err) { return; }
+  const nav = $("albums");
+  nav.querySelectorAll("a").forEach((a) => a.remove());
+  for (const a of data.albums) {
+    const link = document.createElement("a");
+    link.href = "?album=" + encodeURIComponent(a.name);
+    link.dataset.name = a.name;
+    link.textContent = a.name;
+    link.title = `“${a.query}”, ${a.good_only ? "good matches" : "all results"} by ${a.sort}`;
+    link.addEventListener("click", (e) => { e.preventDefault(); go(Object.assign(blank(), { album: a.name })); });
+    nav.append(link);
+  }
+  nav.hidden = !data.albums.length;
+  showState();
+}
+
+// an open album is a live result: when the catalog's generation moves (photos indexed), it is run again
+async function liveAlbum() {
+  if (!state.album || inflight || seenGeneration === null) return;
+  try {
+    const h = await api("/api/health");
+    if (state.album && !inflight && h.generation !== seenGeneration) search(false);
+  } catch (err) { /* the next tick tries again */ }
 }
 
 wire();
 state = stateFromURL();
 history.replaceState({ upload: null }, "", location.href);
 showState();
-loadInfo();
-search(false);
+loadInfo().then(() => { showState(); search(false); });
+setInterval(liveAlbum, LIVE_MS);

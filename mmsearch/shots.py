@@ -3,8 +3,8 @@
 Each sample brings a small RGB thumbnail (for comparing) and its picture at the model's size (for the
 shot's vector). A new shot starts where the picture changes: the mean absolute difference of two
 consecutive thumbnails, after the best brightness scaling of one onto the other (so a fade, which only
-scales brightness, is no cut), and the distance of their colour histograms (so motion, which moves pixels
-but keeps colours, is no cut). Black frames (an intro, the bottom of a fade) and blank white frames end
+scales brightness, is no cut), and the distance of the colour histograms of their quarters (so motion,
+which moves pixels but keeps colours where they were, is no cut). Black frames (an intro, the bottom of a fade) and blank white frames end
 the shot before them and start none. A shot longer than `max_shot_s` is stored as several segments, so
 an open shot holds a bounded number of pictures and memory never grows with the video's length.
 
@@ -22,7 +22,7 @@ THUMB = 24  # side of the comparison thumbnails (pixels)
 DARK_P95 = 32  # a sample whose 95th percentile of max(R, G, B) is below this is black (luma would call blue dark)
 WHITE_MEAN, FLAT_STD = 235.0, 4.0  # ... and one this bright and this flat is blank
 CUT_RESIDUAL = 14.0  # mean |a - s*b| (0-255) above which two samples may be different shots
-CUT_HIST = 0.15  # colour-histogram distance (0-1) above which they are
+CUT_HIST = 0.15  # mean colour-histogram distance (0-1) of their quarters above which they are
 CUT_STRONG = 48.0  # a residual this large is a cut whatever the histograms say
 FADE_RATIO = 0.7  # a sample dimmer than this share of its shot's brightest is a fade frame
 MAX_SHOT_S = 30.0  # a longer shot becomes segments of at most this length
@@ -67,17 +67,21 @@ def residual(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def histogram(thumb: np.ndarray) -> np.ndarray:
+    """Colour histograms of the thumbnail's four quarters [4, HIST_BINS**3], each summing to 1: colours
+    move little in a second of motion, while the same colours in other places (a swapped scene) differ."""
     q = np.clip(np.asarray(thumb, np.float32) * (HIST_BINS / 256.0), 0, HIST_BINS - 1).astype(np.int64)
     idx = (q[..., 0] * HIST_BINS + q[..., 1]) * HIST_BINS + q[..., 2]
-    h = np.bincount(idx.reshape(-1), minlength=HIST_BINS ** 3).astype(np.float32)
-    return h / max(float(h.sum()), 1.0)
+    h, w = idx.shape
+    cells = [idx[:h // 2, :w // 2], idx[:h // 2, w // 2:], idx[h // 2:, :w // 2], idx[h // 2:, w // 2:]]
+    out = np.stack([np.bincount(c.reshape(-1), minlength=HIST_BINS ** 3) for c in cells]).astype(np.float32)
+    return out / np.maximum(out.sum(axis=1, keepdims=True), 1.0)
 
 
 def is_cut(a: np.ndarray, b: np.ndarray) -> bool:
     r = residual(a, b)
     if r >= CUT_STRONG:
         return True
-    return r >= CUT_RESIDUAL and 0.5 * float(np.abs(histogram(a) - histogram(b)).sum()) >= CUT_HIST
+    return r >= CUT_RESIDUAL and 0.5 * float(np.abs(histogram(a) - histogram(b)).sum(axis=1).mean()) >= CUT_HIST
 
 
 class ShotCutter:

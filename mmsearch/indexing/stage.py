@@ -4,7 +4,8 @@ Local threads (pipeline.py), Ray actors (mmsearch.distributed) and benchmarks ca
 functions: `decode_file` in a worker (open, draft-decode, the model's PIL-side transform),
 `batch_pixels` to stack a batch for the encoder, `commit_batch` to write one batch in one SQLite
 transaction and then update the vector cache. A bad file becomes a MediaError result, never an
-exception that stops the run.
+exception that stops the run. A video decodes to a `DecodedVideo`: one picture per shot, each of
+which the encoder embeds like a photo, and the commit writes as one row per shot.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from mmsearch import media
+from mmsearch import media, video
 from mmsearch.errors import MediaError
 from mmsearch.indexing import scan
 from mmsearch.indexing.plan import Plan, safe_hash
@@ -37,6 +38,10 @@ class IndexSummary:
     encode_seconds: float = 0.0  # of which the image tower itself ran (the rest: waiting for decodes, commits)
     wait_seconds: float = 0.0  # of which the encoder waited for decode threads
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
+    videos: int = 0  # of the files embedded, videos
+    shots: int = 0  # rows those videos got (one per shot)
+    skipped_videos: int = 0  # new or changed videos left alone: no video support installed
+    notices: list = field(default_factory=list)  # one-line notes for the user (the CLI prints them)
     created: bool = False  # this run created the index
     precision: str = ""  # the index's precision (part of its model record)
 
@@ -51,10 +56,31 @@ class IndexSummary:
         return d
 
 
-def decode_file(info: scan.FileInfo, image_size: int, pil_transform):
+@dataclass
+class DecodedVideo:
+    """A video as decode_file gives it: one model input per shot, and the file's facts."""
+
+    pixels: list  # the model's input for each shot's picture
+    shots: list  # (start_s, end_s, frame_s) of each
+    size: tuple  # (width, height) as displayed
+    duration_s: float
+    taken_at: Optional[float]
+    quick_hash: Optional[str]
+
+
+def inputs_of(result) -> list:
+    """The encoder inputs of one good decode result: one for a photo, one per shot for a video."""
+    return result.pixels if isinstance(result, DecodedVideo) else [result[0]]
+
+
+def decode_file(info: scan.FileInfo, image_size: int, pil_transform, video_frames: int = video.DEFAULT_FRAMES):
     """Runs in a worker thread: open + draft-decode + the model's PIL-side transform (resize, crop).
-    Returns (pixels, original size, date, quick hash) or the MediaError."""
+    Returns (pixels, original size, date, quick hash), a DecodedVideo, or the MediaError."""
     try:
+        if video.is_video(info.path):
+            v = video.read_shots(info.path, image_size, frames=video_frames, prepare=pil_transform)
+            return DecodedVideo([s.image for s in v.shots], [(s.start_s, s.end_s, s.frame_s) for s in v.shots],
+                                (v.width, v.height), v.duration_s, v.taken_at, safe_hash(info.path))
         img = media.load_image(info.path, min_size=image_size)
         orig = img.info.get("original_size", img.size)
         return pil_transform(img), orig, media.image_date(info.path), safe_hash(info.path)
@@ -94,15 +120,30 @@ def batch_pixels(encoder, items):
 
 def commit_batch(cat: Catalog, plan: Plan, vectors, good, bad, emb, toks, summary: IndexSummary,
                   also: Optional[Callable[[Catalog], None]] = None) -> None:
-    """One transaction per batch; `also` adds an executor's own bookkeeping to the same transaction."""
+    """One transaction per batch; `also` adds an executor's own bookkeeping to the same transaction.
+    `emb` (and `toks`) hold the rows of inputs_of(result) of each good result, in order."""
     new_ids, removed = [], []
+    offset = 0
     with cat.transaction():
         if also is not None:
             also(cat)
-        for j, (f, (_, orig, taken_at, qhash)) in enumerate(good):
-            row = dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, quick_hash=qhash, width=int(orig[0]),
-                       height=int(orig[1]), taken_at=taken_at, ext=Path(f.path).suffix.lower())
-            new_ids.append(cat.insert_image(row, emb[j], None if toks is None else toks[j]))
+        for f, result in good:
+            n = len(inputs_of(result)) if isinstance(result, DecodedVideo) else 1
+            e, t = emb[offset:offset + n], None if toks is None else toks[offset:offset + n]
+            offset += n
+            row = dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, ext=Path(f.path).suffix.lower())
+            if isinstance(result, DecodedVideo):
+                row.update(quick_hash=result.quick_hash, width=int(result.size[0]), height=int(result.size[1]),
+                           taken_at=result.taken_at, duration_s=float(result.duration_s))
+                ids, replaced = cat.insert_video(row, result.shots, e, t)
+                new_ids += ids
+                removed += replaced
+                summary.videos += 1
+                summary.shots += len(ids)
+            else:
+                _, orig, taken_at, qhash = result
+                row.update(quick_hash=qhash, width=int(orig[0]), height=int(orig[1]), taken_at=taken_at)
+                new_ids.append(cat.insert_image(row, e[0], None if t is None else t[0]))
             if f.path in plan.update_ids:
                 summary.updated += 1
                 removed.append(plan.update_ids[f.path])
@@ -111,9 +152,11 @@ def commit_batch(cat: Catalog, plan: Plan, vectors, good, bad, emb, toks, summar
         cat.clear_failures([f.path for f, _ in good])
         for f, err in bad:
             cat.record_failure(f.path, f.size, f.mtime_ns, err.reason)
-            if f.path in plan.update_ids:  # it was indexed, and is now broken: drop the stale row
-                cat.delete_images([plan.update_ids[f.path]])
-                removed.append(plan.update_ids[f.path])
+            if f.path in plan.update_ids:  # it was indexed, and is now broken: drop the stale rows
+                old = plan.update_ids[f.path]
+                gone = [old] + cat.video_shot_ids([old])
+                cat.delete_images(gone)
+                removed += gone
             summary.failures.append((f.path, err.reason))
         cat.bump_generation()
     vectors.remove(removed)

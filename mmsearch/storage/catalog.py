@@ -21,11 +21,15 @@ import numpy as np
 
 from mmsearch.config import SCHEMA_VERSION
 from mmsearch.errors import IndexNotFoundError, IndexVersionError
-from mmsearch.storage.schema import (CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, from_blobs,  # noqa: F401
-                                     sqlite_utils_without_pandas, to_blob)
+from mmsearch.storage.schema import (CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, VIDEO_COLUMNS,  # noqa: F401
+                                     file_path, from_blobs, is_shot_path, sqlite_utils_without_pandas, to_blob)
 from mmsearch.storage.texts import TextRows
+from mmsearch.storage.videos import VideoRows
 
-class Catalog(TextRows):
+ROW_COLUMNS = ("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext")
+
+
+class Catalog(TextRows, VideoRows):
     """One index's SQLite catalog. Create with `Catalog.create`, open with `Catalog.open`."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection):
@@ -89,7 +93,7 @@ class Catalog(TextRows):
     def _add_indices(self) -> None:
         """Additive schema (CREATE ... IF NOT EXISTS): catalogs written before an index existed get it."""
         have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        if not {"images_state", "images_date", "images_ext"} <= have:
+        if not {"images_state", "images_date", "images_ext", "images_video", "images_shots"} <= have:
             try:
                 with self.conn:
                     self.conn.executescript(SCHEMA)
@@ -149,17 +153,21 @@ class Catalog(TextRows):
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]
 
     def image_states(self) -> dict[str, tuple]:
-        """path -> (id, size, mtime_ns, quick_hash), for the incremental diff."""
-        return {r[0]: r[1:] for r in self.conn.execute("SELECT path, id, size, mtime_ns, quick_hash FROM images")}
+        """path -> (id, size, mtime_ns, quick_hash) of every file (a video by its own row, not its shots)."""
+        return {r[0]: r[1:] for r in self.conn.execute("SELECT path, id, size, mtime_ns, quick_hash FROM images")
+                if not is_shot_path(r[0])}
 
     def image_states_under(self, root: str) -> Iterator[tuple]:
         """(path, id, size, mtime_ns, quick_hash) of the images at or under `root`, ascending by path,
-        streamed from the covering index: the incremental diff never holds the whole catalog."""
+        streamed from the covering index: the incremental diff never holds the whole catalog. A video is
+        its file's row; its other shots (whose paths sort right after it) are not files and are skipped."""
         root = root.rstrip("/") or "/"
         prefix = root if root.endswith("/") else root + "/"
-        yield from self.conn.execute(
-            "SELECT path, id, size, mtime_ns, quick_hash FROM images INDEXED BY images_state "
-            "WHERE (path >= ? AND path < ?) OR path = ? ORDER BY path", (prefix, prefix[:-1] + "0", root))
+        for row in self.conn.execute(
+                "SELECT path, id, size, mtime_ns, quick_hash FROM images INDEXED BY images_state "
+                "WHERE (path >= ? AND path < ?) OR path = ? ORDER BY path", (prefix, prefix[:-1] + "0", root)):
+            if not is_shot_path(row[0]):
+                yield row
 
     def insert_image(self, row: dict, embedding: np.ndarray, tokens: Optional[np.ndarray] = None) -> int:
         cols = dict(row, embedding=to_blob(embedding), indexed_at=time.time(),
@@ -208,14 +216,21 @@ class Catalog(TextRows):
         self.conn.executemany("DELETE FROM images WHERE id=?", [(int(i),) for i in ids])
 
     def rows(self, ids: Iterable[int]) -> dict[int, dict]:
+        """{id: row} with the file's path; a video's rows also carry video_id, start_s, end_s, frame_s, duration_s."""
         ids = [int(i) for i in ids]
+        names = ROW_COLUMNS + (VIDEO_COLUMNS if self.has_video_columns() else ())
         out = {}
         for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
             chunk = ids[start:start + 900]
-            q = (f"SELECT id, path, size, mtime_ns, width, height, taken_at, ext FROM images "
-                 f"WHERE id IN ({','.join('?' * len(chunk))})")
+            q = f"SELECT {', '.join(names)} FROM images WHERE id IN ({','.join('?' * len(chunk))})"
             for r in self.conn.execute(q, chunk):
-                out[r[0]] = dict(zip(("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext"), r))
+                row = dict(zip(names, r))
+                if row.get("video_id") is None:
+                    for c in VIDEO_COLUMNS:
+                        row.pop(c, None)
+                else:
+                    row["path"] = file_path(row["path"])
+                out[r[0]] = row
         return out
 
     def id_for_path(self, path: str) -> Optional[int]:

@@ -47,6 +47,9 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
                    "VNNI/AMX; amp-fp16 is for CUDA and MPS.")
 @click.option("--batch-size", default=None, type=int, help="Images per encoder batch [default: 32, 256 on CUDA].")
 @click.option("--workers", default=None, type=int, help="Decoding threads [default: CPU count, max 4; 16 on a GPU].")
+@click.option("--video-frames", default=None, type=click.IntRange(1, 100_000), metavar="N",
+              help="Frames sampled per video at most (keyframes, at most one a second): a long film is sampled "
+                   "N times, evenly  [default: 300].")
 @click.option("--exclude", multiple=True, help="Glob of paths to skip (repeatable), e.g. '*/thumbs/*'.")
 @click.option("--hidden", is_flag=True, help="Also index hidden files and folders.")
 @click.option("--factory", default=None,
@@ -58,19 +61,24 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
 @ray_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @with_bar("embed")
-def index(paths, index_dir, model, pretrained, checkpoint, device, precision, batch_size, workers, exclude, hidden,
-          factory, max_index_memory, reranker, ray_address, ray_actors, as_json, progress):
-    """Index image folders (or files): new and changed files are embedded, moved ones reuse their
-    embedding, deleted ones are removed. Re-running on an unchanged folder embeds nothing."""
+def index(paths, index_dir, model, pretrained, checkpoint, device, precision, batch_size, workers, video_frames,
+          exclude, hidden, factory, max_index_memory, reranker, ray_address, ray_actors, as_json, progress):
+    """Index image and video folders (or files): new and changed files are embedded (a video as its
+    shots), moved ones reuse their embedding, deleted ones are removed. Re-running on an unchanged folder
+    embeds nothing."""
     yielding_openmp()
     from mmsearch.indexing.pipeline import index_folders
+    from mmsearch.video import DEFAULT_FRAMES
 
     executor = ray_executor(ray_address, ray_actors, device, precision, batch_size, workers)
     summary = index_folders(index_dir_of(index_dir), paths, spec=model_spec(model, pretrained, checkpoint),
                             batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden,
                             factory=factory, reranker=reranker, device=device, precision=precision,
-                            executor=executor, progress=progress, max_index_memory=max_index_memory)
+                            executor=executor, progress=progress, max_index_memory=max_index_memory,
+                            video_frames=video_frames or DEFAULT_FRAMES)
     progress.close()
+    for note in summary.notices:
+        click.secho(note, fg="yellow", err=True)
     if as_json:
         emit_json(dict(summary.to_dict(), **({"ray": executor.stats} if executor else {})))
         return
@@ -90,7 +98,8 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
     if s.embedded == 0 and not (s.moved or s.removed):
         click.echo(f"nothing to embed: {s.unchanged} unchanged, {s.failed} failed")
     rate = f" (embedding {s.embedded / s.embed_seconds:.1f} img/s)" if s.embedded and s.embed_seconds else ""
-    click.echo(f"added {s.added}, updated {s.updated}, unchanged {s.unchanged}, moved {s.moved}, "
+    shots = f" ({s.videos} videos: {s.shots} shots)" if s.videos else ""
+    click.echo(f"added {s.added}, updated {s.updated}{shots}, unchanged {s.unchanged}, moved {s.moved}, "
                f"removed {s.removed}, failed {s.failed} in {s.seconds:.1f}s{rate}")
 
 
@@ -107,7 +116,9 @@ def info(index_dir, as_json):
     if as_json:
         return emit_json(data)
     m = data["model"]
-    rows = [("index", data["index"]), ("images", data["images"]), ("failed", data["failed"]),
+    rows = [("index", data["index"]), ("images", data["images"]),
+            *([("videos", f"{data['videos']} ({data['shots']} shots, counted in images)")] if data.get("videos") else []),
+            ("failed", data["failed"]),
             ("vectors", data["vectors"]), ("texts", data["texts"]),
             ("model", ModelSpec.from_dict(m).describe()), ("fingerprint", m["fingerprint"]),
             ("precision", data["precision"]), ("dim", data["dim"]),

@@ -127,7 +127,13 @@ def render_hits(hits, as_json, as_paths, key):
     elif not hits:
         click.echo("no results", err=True)
     else:
+        from mmsearch.search.moments import clock
+
         click.echo(f"{'rank':>4}  {'score':>6}  {key}")
-        for h in hits:
-            click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {h[key]}")
+        for h in hits:  # a video's moment: path @ 01:23 (its shot's start), and its other moments after it
+            where = ""
+            if h.get("start_s") is not None:
+                more = [clock(m["start_s"]) for m in h.get("moments", [])[1:]]
+                where = f" @ {clock(h['start_s'])}" + (f"  (also {', '.join(more)})" if more else "")
+            click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {h[key]}{where}")
 

@@ -18,7 +18,7 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
 @click.option("-k", "k", default=10, show_default=True, help="Number of results.")
 @output_options
 @click.option("--under", type=click.Path(file_okay=False), help="Only images under this folder.")
-@click.option("--ext", "exts", help="Only these extensions, comma-separated, e.g. jpg,png.")
+@click.option("--ext", "exts", help="Only these extensions, comma-separated, e.g. jpg,png (or mp4 for videos).")
 @click.option("--after", help="Only images taken on/after DATE (EXIF date, else file mtime).")
 @click.option("--before", help="Only images taken before DATE.")
 @click.option("--min-score", type=float, default=None, help="Drop results scoring below X.")
@@ -27,9 +27,12 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
               help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the blend the re-ranker "
                    "was fitted to on validation data].")
+@click.option("--group/--no-group", default=True, show_default=True,
+              help="One hit per video at its best moment, its other matching moments beside it; --no-group: "
+                   "every matching shot is a hit of its own.")
 @device_option
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
-           rerank, rerank_k, alpha, device):
+           rerank, rerank_k, alpha, group, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
     from mmsearch.search.filters import Filters
     from mmsearch.search.query import Searcher
@@ -41,7 +44,7 @@ def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, ex
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
     else:
         hits = searcher.search(query, images, k=k, filters=filters, min_score=min_score, rerank=rerank,
-                               rerank_k=rerank_k, alpha=alpha)
+                               rerank_k=rerank_k, alpha=alpha, group=group)
     hits = [h.to_dict() for h in hits]
     for note in dict.fromkeys(searcher.store.notices):  # e.g. a family whose text queries need torch
         click.secho(note, fg="yellow", err=True)

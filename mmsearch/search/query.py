@@ -17,6 +17,7 @@ import numpy as np
 from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import EmptyIndexError, QueryError
+from mmsearch.search import moments as video_moments
 from mmsearch.search.filters import Filters
 from mmsearch.storage.store import IndexStore
 
@@ -49,6 +50,13 @@ class Hit:
     width: Optional[int] = None
     height: Optional[int] = None
     row: Optional[dict] = field(default=None, repr=False, compare=False)
+    # a video's moment: its video (the id of the file's row), the shot's times and its other matching moments
+    video_id: Optional[int] = None
+    start_s: Optional[float] = None
+    end_s: Optional[float] = None
+    frame_s: Optional[float] = None
+    duration_s: Optional[float] = None
+    moments: Optional[list] = None
 
     def __getitem__(self, key: str):
         """hit["text"], as when search_texts returned dicts: scripts written then keep working."""
@@ -56,7 +64,7 @@ class Hit:
 
     @property
     def kind(self) -> str:
-        return "text" if self.text is not None else "image"
+        return "text" if self.text is not None else "video" if self.video_id is not None else "image"
 
     def to_dict(self) -> dict:
         if self.kind == "text":
@@ -66,6 +74,9 @@ class Hit:
              "similarity": self.similarity, "itm": self.itm}
         d.update((k, v) for k, v in (("taken_at", self.taken_at), ("width", self.width), ("height", self.height))
                  if v is not None)
+        if self.video_id is not None:
+            d.update(kind="video", video_id=self.video_id, start_s=self.start_s, end_s=self.end_s,
+                     frame_s=self.frame_s, duration_s=self.duration_s, moments=self.moments or [])
         return d
 
 
@@ -130,11 +141,17 @@ class Searcher:
             toks = cat.tokens([image_id], self.store.token_shape()).get(image_id)
             if toks is not None:
                 return cat.embeddings(self.store.dim, [image_id])[1][0], toks.astype(np.float32)
-        from mmsearch.media import load_image
-
         # the index's own image tower (ONNX, its precision) unless re-ranker tokens need torch
         enc = self.store.image_embedder() if token_grid is None else self.store.encoder()
-        img = load_image(path, min_size=enc.image_size)
+        frame_s = cat.rows([image_id]).get(image_id, {}).get("frame_s") if image_id is not None else None
+        if frame_s is not None:  # a video's shot: its frame
+            from mmsearch.video import frame_at
+
+            img = frame_at(path, frame_s, enc.image_size)
+        else:
+            from mmsearch.media import load_image
+
+            img = load_image(path, min_size=enc.image_size)
         out = enc.encode_images([img], token_grid=token_grid)
         return (out[0][0], out[1][0]) if token_grid else (out[0], None)
 
@@ -165,11 +182,13 @@ class Searcher:
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
-               offset: int = 0, filters: Optional[Filters] = None) -> list[Hit]:
+               offset: int = 0, filters: Optional[Filters] = None, group: bool = True) -> list[Hit]:
         """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
         after, before; mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
         text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
-        Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap."""
+        Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap.
+        A video's shots are ranked as photos; `group` folds them into one hit per video (search/moments.py),
+        at the rank of its best moment, and pages count those hits."""
         if filters is None:
             filters = Filters.parse(under=under, exts=exts, after=after, before=before)
         terms = parse_query(query, images, ids, paths=self.allow_paths)
@@ -192,15 +211,30 @@ class Searcher:
             if (len(ids) >= total) if excluded else (len(ids) == 0):
                 return []
         depth = max(offset + k, rerank_k) if rerank else offset + k
-        scores, found = self._search_vectors(vec, depth, selection)
-        pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
+        videos = group and cat.has_videos()
+        times: dict = {}
+        total = self.store.image_vectors().ntotal
+        if videos:
+            depth = max(depth, (offset + k) * video_moments.GROUP_DEPTH)
+        while True:
+            scores, found = self._search_vectors(vec, depth, selection)
+            pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
+            if not videos:
+                break
+            times = cat.shot_times([i for i, _ in pairs])
+            if video_moments.count_groups([i for i, _ in pairs], times) >= offset + k or len(pairs) < depth \
+                    or depth >= total:
+                break
+            depth *= 4  # many shots of few videos: look deeper until the page fills
         itm = {}
         if rerank and pairs:
             itm = self._rerank_images(states, [i for i, _ in pairs[:max(k, rerank_k)]])
-        hits = _order(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)[offset:]
+        ordered = _order(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)
+        grouped = video_moments.group(ordered, times, offset + k) if videos else [(*o, None) for o in ordered]
+        hits = grouped[offset:]
         rows = cat.rows([i for i, *_ in hits[:k]])
         out = []
-        for i, final, sim, logit in hits:
+        for i, final, sim, logit, moments in hits:
             if len(out) == k:
                 break
             if min_score is not None and final < min_score:
@@ -209,7 +243,9 @@ class Searcher:
             if r is None:
                 continue  # removed by a concurrent indexing run
             out.append(Hit(rank=offset + len(out) + 1, score=final, id=i, similarity=sim, itm=logit, path=r["path"],
-                           taken_at=r["taken_at"], width=r["width"], height=r["height"], row=r))
+                           taken_at=r["taken_at"], width=r["width"], height=r["height"], row=r,
+                           video_id=r.get("video_id"), start_s=r.get("start_s"), end_s=r.get("end_s"),
+                           frame_s=r.get("frame_s"), duration_s=r.get("duration_s"), moments=moments))
         return out
 
     def _search_vectors(self, vec: np.ndarray, depth: int, selection: Optional[tuple[np.ndarray, bool]]):

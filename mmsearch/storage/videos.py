@@ -83,6 +83,11 @@ class VideoRows:
                 out[r[0]] = dict(zip(VIDEO_COLUMNS, r[1:]))
         return out
 
+    def has_videos(self) -> bool:
+        """O(1) through the partial index: the query path asks it on every search."""
+        return self.has_video_columns() and self.conn.execute(
+            "SELECT 1 FROM images INDEXED BY images_video WHERE video_id IS NOT NULL LIMIT 1").fetchone() is not None
+
     def count_videos(self) -> tuple[int, int]:
         """(videos, their shots)."""
         if not self.has_video_columns():

@@ -40,7 +40,7 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), uplo
         raise ApiError(400, "empty query: give q (text or weighted terms), id (an indexed image) or upload an image")
     started = time.perf_counter()
     hits = st.searcher.search(p.q, images, k=p.k, filters=p.filters, rerank=p.rerank, rerank_k=p.rerank_k,
-                              ids=p.ids, offset=p.offset)
+                              ids=p.ids, offset=p.offset, group=p.group)
     out = [hit_json(h) for h in hits]
     # a plain JSONResponse: FastAPI's generic encoder walking every hit cost more than the search itself
     return JSONResponse({"query": dict(p.echo(), upload=upload), "hits": out, "more": len(hits) == p.k,
@@ -49,9 +49,14 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), uplo
 
 
 def hit_json(h) -> dict:
-    return {"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
-            "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
-            "thumbnail": thumb_url(h.row)}
+    out = {"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
+           "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
+           "thumbnail": thumb_url(h.row)}
+    if h.video_id is not None:  # a moment: the video is served by its own id, each moment has its frame
+        out.update(kind="video", video_id=h.video_id, start_s=h.start_s, end_s=h.end_s, frame_s=h.frame_s,
+                   duration_s=h.duration_s, file=f"/api/images/{h.video_id}/file",
+                   moments=[dict(m, thumbnail=thumb_url(h.row, 128, m["id"])) for m in (h.moments or [])])
+    return out
 
 
 @router.get("/images/{image_id}/texts")

@@ -24,10 +24,11 @@ class SearchParams:
     filters: Filters
     rerank: Optional[bool]
     rerank_k: int
+    group: bool = True
 
     def echo(self) -> dict:
         return {"q": self.q, "id": self.ids, "k": self.k, "offset": self.offset, **self.filters.to_dict(),
-                "rerank": self.rerank, "rerank_k": self.rerank_k}
+                "rerank": self.rerank, "rerank_k": self.rerank_k, "group": self.group}
 
 
 def search_params(
@@ -42,6 +43,7 @@ def search_params(
         until: Optional[str] = Query(None, description="Taken on/before YYYY-MM-DD (inclusive; instead of before)."),
         rerank: Optional[bool] = Query(None, description="Re-rank with the fusion model [default: when configured]."),
         rerank_k: int = Query(DEFAULT_RERANK_K, ge=1, le=1000, description="Candidates the re-ranker re-scores."),
+        group: bool = Query(True, description="One hit per video at its best moment (false: one per shot)."),
 ) -> SearchParams:
     if any(not 0 <= i < MAX_ID for i in id):
         raise ApiError(400, "id: must be a catalog id (a non-negative integer)")
@@ -53,4 +55,4 @@ def search_params(
     except FilterError as exc:
         raise ApiError(400, f"{exc} (folders: see /api/info)" if str(exc).startswith("folder") else str(exc)) from None
     return SearchParams(q=q if q and q.strip() else None, ids=list(id), k=k, offset=offset, filters=filters,
-                        rerank=rerank, rerank_k=rerank_k)
+                        rerank=rerank, rerank_k=rerank_k, group=group)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.schema import file_path
 from mmsearch.search.query import Searcher
 from mmsearch.storage.store import IMAGE_VECTORS, IndexStore
 from mmsearch.serve.errors import ApiError
@@ -127,19 +128,24 @@ class ServeState:
     def describe(self, row: dict) -> dict:
         """Metadata of one row, as the API shows it."""
         i = row["id"]
-        return dict(id=i, path=row["path"], name=os.path.basename(row["path"]), folder=os.path.dirname(row["path"]),
-                    size=row["size"], mtime=row["mtime_ns"] / 1e9, taken_at=row["taken_at"], width=row["width"],
-                    height=row["height"], ext=row["ext"], thumbnail=thumb_url(row), file=f"/api/images/{i}/file")
+        out = dict(id=i, path=row["path"], name=os.path.basename(row["path"]), folder=os.path.dirname(row["path"]),
+                   size=row["size"], mtime=row["mtime_ns"] / 1e9, taken_at=row["taken_at"], width=row["width"],
+                   height=row["height"], ext=row["ext"], thumbnail=thumb_url(row), file=f"/api/images/{i}/file")
+        if row.get("video_id") is not None:  # a video's shot: the video (served by its own id) and the shot's times
+            out.update(kind="video", video_id=row["video_id"], start_s=row["start_s"], end_s=row["end_s"],
+                       frame_s=row["frame_s"], duration_s=row["duration_s"],
+                       file=f"/api/images/{row['video_id']}/file")
+        return out
 
     def folders(self, limit: int = 500) -> list[str]:
         """Folders holding indexed images (for the page's folder filter), cached per catalog generation."""
         gen = self.store.catalog.generation()
         if self._folders[0] != gen:
-            seen = {os.path.dirname(p) for (p,) in self.store.catalog.conn.execute("SELECT path FROM images")}
+            seen = {os.path.dirname(file_path(p)) for (p,) in self.store.catalog.conn.execute("SELECT path FROM images")}
             self._folders = (gen, sorted(seen)[:limit])
         return self._folders[1]
 
 
-def thumb_url(row: dict, size: int = 256) -> str:
+def thumb_url(row: dict, size: int = 256, image_id: Optional[int] = None) -> str:
     # the file's mtime is in the URL: a changed file gets a new URL, so browsers may cache forever
-    return f"/api/images/{row['id']}/thumb?size={size}&v={row['mtime_ns']}"
+    return f"/api/images/{row['id'] if image_id is None else image_id}/thumb?size={size}&v={row['mtime_ns']}"

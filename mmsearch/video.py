@@ -197,8 +197,13 @@ def _picture(frame, short_side: int, rotation: int):
 
 
 def _frame_time(frame, v: _Opened) -> Optional[float]:
-    t = frame.time
-    return None if t is None else max(0.0, float(t) - v.start)
+    """Seconds from the start, from the frame's pts in the stream's time base (a frame flushed out of the
+    decoder's threads may carry no time base of its own, and its `time` is then NaN)."""
+    ts = frame.pts if frame.pts is not None else frame.dts
+    tb = v.stream.time_base
+    if ts is None or not tb:
+        return None
+    return max(0.0, float(ts * tb) - v.start)
 
 
 def _rotation(frame) -> int:

@@ -68,3 +68,19 @@ class DistributedError(MmsearchError):
 
 class TrainingError(MmsearchError):
     """A training run cannot start or continue as asked (bad batch split, precision, world size)."""
+
+
+class IndexBusyError(MmsearchError):
+    """Another process (or thread) is writing the index: one writer at a time (mmsearch.storage.lock)."""
+
+
+class IndexReadOnlyError(MmsearchError):
+    """The index folder or its catalog cannot be written (permissions, a read-only disk): search only."""
+
+
+class CatalogCorruptError(MmsearchError):
+    """The catalog's SQLite file is damaged or not a database; the message says what to do."""
+
+
+class NonFiniteVectorError(MmsearchError):
+    """A vector holds NaN or infinity; it is refused wherever vectors come in (mmsearch.storage.schema.check_finite)."""

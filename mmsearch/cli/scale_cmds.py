@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import emit_json, index_dir_of, index_option, model_options, model_spec, output_options, with_bar
+from mmsearch.cli.options import (echo_path, emit_json, index_dir_of, index_option, model_options, model_spec,
+                                  output_options, shown, with_bar)
 
 
 @cli.command()
@@ -28,11 +29,13 @@ def dupes(index_dir, threshold, as_json, as_paths, progress):
         if as_json:
             emit_json(g)
         elif as_paths:  # one group per paragraph, for `xargs` and friends
-            click.echo("\n".join(g["paths"]) + "\n")
+            for p in g["paths"]:
+                echo_path(p)
+            click.echo()
         else:
             click.echo(f"group {g['group']}: {g['size']} images, min cosine {g['min_score']:.3f}")
             for p in g["paths"]:
-                click.echo(f"  {p}")
+                click.echo(f"  {shown(p)}")
     if not groups and not as_json:
         click.echo("no near-duplicates", err=True)
 

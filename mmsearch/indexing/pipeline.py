@@ -2,7 +2,8 @@
 
 Incremental and exact (plan.py has the rules). Every batch is one SQLite transaction, so a kill at
 any point loses at most the batch in flight; the FAISS file is a cache rebuilt from the catalog when
-it is stale.
+it is stale, and repaired from the stored embeddings when it lacks rows the catalog has. A run holds
+the index's writer lock throughout (mmsearch.storage.lock): a second writer is refused at once.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, 
                                      decode_file, inputs_of, worker_transform)
 from mmsearch import video
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.lock import writer_lock
 from mmsearch.storage.store import IndexStore
 
 __all__ = ["index_folders", "IndexSummary"]
@@ -38,14 +40,22 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
     (None: the index's own, devices.default_precision for a new one) is recorded in the index. `executor` replaces the local
     decode -> encode stage (mmsearch.distributed: Ray) for photos; planning, committing and videos (one file,
-    many rows) stay here either way. `video_frames`: the frames sampled per video at most."""
-    from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
-
+    many rows) stay here either way. `video_frames`: the frames sampled per video at most.
+    The whole run holds the index's writer lock: IndexBusyError at once when another writer has it."""
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     for r in roots:
         if not os.path.exists(r):
             raise MediaError(r, "no such file or folder")
+    with writer_lock(index_dir):
+        return _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory,
+                             reranker, device, precision, executor, progress, max_index_memory, video_frames)
+
+
+def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory, reranker,
+                  device, precision, executor, progress, max_index_memory, video_frames) -> IndexSummary:
+    from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
+
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
     dev = select_device(device if executor is None else "cpu")
     created = not Catalog.exists(index_dir)
@@ -55,6 +65,8 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         check_precision(precision, dev)
     store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
                                       precision=precision, max_index_memory=max_index_memory)
+    if not created:
+        store.catalog.check_integrity()  # a damaged catalog is refused before anything is written to it
     if executor is None:  # the index's precision must run here, checked before anything changes
         check_precision(store.precision, dev)
     if factory and factory != store.factory:
@@ -68,8 +80,10 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         cat.set_meta(roots=sorted(set(store.meta.get("roots") or []) | set(roots)))
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
                            created=created, precision=store.precision)
-    # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images)
-    unchanged = not (plan.embed or plan.moves or plan.deleted_ids) and store.vectors_fresh()
+    # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images),
+    # unless it counts fewer or more vectors than the catalog has rows (then it is repaired below)
+    unchanged = not (plan.embed or plan.moves or plan.deleted_ids) and store.vectors_fresh() \
+        and store.vectors_complete()
     vectors = None if unchanged else store.vectors_for_update()
 
     if plan.skipped_videos:
@@ -115,6 +129,10 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         store.export_fast_text()
         store.share_exports()
     if vectors is not None:
+        summary.repaired = store.repair_vectors(vectors)
+        if summary.repaired:  # a server holding the damaged vectors at this generation reloads them
+            with cat.transaction():
+                cat.bump_generation()
         store.save_vectors(vectors, progress=progress)
     summary.failed = len(summary.failures) + plan.known_failed
     summary.seconds = time.perf_counter() - t0

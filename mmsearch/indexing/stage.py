@@ -21,6 +21,9 @@ from mmsearch.errors import MediaError
 from mmsearch.indexing import scan
 from mmsearch.indexing.plan import Plan, safe_hash
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.schema import non_finite_rows
+
+NON_FINITE = "the model gave a non-finite embedding (NaN or infinity) for this image"
 
 Progress = Optional[Callable[..., None]]
 
@@ -37,6 +40,7 @@ class IndexSummary:
     embed_seconds: float = 0.0  # decoding + encoding only, without model loading
     encode_seconds: float = 0.0  # of which the image tower itself ran (the rest: waiting for decodes, commits)
     wait_seconds: float = 0.0  # of which the encoder waited for decode threads
+    repaired: int = 0  # vectors added to (or dropped from) the FAISS file to match the catalog's rows
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
     videos: int = 0  # of the files embedded, videos
     shots: int = 0  # rows those videos got (one per shot)
@@ -121,8 +125,18 @@ def batch_pixels(encoder, items):
 def commit_batch(cat: Catalog, plan: Plan, vectors, good, bad, emb, toks, summary: IndexSummary,
                   also: Optional[Callable[[Catalog], None]] = None) -> None:
     """One transaction per batch; `also` adds an executor's own bookkeeping to the same transaction.
-    `emb` (and `toks`) hold the rows of inputs_of(result) of each good result, in order."""
+    `emb` (and `toks`) hold the rows of inputs_of(result) of each good result, in order. A file any of whose
+    embeddings is not finite becomes a failure like an undecodable one (never a crash)."""
     new_ids, removed = [], []
+    if good and len(bad_rows := non_finite_rows(emb)):
+        counts = [len(inputs_of(r)) if isinstance(r, DecodedVideo) else 1 for _, r in good]
+        owner = np.repeat(np.arange(len(good)), counts)  # the good item each embedding row belongs to
+        broken = sorted(set(owner[bad_rows].tolist()))
+        keep_rows = ~np.isin(owner, broken)
+        bad = list(bad) + [(good[j][0], MediaError(good[j][0].path, NON_FINITE)) for j in broken]
+        good = [g for j, g in enumerate(good) if j not in set(broken)]
+        emb = np.asarray(emb)[keep_rows]
+        toks = None if toks is None else np.asarray(toks)[keep_rows]
     offset = 0
     with cat.transaction():
         if also is not None:

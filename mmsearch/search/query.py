@@ -16,9 +16,11 @@ import numpy as np
 
 from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
-from mmsearch.errors import EmptyIndexError, QueryError
+from mmsearch.errors import EmptyIndexError, NonFiniteVectorError, QueryError
 from mmsearch.search import moments as video_moments
 from mmsearch.search.filters import Filters
+from mmsearch.storage.fsnames import display
+from mmsearch.storage.schema import check_finite
 from mmsearch.storage.store import IndexStore
 
 DEFAULT_RERANK_K = 32
@@ -104,6 +106,7 @@ def parse_query(query: Optional[str], images: Sequence[str] = (), ids: Sequence[
             m = _WEIGHT.match(raw)
             if m:
                 weight, body = float(m.group(1)), m.group(2)
+                _finite([weight], f"the weight of term {body!r}")
             if sign == "-":
                 weight = -weight
             is_path = paths and _is_image_path(body)
@@ -153,7 +156,9 @@ class Searcher:
 
             img = load_image(path, min_size=enc.image_size)
         out = enc.encode_images([img], token_grid=token_grid)
-        return (out[0][0], out[1][0]) if token_grid else (out[0], None)
+        vec, toks = (out[0][0], out[1][0]) if token_grid else (out[0], None)
+        _finite(vec, f"the embedding of image {display(os.path.basename(path))}")
+        return vec, toks
 
     def embed(self, terms: list[Term], want_states: bool = False):
         """(query vector [d], text token states of a single-text query or None)."""
@@ -167,11 +172,14 @@ class Searcher:
                 states = st[0] if len(terms) == 1 else None
             else:
                 emb = enc.encode_texts([t.text for t in texts])
-            for t, e in zip(texts, emb):
-                vec += t.weight * e
+            with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
+                for t, e in zip(texts, emb):
+                    vec += t.weight * e
         for t in terms:
             if t.image is not None or t.image_id is not None:
-                vec += t.weight * self._image_embedding(t.image, image_id=t.image_id)[0]
+                with np.errstate(over="ignore", invalid="ignore"):
+                    vec += t.weight * self._image_embedding(t.image, image_id=t.image_id)[0]
+        _finite(vec, "the query vector (its weights overflow)")
         norm = float(np.linalg.norm(vec))
         if norm < 1e-8:
             raise QueryError("the query terms cancel out; nothing to search for")
@@ -323,6 +331,14 @@ def _order(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
         else:  # no cached tokens: rank after every re-scored candidate
             scored.append((i, s - 10.0, s, None))
     return sorted(scored, key=lambda t: -t[1])
+
+
+def _finite(values, what: str) -> None:
+    """The shared finite check (mmsearch.storage.schema.check_finite), as a query error: a 400, one line."""
+    try:
+        check_finite(np.asarray(values, dtype=np.float64), lambda _: what, "value")
+    except NonFiniteVectorError as exc:
+        raise QueryError(str(exc)) from None
 
 
 def timed_search(searcher: Searcher, *args, **kwargs):

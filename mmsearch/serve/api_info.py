@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 
 from mmsearch.config import VERSION
 from mmsearch.serve.api_search import state
+from mmsearch.storage.fsnames import json_safe
 
 router = APIRouter(prefix="/api", tags=["info"])
 
@@ -19,7 +20,7 @@ def info(request: Request):
     data.update(version=VERSION, roots=st.roots(), folders=st.folders(),
                 rerank_available=st.store.reranker_info() is not None,
                 max_upload_bytes=st.max_upload_bytes)
-    return data
+    return json_safe(data)
 
 
 @router.get("/health")

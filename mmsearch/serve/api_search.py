@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from mmsearch.serve.errors import ApiError
+from mmsearch.storage.fsnames import json_safe
 from mmsearch.serve.params import MAX_ID, SearchParams, search_params
 from mmsearch.serve.state import ServeState, thumb_url
 from mmsearch.serve.uploads import upload_file
@@ -49,6 +50,7 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), uplo
 
 
 def hit_json(h) -> dict:
+    """A hit as the API shows it; a file name that is not UTF-8 is shown readably (fsnames.json_safe)."""
     out = {"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
            "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
            "thumbnail": thumb_url(h.row)}
@@ -56,7 +58,7 @@ def hit_json(h) -> dict:
         out.update(kind="video", video_id=h.video_id, start_s=h.start_s, end_s=h.end_s, frame_s=h.frame_s,
                    duration_s=h.duration_s, file=f"/api/images/{h.video_id}/file",
                    moments=[dict(m, thumbnail=thumb_url(h.row, 128, m["id"])) for m in (h.moments or [])])
-    return out
+    return json_safe(out)
 
 
 @router.get("/images/{image_id}/texts")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from mmsearch.storage.catalog import Catalog
-from mmsearch.storage.schema import file_path
+from mmsearch.storage.fsnames import json_safe
 from mmsearch.search.query import Searcher
 from mmsearch.storage.store import IMAGE_VECTORS, IndexStore
 from mmsearch.serve.errors import ApiError
@@ -135,14 +135,13 @@ class ServeState:
             out.update(kind="video", video_id=row["video_id"], start_s=row["start_s"], end_s=row["end_s"],
                        frame_s=row["frame_s"], duration_s=row["duration_s"],
                        file=f"/api/images/{row['video_id']}/file")
-        return out
+        return json_safe(out)  # a file name that is not UTF-8 is shown readably (fsnames.json_safe)
 
     def folders(self, limit: int = 500) -> list[str]:
         """Folders holding indexed images (for the page's folder filter), cached per catalog generation."""
         gen = self.store.catalog.generation()
         if self._folders[0] != gen:
-            seen = {os.path.dirname(file_path(p)) for (p,) in self.store.catalog.conn.execute("SELECT path FROM images")}
-            self._folders = (gen, sorted(seen)[:limit])
+            self._folders = (gen, self.store.catalog.folders()[:limit])
         return self._folders[1]
 
 

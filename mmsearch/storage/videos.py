@@ -8,6 +8,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from mmsearch.storage.fsnames import to_db
 from mmsearch.storage.schema import SHOT_SEP, VIDEO_COLUMNS, shot_path
 
 
@@ -63,10 +64,11 @@ class VideoRows:
 
     def rename_video(self, video_id: int, path: str) -> None:
         """After a move of the file (its own row already updated): its shots follow it."""
-        rows = self.conn.execute("SELECT id, path FROM images WHERE video_id=? AND id != ? AND video_id IS NOT NULL",
-                                 (int(video_id), int(video_id))).fetchall()
-        self.conn.executemany("UPDATE images SET path=? WHERE id=?",
-                              [(path + SHOT_SEP + p.split(SHOT_SEP, 1)[1], i) for i, p in rows])
+        rows = self.conn.execute("SELECT id, CAST(path AS BLOB) FROM images WHERE video_id=? AND id != ? "
+                                 "AND video_id IS NOT NULL", (int(video_id), int(video_id))).fetchall()
+        sep = SHOT_SEP.encode()
+        self.conn.executemany("UPDATE images SET path=CAST(? AS TEXT) WHERE id=?",
+                              [(to_db(path) + sep + bytes(p).split(sep, 1)[1], i) for i, p in rows])
 
     def shot_times(self, ids: Iterable[int]) -> dict[int, dict]:
         """{id: {video_id, start_s, end_s, frame_s, duration_s}} of the ids that are video shots, read

@@ -100,9 +100,10 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
                    f"(from stored embeddings)", err=True)
     if s.embedded == 0 and not (s.moved or s.removed):
         click.echo(f"nothing to embed: {s.unchanged} unchanged, {s.failed} failed")
-    rate = f" (embedding {s.embedded / s.embed_seconds:.1f} img/s)" if s.embedded and s.embed_seconds else ""
-    shots = f" ({s.videos} videos: {s.shots} shots)" if s.videos else ""
-    click.echo(f"added {s.added}, updated {s.updated}{shots}, unchanged {s.unchanged}, moved {s.moved}, "
+    rate = f" (embedding {s.embedded / s.embed_seconds:.1f} img/s)" if s.embedded and s.embed_seconds and not s.videos else ""
+    if s.videos:
+        click.echo(f"videos: {s.videos} embedded as {s.shots} shots")
+    click.echo(f"added {s.added}, updated {s.updated}, unchanged {s.unchanged}, moved {s.moved}, "
                f"removed {s.removed}, failed {s.failed} in {s.seconds:.1f}s{rate}")
 
 

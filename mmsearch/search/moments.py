@@ -29,8 +29,9 @@ def moment(row_id: int, score: float, t: dict) -> dict:
 def group(ordered: list[tuple], times: dict, page_end: int, max_moments: int = MAX_MOMENTS) -> list[tuple]:
     """ordered: [(id, final, similarity, itm)] best first; times: shot_times of the video rows among them.
     Returns [(id, final, similarity, itm, moments or None)] best first, one entry per video or photo. A
-    video's further moments are kept when they score at least what the hit at `page_end` (the last one
-    the caller shows) scores: each would have made the page on its own."""
+    video's further moments are kept when they score at least halfway from what the hit at `page_end`
+    (the last one the caller shows) scores to what the video's best moment scores: each would have made
+    the page on its own, and is closer to the best moment than to the page's weakest hit."""
     out: list[list] = []
     where: dict = {}
     for entry in ordered:
@@ -49,7 +50,8 @@ def group(ordered: list[tuple], times: dict, page_end: int, max_moments: int = M
         floor = out[min(page_end, len(out)) - 1][1]
         for g in out:
             if g[4]:
-                g[4] = g[4][:1] + [m for m in g[4][1:] if m["score"] >= floor]
+                bar = floor + 0.5 * max(0.0, g[1] - floor)
+                g[4] = g[4][:1] + [m for m in g[4][1:] if m["score"] >= bar]
     return [tuple(g) for g in out]
 
 

@@ -252,3 +252,37 @@ def test_a_schema_1_catalog_migrates(tmp_path):
     rw = Catalog.open(tmp_path)
     assert rw.has_video_columns() and rw.meta()["schema_version"] == 2 and rw.count_videos() == (0, 0)
     assert "video_id" not in rw.rows([1])[1]
+
+
+def test_export_and_import_keep_the_shots(indexed, folder, tmp_path):
+    """clip-retrieval's layout: a shot's image_path is its video, `shot` and the times beside it; importing
+    the shards gives the same video rows back (times, links, vectors), and search finds the same moments."""
+    from mmsearch.storage.exchange import export_embeddings, import_embeddings
+
+    idx, _ = indexed
+    _, photos, info = folder
+    export_embeddings(IndexStore.open(idx), tmp_path / "out")
+    import pyarrow.parquet as pq
+
+    meta = pq.read_table(tmp_path / "out" / "metadata" / "metadata_0.parquet").to_pylist()
+    shots = [m for m in meta if m["shot"] is not None]
+    assert len(shots) == 3 and {m["image_path"] for m in shots} == {str(photos / "clip.mp4")}
+    assert sorted(m["shot"] for m in shots) == [0, 1, 2]
+    copy = tmp_path / "idx"
+    shutil.copytree(idx, copy)
+    store = IndexStore.open(copy)
+    with store.catalog.transaction():
+        store.catalog.delete_images(store.catalog.image_ids().tolist())
+        store.catalog.bump_generation()
+    import_embeddings(store, tmp_path / "out")
+    back = IndexStore.open(copy)
+    assert back.catalog.count_videos() == (1, 3) and back.catalog.count_images() == 11
+
+    def moments(s):
+        r = s.catalog.rows(s.catalog.video_rows([s.catalog.id_for_path(str(photos / "clip.mp4"))]))
+        return sorted((v["start_s"], v["end_s"], v["frame_s"], v["duration_s"]) for v in r.values())
+
+    assert moments(back) == moments(IndexStore.open(idx))
+    caption = info["scenes"][3][2]
+    a, b = Searcher(IndexStore.open(idx)).search(caption, k=3), Searcher(back).search(caption, k=3)
+    assert [(h.path, h.start_s, h.frame_s) for h in a] == [(h.path, h.start_s, h.frame_s) for h in b]

@@ -85,6 +85,27 @@ class VideoRows:
                 out[r[0]] = dict(zip(VIDEO_COLUMNS, r[1:]))
         return out
 
+    def shot_numbers(self, ids: Iterable[int]) -> dict[int, int]:
+        """{id: n} of the ids that are video rows: 0 for a file's own row, n for its shot n (exports)."""
+        ids = list(self.shot_times(ids))
+        out: dict[int, int] = {}
+        sep = SHOT_SEP.encode()
+        for s in range(0, len(ids), 900):
+            chunk = ids[s:s + 900]
+            for i, p in self.conn.execute(f"SELECT id, CAST(path AS BLOB) FROM images WHERE id IN "
+                                          f"({','.join('?' * len(chunk))})", chunk):
+                p = bytes(p)
+                out[i] = int(p.split(sep, 1)[1]) if sep in p else 0
+        return out
+
+    def restore_video_rows(self, entries: Iterable[tuple]) -> None:
+        """After an import wrote the rows (a shot's under shot_path): [(file path, n, start_s, end_s, frame_s,
+        duration_s)] become video rows again, each linked to its file's row (written before its shots)."""
+        self.conn.executemany(
+            "UPDATE images SET start_s=?, end_s=?, frame_s=?, duration_s=?, "
+            "video_id=(SELECT id FROM images WHERE path=CAST(? AS TEXT)) WHERE path=CAST(? AS TEXT)",
+            [(a, b, f, d, to_db(p), to_db(shot_path(p, int(n)))) for p, n, a, b, f, d in entries])
+
     def has_videos(self) -> bool:
         """O(1) through the partial index: the query path asks it on every search."""
         return self.has_video_columns() and self.conn.execute(

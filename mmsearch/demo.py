@@ -12,6 +12,7 @@ from typing import Callable, Optional
 from mmsearch.config import ModelSpec, TINY_MODEL
 
 DEMO_IMAGES = 1500
+MIN_DEMO_IMAGES = 100  # train, val and test splits of a few batches each
 DEMO_TRAIN = dict(steps=300, batch_size=64, lr=1e-3, val_every=3)
 DEMO_RERANKER = dict(steps=500, batch_size=64, lr=1e-3)
 DEMO_SEED = 0
@@ -43,6 +44,7 @@ def _side_by_side(plain, reranked, truth: str) -> list[str]:
 
 def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, reranker_steps: Optional[int] = None,
              log: Callable[[str], None] = print, progress_factory=None) -> dict:
+    from mmsearch.checks import count
     from mmsearch.datasets.readers import load_dataset, synthesize
     from mmsearch.towers.encoder import load_encoder
     from mmsearch.evaluation.evaluate import evaluate, render_markdown
@@ -53,6 +55,8 @@ def run_demo(out, n: Optional[int] = None, steps: Optional[int] = None, reranker
     from mmsearch.storage.store import IndexStore
     from mmsearch.train import train_encoder
 
+    n, steps = count("n", n, MIN_DEMO_IMAGES), count("steps", steps)
+    reranker_steps = count("reranker_steps", reranker_steps)
     out = Path(out)
     bar = progress_factory or (lambda desc, unit="it": None)
     t0 = time.perf_counter()

@@ -70,6 +70,19 @@ class TrainingError(MmsearchError):
     """A training run cannot start or continue as asked (bad batch split, precision, world size)."""
 
 
+class NotServableError(MmsearchError):
+    """A stored file may not be read by a server: the index records no folder holding it (storage/roots.py)."""
+
+
+class FileGoneError(NotServableError):
+    """A stored file is no longer on disk (moved or deleted since it was indexed)."""
+
+
+class ArgumentError(MmsearchError, ValueError):
+    """A library call got a value outside its range (a batch size below 1, a NaN threshold): what the
+    CLI's option types refuse at its edge, refused again for callers of the Python API."""
+
+
 class IndexBusyError(MmsearchError):
     """Another process (or thread) is writing the index: one writer at a time (mmsearch.storage.lock)."""
 

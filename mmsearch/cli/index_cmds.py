@@ -8,12 +8,13 @@ import click
 from mmsearch.config import ModelSpec
 from mmsearch.cli.app import cli
 from mmsearch.towers.devices import PRECISIONS
-from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_option, model_options, model_spec, shown,
-                                  with_bar, yielding_openmp)
+from mmsearch.checks import MAX_BATCH, MAX_WORKERS
+from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of, index_option, model_options, model_spec,
+                                  shown, with_bar, yielding_openmp)
 
 
 def ray_options(f):
-    f = click.option("--ray-actors", "ray_actors", type=int, default=None,
+    f = click.option("--ray-actors", "ray_actors", type=count(1, 100_000), default=None,
                      help="With --ray: encoder actors [default: one per GPU, else one per CPU of the cluster "
                           "less one per node for Ray's own tasks].")(f)
     return click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
@@ -45,8 +46,10 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
                    "index's; for a new one amp-bf16 on a CPU with bfloat16 arithmetic (AVX512_BF16, AMX) and no "
                    "re-ranker, else fp32]: amp-bf16 is ~2x fp32's speed there, int8 ~3x on CPUs with AVX-512 "
                    "VNNI/AMX; amp-fp16 is for CUDA and MPS.")
-@click.option("--batch-size", default=None, type=int, help="Images per encoder batch [default: 32, 256 on CUDA].")
-@click.option("--workers", default=None, type=int, help="Decoding threads [default: CPU count, max 4; 16 on a GPU].")
+@click.option("--batch-size", default=None, type=count(1, MAX_BATCH),
+              help="Images per encoder batch [default: 32, 256 on CUDA].")
+@click.option("--workers", default=None, type=count(1, MAX_WORKERS),
+              help="Decoding threads [default: CPU count, max 4; 16 on a GPU].")
 @click.option("--video-frames", default=None, type=click.IntRange(1, 100_000), metavar="N",
               help="Frames sampled per video at most (keyframes, at most one a second): a long film is sampled "
                    "N times, evenly  [default: 300].")

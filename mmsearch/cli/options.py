@@ -3,11 +3,33 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import click
 
 from mmsearch.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, default_index_dir, shipped_architectures
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: nan compares false to every bound, so a plain
+    FloatRange lets `--alpha nan` through."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def number(low=None, high=None, low_open=False) -> FiniteFloatRange:
+    """The type of every float option: finite, within [low, high] (or (low, high] with low_open)."""
+    return FiniteFloatRange(low, high, min_open=low_open)
+
+
+def count(low=1, high=None) -> click.IntRange:
+    """The type of every int option: within [low, high]."""
+    return click.IntRange(low, high)
 
 
 def index_option(f):

@@ -6,13 +6,13 @@ from pathlib import Path
 import click
 
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import (echo_path, emit_json, index_dir_of, index_option, model_options, model_spec,
-                                  output_options, shown, with_bar)
+from mmsearch.cli.options import (count, echo_path, emit_json, index_dir_of, index_option, model_options, model_spec,
+                                  number, output_options, shown, with_bar)
 
 
 @cli.command()
 @index_option
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
+@click.option("--threshold", type=number(-1, 1), default=None,
               help="Cosine similarity at or above which two images are near-duplicates [default: 0.95, "
                    "measured on edited copies vs distinct images].")
 @output_options
@@ -43,7 +43,7 @@ def dupes(index_dir, threshold, as_json, as_paths, progress):
 @cli.command("export")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @index_option
-@click.option("--shard-size", default=100_000, show_default=True, help="Images per img_emb_N.npy shard.")
+@click.option("--shard-size", default=100_000, show_default=True, type=count(1), help="Images per img_emb_N.npy shard.")
 @click.option("--float16", is_flag=True, help="Write float16 vectors (half the size, as clip-retrieval does).")
 @with_bar("export")
 def export_cmd(out, index_dir, shard_size, float16, progress):
@@ -63,15 +63,23 @@ def export_cmd(out, index_dir, shard_size, float16, progress):
 @index_option
 @model_options
 @click.option("--max-index-memory", default=None, help="Memory budget of a new index's vectors, e.g. 600MB.")
+@click.option("--root", "roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder the imported images may be served from by `mmsearch serve` (repeatable); "
+                   "without one the server shows no thumbnail or file of them (search still works).")
 @with_bar("import")
-def import_cmd(src, index_dir, model, pretrained, checkpoint, max_index_memory, progress):
+def import_cmd(src, index_dir, model, pretrained, checkpoint, max_index_memory, roots, progress):
     """Ingest embedding shards (from `mmsearch export` or clip-retrieval inference) without re-embedding.
     The model must match the index's: a mismatch is refused and nothing changes."""
     from mmsearch.storage.exchange import open_for_import, import_embeddings
 
     spec = model_spec(model, pretrained, checkpoint, warn_random=False)
     store = open_for_import(index_dir_of(index_dir), src, spec, max_index_memory)
-    res = import_embeddings(store, src, expected_model=spec, progress=progress)
+    res = import_embeddings(store, src, expected_model=spec, progress=progress, roots=roots)
     progress.close()
     click.echo(f"imported {res['imported']} embeddings from {res['shards']} shards; the index holds "
                f"{res['images']} images ({res['structure']})")
+    if res["unservable"]:
+        what = (f"{res['unservable']} imported images lie outside the folders the index serves files from"
+                if res["roots"] else "no --root given")
+        click.echo(f"note: {what}: `mmsearch serve` finds them but shows no thumbnail or file of them "
+                   f"(add --root FOLDER)", err=True)

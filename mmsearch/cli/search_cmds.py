@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_option, output_options, render_hits,
-                                  with_bar)
+from mmsearch.checks import MAX_K, MAX_RERANK_K
+from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of, index_option, number, output_options,
+                                  render_hits, with_bar)
 
 
 # ---- search ------------------------------------------------------------------------------------
@@ -15,30 +16,34 @@ from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_
               help="Query image (repeatable); inside or outside the index.")
 @click.option("--texts", "over_texts", is_flag=True, help="Search the text corpus instead of the images.")
 @index_option
-@click.option("-k", "k", default=10, show_default=True, help="Number of results.")
+@click.option("-k", "k", default=10, show_default=True, type=count(1, MAX_K), help="Number of results.")
 @output_options
 @click.option("--under", type=click.Path(file_okay=False), help="Only images under this folder.")
 @click.option("--ext", "exts", help="Only these extensions, comma-separated, e.g. jpg,png (or mp4 for videos).")
-@click.option("--after", help="Only images taken on/after DATE (EXIF date, else file mtime).")
-@click.option("--before", help="Only images taken before DATE.")
-@click.option("--min-score", type=float, default=None, help="Drop results scoring below X.")
+@click.option("--after", metavar="DATE", help="Only images taken on/after DATE, YYYY-MM-DD (EXIF date, else file mtime).")
+@click.option("--before", metavar="DATE", help="Only images taken before DATE (exclusive).")
+@click.option("--until", metavar="DATE", help="Only images taken on/before DATE (inclusive: the whole day; "
+                                              "instead of --before).")
+@click.option("--min-score", type=number(-1, 1), default=None, help="Drop results scoring below X.")
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank with the fusion model [default: on when configured].")
-@click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+@click.option("--rerank-k", default=32, show_default=True, type=count(1, MAX_RERANK_K),
+              help="Candidates the re-ranker re-scores.")
+@click.option("--alpha", type=number(0, 1), default=None,
               help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the blend the re-ranker "
                    "was fitted to on validation data].")
 @click.option("--group/--no-group", default=True, show_default=True,
               help="One hit per video at its best moment, its other matching moments beside it; --no-group: "
                    "every matching shot is a hit of its own.")
 @device_option
-def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, min_score,
+def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, until, min_score,
            rerank, rerank_k, alpha, group, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
     from mmsearch.search.filters import Filters
     from mmsearch.search.query import Searcher
     from mmsearch.storage.store import IndexStore
 
-    filters = Filters.parse(under=under, exts=exts, after=after, before=before)  # before opening: bad input fails fast
+    # before opening: bad input fails fast, with the words the server and the Python API use
+    filters = Filters.parse(under=under, exts=exts, after=after, before=before, until=until)
     searcher = Searcher(IndexStore.open(index_dir_of(index_dir), device=device))  # torch only for new images
     if over_texts:
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
@@ -86,7 +91,7 @@ def texts_list(index_dir, like, as_json):
 
 
 @texts.command("remove")
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=count(0, 2 ** 62))
 @index_option
 @click.option("--like", default=None, help="Remove every text containing this substring.")
 def texts_remove(ids, index_dir, like):

@@ -22,11 +22,11 @@ from mmsearch.cli.options import index_dir_of, index_option
               help="Where uploads are embedded: auto or cpu = the CPU (the index's ONNX image tower, no torch); "
                    "cuda, cuda:N or mps = torch on that device.")
 def serve(index_dir, host, port, token, allow_hosts, cors_origins, max_upload_mb, device):
-    """Serve a search page and a JSON API (/docs) for an index; prints the URL to open."""
+    """Serve a search page and a JSON API (schema at /openapi.json) for an index; prints the URL to open."""
     from mmsearch.serve.run import prepare
 
     launch = prepare(index_dir_of(index_dir), host, port, token, allow_hosts, cors_origins, max_upload_mb, device)
-    click.echo(f"mmsearch: serving {launch.images} images at {launch.url}  (API docs: /docs; Ctrl-C stops)")
+    click.echo(f"mmsearch: serving {launch.images} images at {launch.url}  (API schema: /openapi.json; Ctrl-C stops)")
     if launch.token:
         click.echo(f"token: scripts send 'Authorization: Bearer {launch.token}'")
     launch.run()

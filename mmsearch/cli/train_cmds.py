@@ -8,16 +8,18 @@ import click
 
 from mmsearch.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, TINY_MODEL, ModelSpec
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import Bar, device_option, model_options, model_spec, with_bar
+from mmsearch.checks import MAX_RERANK_K, MAX_SEED, MAX_WORKERS
+from mmsearch.demo import MIN_DEMO_IMAGES
+from mmsearch.cli.options import Bar, count, device_option, model_options, model_spec, number, with_bar
 
 
 # ---- data, training, evaluation ----------------------------------------------------------------
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--n", default=1000, show_default=True, help="Number of images.")
-@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
-@click.option("--size", default=64, show_default=True, help="Image side in pixels.")
-@click.option("--relational", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--n", default=1000, show_default=True, type=count(1, 10_000_000), help="Number of images.")
+@click.option("--seed", default=0, show_default=True, type=count(0, MAX_SEED), help="Random seed (same seed, same bytes).")
+@click.option("--size", default=64, show_default=True, type=count(16, 4096), help="Image side in pixels.")
+@click.option("--relational", type=number(0, 1), default=0.5, show_default=True,
               help="Share of scenes drawn as colour-swap pairs (what a re-ranker learns from).")
 def synth(out, n, seed, size, relational):
     """Write a synthetic captioned dataset: OUT/images/*.png and OUT/captions.csv (train/val/test)."""
@@ -31,16 +33,16 @@ def synth(out, n, seed, size, relational):
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @model_options(default_model=f"{TINY_MODEL}, from scratch",
                default_pretrained=f"{DEFAULT_PRETRAINED} for {DEFAULT_MODEL}, none for {TINY_MODEL}")
-@click.option("--steps", type=int, default=None, help="Optimiser steps (or use --epochs).")
-@click.option("--epochs", type=int, default=None, help="Passes over the training images [default: 1].")
-@click.option("--batch-size", type=int, default=None,
+@click.option("--steps", type=count(1), default=None, help="Optimiser steps (or use --epochs).")
+@click.option("--epochs", type=count(1), default=None, help="Passes over the training images [default: 1].")
+@click.option("--batch-size", type=count(1), default=None,
               help="Global batch: pairs per step, over all processes and micro-batches [default: 256].")
-@click.option("--accum-steps", default=1, show_default=True,
+@click.option("--accum-steps", default=1, show_default=True, type=count(1),
               help="Split each process's batch into this many micro-batches (same loss and gradient, less memory).")
-@click.option("--lr", type=float, default=None,
+@click.option("--lr", type=number(0, 1, low_open=True), default=None,
               help="Peak learning rate, AdamW with warm-up + cosine [default: 5e-4 from scratch, 1e-5 fine-tuning].")
-@click.option("--warmup", type=int, default=None, help="Warm-up steps [default: 10% of the steps, at most 2000].")
-@click.option("--weight-decay", type=float, default=None, help="[default: 0.2 from scratch, 0.1 fine-tuning].")
+@click.option("--warmup", type=count(0), default=None, help="Warm-up steps [default: 10% of the steps, at most 2000].")
+@click.option("--weight-decay", type=number(0, 1), default=None, help="[default: 0.2 from scratch, 0.1 fine-tuning].")
 @click.option("--lock-image", is_flag=True, help="Freeze the image tower (LiT).")
 @click.option("--lock-text", is_flag=True, help="Freeze the text tower.")
 @click.option("--images-root", type=click.Path(file_okay=False), default=None,
@@ -48,15 +50,16 @@ def synth(out, n, seed, size, relational):
 @click.option("--out", type=click.Path(dir_okay=False), default="model.pt", show_default=True,
               help="Checkpoint to write.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a killed run.")
-@click.option("--save-every", type=int, default=None,
+@click.option("--save-every", type=count(1), default=None,
               help="Steps between resumable checkpoints [default: a tenth of the run, at least 25].")
 @device_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 where the device multiplies it natively (recent GPUs; CPUs with AVX512_BF16 or "
                    "AMX), fp16 with loss scaling on older GPUs, else fp32.")
-@click.option("--workers", type=int, default=None,
-              help="DataLoader processes decoding images [default: one per spare core, at most 8].")
-@click.option("--seed", default=0, show_default=True, help="Seeds data order, captions and augmentation.")
+@click.option("--workers", type=count(0, MAX_WORKERS), default=None,
+              help="DataLoader processes (0: decode in the training process) decoding images [default: one per spare core, at most 8].")
+@click.option("--seed", default=0, show_default=True, type=count(0, MAX_SEED),
+              help="Seeds data order, captions and augmentation.")
 @click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Epochs between recall@k validations on the 'val' split (the last step always validates).")
 @with_bar("train", unit="step")
@@ -84,13 +87,14 @@ def train(data, model, pretrained, checkpoint, steps, epochs, batch_size, accum_
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--split", default="test", show_default=True, help="Split to evaluate (Karpathy JSON or split column).")
 @model_options
-@click.option("-k", "ks", multiple=True, type=int, help="k for R@k (repeatable) [default: 1 5 10].")
+@click.option("-k", "ks", multiple=True, type=count(1), help="k for R@k (repeatable) [default: 1 5 10].")
 @click.option("--images-root", type=click.Path(file_okay=False), default=None,
               help="Resolve relative image paths against this folder.")
 @click.option("--rerank", "reranker", type=click.Path(dir_okay=False), default=None,
               help="Re-ranker checkpoint: also report re-ranked metrics.")
-@click.option("--rerank-k", default=32, show_default=True, help="Candidates the re-ranker re-scores per query.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+@click.option("--rerank-k", default=32, show_default=True, type=count(1, MAX_RERANK_K),
+              help="Candidates the re-ranker re-scores per query.")
+@click.option("--alpha", type=number(0, 1), default=None,
               help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the re-ranker's fitted blend].")
 @click.option("--factory", default=None, help="Also report ANN fidelity of this FAISS factory vs exact search.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
@@ -128,9 +132,9 @@ def eval_cmd(data, split, model, pretrained, checkpoint, ks, images_root, rerank
 @cli.command("train-reranker")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="The dual encoder (frozen).")
-@click.option("--steps", default=2000, show_default=True, help="Optimiser steps.")
-@click.option("--batch-size", default=64, show_default=True, help="Positive pairs per step.")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate.")
+@click.option("--steps", default=2000, show_default=True, type=count(1), help="Optimiser steps.")
+@click.option("--batch-size", default=64, show_default=True, type=count(1), help="Positive pairs per step.")
+@click.option("--lr", default=1e-3, show_default=True, type=number(0, 1, low_open=True), help="Peak learning rate.")
 @click.option("--out", type=click.Path(dir_okay=False), default="reranker.pt", show_default=True,
               help="Re-ranker checkpoint to write.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a killed run.")
@@ -154,9 +158,10 @@ def train_reranker_cmd(data, checkpoint, steps, batch_size, lr, out, resume, dev
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True,
               help="Folder for the demo's data, model and index.")
-@click.option("--n", default=None, type=int, help="Synthetic images [default: the demo's size].")
-@click.option("--steps", default=None, type=int, help="Encoder training steps [default: the demo's budget].")
-@click.option("--reranker-steps", default=None, type=int, help="Re-ranker training steps [default: the demo's budget].")
+@click.option("--n", default=None, type=count(MIN_DEMO_IMAGES, 10_000_000),
+              help="Synthetic images [default: the demo's size].")
+@click.option("--steps", default=None, type=count(1), help="Encoder training steps [default: the demo's budget].")
+@click.option("--reranker-steps", default=None, type=count(1), help="Re-ranker training steps [default: the demo's budget].")
 def demo(out, n, steps, reranker_steps):
     """Offline end-to-end demo: synthesise data, train mmsearch-tiny and its re-ranker, index, query, recall@k."""
     from mmsearch.demo import run_demo

@@ -14,12 +14,15 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mmsearch.checks import MAX_SEED, count
 from mmsearch.errors import DatasetError
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
            "purple": (140, 40, 170), "orange": (250, 140, 0), "white": (250, 250, 250), "black": (10, 10, 10)}
 BACKGROUNDS = {"gray": (128, 128, 128), "beige": (215, 200, 160), "teal": (0, 120, 120)}
 SHAPES = ("circle", "square", "triangle", "diamond")
+MIN_SIZE, MAX_SIZE = 16, 4096  # image side in pixels: below 16 the shapes vanish
+MAX_SYNTH_IMAGES = 10_000_000
 SYNONYMS = {"circle": ("circle", "disc", "round dot"), "square": ("square", "box", "block"),
             "triangle": ("triangle", "wedge", "triangle"), "diamond": ("diamond", "rhombus", "diamond")}
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
@@ -86,6 +89,8 @@ def synthesize(out, n: int = 1000, seed: int = 0, size: int = 64, relational: fl
     """
     if not 0.0 <= relational <= 1.0:
         raise DatasetError(f"relational must be between 0 and 1, got {relational}")
+    n, size = count("n", n, 1, MAX_SYNTH_IMAGES, optional=False), count("size", size, MIN_SIZE, MAX_SIZE, optional=False)
+    seed = count("seed", seed, 0, MAX_SEED, optional=False)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from mmsearch.checks import count, number
 from mmsearch.errors import DistributedError, MediaError
 from mmsearch.distributed import pending
 from mmsearch.distributed.worker import FATAL, OK, UNREACHABLE, EmbedActor
@@ -53,6 +54,8 @@ class RayExecutor:
         import_ray()  # fail before the scan, not after it
         if actors is not None and actors < 1:
             raise DistributedError("--ray-actors must be at least 1")
+        batch_size, decode_workers = count("batch_size", batch_size), count("decode_workers", decode_workers)
+        cpus_per_actor = number("cpus_per_actor", cpus_per_actor, 0, None, optional=False, low_open=True)
         self.address, self.actors, self.device = address, actors, (device or "auto").lower()
         self.precision, self.batch_size, self.decode_workers = precision, batch_size, decode_workers
         self.cpus_per_actor, self.no_progress_timeout_s = cpus_per_actor, no_progress_timeout_s

@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from mmsearch.checks import count, counts, number
 from mmsearch.rerank.blend import blend
 from mmsearch.datasets.readers import CaptionDataset
 from mmsearch.errors import MediaError
@@ -130,6 +131,9 @@ def _rerank_block(reranker, ds, img, txt, toks, states, plain: dict, ks, k, alph
 def evaluate(encoder, ds: CaptionDataset, ks: Sequence[int] = (1, 5, 10), reranker=None, rerank_k: int = 32,
              alpha: Optional[float] = None, factory: Optional[str] = None, save_embeddings=None, batch_size: int = 64,
              progress: Optional[Callable] = None) -> dict:
+    ks = tuple(counts("ks", ks))
+    rerank_k, batch_size = count("rerank_k", rerank_k, optional=False), count("batch_size", batch_size, optional=False)
+    alpha = number("alpha", alpha, 0.0, 1.0)
     grid = reranker.token_grid if reranker is not None else None
     img, txt, toks, states = embed_dataset(encoder, ds, batch_size, token_grid=grid,
                                            with_states=reranker is not None, progress=progress)

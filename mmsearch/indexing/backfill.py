@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 
+from mmsearch.checks import count
 from mmsearch.errors import MediaError
 from mmsearch.indexing import scan
 from mmsearch.indexing.stage import Progress, batch_pixels, decode_file, worker_transform
@@ -19,6 +20,7 @@ def enable_reranker(index_dir, reranker_path, batch_size: int = 32, workers: Opt
     """Configure a re-ranker on an existing index and back-fill its image tokens (one read per file)
     and the token states of the text corpus. Images that fail to decode are recorded as failures.
     Holds the index's writer lock throughout."""
+    batch_size, workers = count("batch_size", batch_size, optional=False), count("workers", workers)
     store = IndexStore.open(index_dir)
     with store.writing():
         return _enable(store, reranker_path, batch_size, workers, progress)

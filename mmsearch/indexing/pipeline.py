@@ -17,6 +17,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from mmsearch.checks import MAX_BATCH, MAX_WORKERS, count
 from mmsearch.config import DEFAULT_FACTORY, ModelSpec
 from mmsearch.errors import MediaError, VectorIndexError
 from mmsearch.indexing.plan import Plan, plan_changes
@@ -24,6 +25,7 @@ from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, 
                                      decode_file, inputs_of, worker_transform)
 from mmsearch import video
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.roots import record_roots
 from mmsearch.storage.lock import writer_lock
 from mmsearch.storage.store import IndexStore
 
@@ -42,6 +44,12 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     decode -> encode stage (mmsearch.distributed: Ray) for photos; planning, committing and videos (one file,
     many rows) stay here either way. `video_frames`: the frames sampled per video at most.
     The whole run holds the index's writer lock: IndexBusyError at once when another writer has it."""
+    batch_size = count("batch_size", batch_size, 1, MAX_BATCH)  # before anything is opened or created
+    workers = count("workers", workers, 1, MAX_WORKERS)
+    if max_index_memory is not None:
+        from mmsearch.storage.ann import parse_size
+
+        parse_size(max_index_memory)  # a bad budget fails before a model loads, not after
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     for r in roots:
@@ -77,7 +85,7 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
     cat = store.catalog
     plan = plan_changes(cat, roots, exclude, include_hidden)
     with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
-        cat.set_meta(roots=sorted(set(store.meta.get("roots") or []) | set(roots)))
+        record_roots(cat, roots)
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
                            created=created, precision=store.precision)
     # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images),

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from mmsearch.checks import count, number
+
 # Cosine of an image and its edited copy (resize, JPEG re-encode, small crop, brightness) vs distinct
 # images, measured with the test model on synthetic images (benchmarks/dupes_threshold.py, README).
 DEFAULT_THRESHOLD = 0.95
@@ -69,6 +71,8 @@ def find_pairs(index, vectors_iter, threshold: float, total: int = 0,
 def find_duplicates(store, threshold: float = DEFAULT_THRESHOLD, nprobe: Optional[int] = DUPES_NPROBE,
                     progress: Optional[Callable[..., None]] = None) -> list[dict]:
     """Groups of near-duplicate images: [{'ids', 'paths', 'min_score'}] largest first."""
+    threshold = number("threshold", threshold, -1.0, 1.0, optional=False)
+    nprobe = count("nprobe", nprobe)
     index = store.image_vectors()
     if nprobe is not None and index.nlist:
         index.set_params(nprobe=max(nprobe, 1))

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from mmsearch.checks import MAX_K, MAX_RERANK_K, count, number
 from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import EmptyIndexError, NonFiniteVectorError, QueryError
@@ -24,8 +25,13 @@ from mmsearch.storage.schema import check_finite
 from mmsearch.storage.store import IndexStore
 
 DEFAULT_RERANK_K = 32
+MAX_TERMS = 32  # text, image and id terms of one query
+MAX_QUERY_CHARS = 2000  # the text tower reads ~77 tokens a term: more characters only cost parsing
+MAX_WEIGHT = 100.0  # |weight| of one term: past this a term is not "more important", it is a typo or an attack
 _SPLIT = re.compile(r"(?:^|\s+)([+-])(?:\s+|$)")
-_WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+?)\s*$")
+# anything float() reads as a number counts as a weight, so '1e40:red' or 'nan:red' is refused, not read as text
+_WEIGHT = re.compile(r"^\s*([-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|inf(?:inity)?|nan))\s*:\s*(.+?)\s*$",
+                     re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class Term:
     text: Optional[str] = None
     image: Optional[str] = None
     image_id: Optional[int] = None  # an indexed image by catalog id: its stored embedding, no file read
+    pixels: Optional[object] = field(default=None, repr=False, compare=False)  # an image decoded by the caller
 
 
 @dataclass
@@ -86,11 +93,15 @@ def _is_image_path(s: str) -> bool:
     return os.path.splitext(s)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(s)
 
 
-def parse_query(query: Optional[str], images: Sequence[str] = (), ids: Sequence[int] = (),
+def parse_query(query: Optional[str], images: Sequence = (), ids: Sequence[int] = (),
                 paths: bool = True) -> list[Term]:
-    """'2:dog + beach - people' -> [Term(2,'dog'), Term(1,'beach'), Term(-1,'people')]; --image files and
-    indexed image ids add terms. paths=False reads every term as text (a server never opens a named path)."""
+    """'2:dog + beach - people' -> [Term(2,'dog'), Term(1,'beach'), Term(-1,'people')]; --image files (or
+    images the caller decoded: PIL images) and indexed image ids add terms. paths=False reads every term
+    as text (a server never opens a named path). At most MAX_TERMS terms and MAX_QUERY_CHARS characters:
+    each term is one encoder pass, and a query is a request anyone can send to a server."""
     terms: list[Term] = []
+    if query and len(query) > MAX_QUERY_CHARS:
+        raise QueryError(f"query too long ({len(query):,} characters; at most {MAX_QUERY_CHARS:,})")
     if query and query.strip():
         parts = _SPLIT.split(" " + query.strip())
         signs = ["+"] + parts[1::2]
@@ -105,20 +116,58 @@ def parse_query(query: Optional[str], images: Sequence[str] = (), ids: Sequence[
             weight, body = 1.0, raw
             m = _WEIGHT.match(raw)
             if m:
-                weight, body = float(m.group(1)), m.group(2)
-                _finite([weight], f"the weight of term {body!r}")
+                weight, body = check_weight(m.group(1), m.group(2)), m.group(2)
             if sign == "-":
                 weight = -weight
             is_path = paths and _is_image_path(body)
             terms.append(Term(weight, image=os.path.abspath(body)) if is_path else Term(weight, text=body))
     for path in images:
+        if not isinstance(path, (str, os.PathLike)):  # already decoded (an upload): embedded as it is
+            terms.append(Term(1.0, pixels=path))
+            continue
         if not os.path.isfile(path):
             raise QueryError(f"query image not found: {path}")
         terms.append(Term(1.0, image=os.path.abspath(path)))
     terms += [Term(1.0, image_id=int(i)) for i in ids]
+    if len(terms) > MAX_TERMS:
+        raise QueryError(f"too many query terms ({len(terms):,}; at most {MAX_TERMS})")
     if not terms:
         raise QueryError("empty query: give text, an image file, or --image FILE")
     return terms
+
+
+def check_weight(text: str, body: str) -> float:
+    """A term's weight: a finite number with |w| <= MAX_WEIGHT (float32 sums overflow far below 1e39)."""
+    w = float(text)
+    if not (np.isfinite(w) and abs(w) <= MAX_WEIGHT):
+        shown = text if len(text) <= 24 else text[:20] + "..."
+        raise QueryError(f"the weight of term {body!r} ({shown}) is out of range: a weight is a finite number "
+                         f"from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+    return w
+
+
+def check_depths(k, offset, rerank_k, alpha, min_score):
+    """The numeric arguments of a search, refused (ArgumentError) outside what the CLI's options allow."""
+    return (count("k", k, 1, MAX_K, optional=False), count("offset", offset, 0, optional=False),
+            count("rerank_k", rerank_k, 1, MAX_RERANK_K, optional=False), number("alpha", alpha, 0.0, 1.0),
+            number("min_score", min_score))
+
+
+def combine(weighted) -> np.ndarray:
+    """sum(w * e) over (weight, embedding) pairs, L2-normalised, summed in float64 so no weight or
+    embedding can overflow it; non-finite input or terms that cancel out are a QueryError."""
+    vec = None
+    for w, e in weighted:
+        e = np.asarray(e, np.float64)
+        vec = w * e if vec is None else vec + w * e
+    if vec is None:
+        raise QueryError("empty query: give text, an image file, or --image FILE")
+    _finite(vec, "the query vector (a term's embedding)")
+    norm = float(np.linalg.norm(vec))
+    if not np.isfinite(norm) or norm < 1e-8:  # norm overflows only past ~1e154 per component
+        raise QueryError("the query terms cancel out; nothing to search for" if norm < 1e-8 else
+                         "the query vector is too large to normalise")
+    return (vec / norm).astype(np.float32)
 
 
 class Searcher:
@@ -129,9 +178,12 @@ class Searcher:
         self.allow_paths = allow_paths  # False: query text never names a file (the web server)
 
     # ---- embedding a query --------------------------------------------------------------------
-    def _image_embedding(self, path: Optional[str], token_grid: Optional[int] = None, image_id: Optional[int] = None):
+    def _image_embedding(self, path: Optional[str], token_grid: Optional[int] = None, image_id: Optional[int] = None,
+                         pixels=None):
         cat = self.store.catalog
-        if image_id is None:
+        if pixels is not None:
+            image_id = None
+        elif image_id is None:
             image_id = cat.id_for_path(path)
         else:
             row = cat.rows([image_id]).get(image_id)
@@ -147,7 +199,9 @@ class Searcher:
         # the index's own image tower (ONNX, its precision) unless re-ranker tokens need torch
         enc = self.store.image_embedder() if token_grid is None else self.store.encoder()
         frame_s = cat.rows([image_id]).get(image_id, {}).get("frame_s") if image_id is not None else None
-        if frame_s is not None:  # a video's shot: its frame
+        if pixels is not None:
+            img = pixels
+        elif frame_s is not None:  # a video's shot: its frame
             from mmsearch.video import frame_at
 
             img = frame_at(path, frame_s, enc.image_size)
@@ -157,13 +211,14 @@ class Searcher:
             img = load_image(path, min_size=enc.image_size)
         out = enc.encode_images([img], token_grid=token_grid)
         vec, toks = (out[0][0], out[1][0]) if token_grid else (out[0], None)
-        _finite(vec, f"the embedding of image {display(os.path.basename(path))}")
+        _finite(vec, f"the embedding of image {display(os.path.basename(path))}" if path else
+                "the embedding of the uploaded image")
         return vec, toks
 
     def embed(self, terms: list[Term], want_states: bool = False):
         """(query vector [d], text token states of a single-text query or None)."""
         texts = [t for t in terms if t.text is not None]
-        vec = np.zeros(self.store.dim, np.float32)
+        weighted = []
         states = None
         if texts:
             enc = self.store.text_encoder()
@@ -172,33 +227,29 @@ class Searcher:
                 states = st[0] if len(terms) == 1 else None
             else:
                 emb = enc.encode_texts([t.text for t in texts])
-            with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
-                for t, e in zip(texts, emb):
-                    vec += t.weight * e
+            weighted += [(t.weight, e) for t, e in zip(texts, emb)]
         for t in terms:
-            if t.image is not None or t.image_id is not None:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    vec += t.weight * self._image_embedding(t.image, image_id=t.image_id)[0]
-        _finite(vec, "the query vector (its weights overflow)")
-        norm = float(np.linalg.norm(vec))
-        if norm < 1e-8:
-            raise QueryError("the query terms cancel out; nothing to search for")
-        return vec / norm, states
+            if t.text is None:  # an image file, an indexed id, or an upload's decoded pixels
+                weighted.append((t.weight, self._image_embedding(t.image, image_id=t.image_id, pixels=t.pixels)[0]))
+        return combine(weighted), states
 
     # ---- text -> image, image -> image --------------------------------------------------------
     def search(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                under: Optional[str] = None, exts: Optional[Sequence[str]] = None, after: Optional[float] = None,
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
-               offset: int = 0, filters: Optional[Filters] = None, group: bool = True) -> list[Hit]:
+               offset: int = 0, filters: Optional[Filters] = None, until=None, group: bool = True) -> list[Hit]:
         """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
-        after, before; mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
+        after, before or until (inclusive); mmsearch.search.filters parses them). rerank=None re-ranks when the index has a re-ranker and the query is one
         text; alpha=None blends the re-ranker's score with the similarity as fitted when it was trained.
         Re-ranking always re-scores the same top max(k, rerank_k), so pages of one query never overlap.
         A video's shots are ranked as photos; `group` folds them into one hit per video (search/moments.py),
         at the rank of its best moment, and pages count those hits."""
+        k, offset, rerank_k, alpha, min_score = check_depths(k, offset, rerank_k, alpha, min_score)
         if filters is None:
-            filters = Filters.parse(under=under, exts=exts, after=after, before=before)
+            filters = Filters.parse(under=under, exts=exts, after=after, before=before, until=until)
+        elif any(v is not None for v in (under, exts, after, before, until)):
+            raise QueryError("give filters either as Filters or one by one (under, exts, after, before, until)")
         terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if not cat.has_images():
@@ -284,16 +335,18 @@ class Searcher:
     def search_texts(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
                      rerank: Optional[bool] = None, rerank_k: int = DEFAULT_RERANK_K,
                      alpha: Optional[float] = None, ids: Sequence[int] = ()) -> list[Hit]:
+        k, _, rerank_k, alpha, _ = check_depths(k, 0, rerank_k, alpha, None)
         terms = parse_query(query, images, ids, paths=self.allow_paths)
         cat = self.store.catalog
         if cat.count_texts() == 0:
             raise EmptyIndexError(f"index {self.store.dir} holds no texts (run `mmsearch texts add FILE`)")
-        single_image = len(terms) == 1 and (terms[0].image is not None or terms[0].image_id is not None)
+        single_image = len(terms) == 1 and terms[0].text is None
         if rerank is None:
             rerank = self.store.reranker_info() is not None and single_image
         rerank = bool(rerank and single_image and self.store.reranker_info() is not None)
         if rerank:
-            vec, qtoks = self._image_embedding(terms[0].image, self.store.token_grid(), terms[0].image_id)
+            vec, qtoks = self._image_embedding(terms[0].image, self.store.token_grid(), terms[0].image_id,
+                                               terms[0].pixels)
         else:
             vec, qtoks = self.embed(terms)[0], None
         depth = max(k, rerank_k) if rerank else k

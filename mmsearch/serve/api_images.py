@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
+from email.utils import formatdate
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import FileResponse, Response
@@ -63,16 +64,18 @@ def image_file(request: Request, image_id: int = ImageId):
         kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
         if not kind.startswith("image/") or kind == "image/svg+xml":
             kind = "application/octet-stream"  # never let a browser run what it was handed as a photo
+    # opened here, not by the response later: an indexer deleting or renaming the file between the check
+    # and the send was a 500 (found by benchmarks/soak_serve.py); an open file is sent whole even then
     try:
-        return file_response(path, request.headers.get("range"), kind, {"Cache-Control": "no-cache"})
-    except RangeError as exc:
-        raise ApiError(416, f"image {image_id}: {exc}", headers={"Content-Range": f"bytes */{_size(path)}"}) from None
+        fh = open(path, "rb")
     except FileNotFoundError:
-        raise ApiError(410, f"image {image_id} is gone from disk") from None
-
-
-def _size(path: str) -> int:
+        raise ApiError(410, f"image {image_id} is gone from disk (moved or deleted); re-run `mmsearch index`") from None
+    except OSError as exc:
+        raise ApiError(403, f"image {image_id} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    info = os.fstat(fh.fileno())
+    headers = {"Cache-Control": "no-cache", "Last-Modified": formatdate(info.st_mtime, usegmt=True)}
     try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
+        return file_response(fh, info.st_size, request.headers.get("range"), kind, headers)
+    except RangeError as exc:
+        fh.close()
+        raise ApiError(416, f"image {image_id}: {exc}", headers={"Content-Range": f"bytes */{info.st_size}"}) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from mmsearch.errors import EmptyIndexError, MediaError, MmsearchError, QueryError
+from mmsearch.errors import ArgumentError, EmptyIndexError, MediaError, MmsearchError, QueryError
 
 log = logging.getLogger("mmsearch.serve")
 
@@ -22,7 +22,7 @@ def error_body(message: str) -> dict:
 
 
 def status_of(exc: MmsearchError) -> int:
-    if isinstance(exc, (QueryError, MediaError)):
+    if isinstance(exc, (QueryError, MediaError, ArgumentError)):
         return 400
     if isinstance(exc, EmptyIndexError):
         return 409
@@ -49,7 +49,7 @@ def install_handlers(app) -> None:
     async def _http(request, exc: HTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no such endpoint: {request.url.path} (see /docs)"
+            detail = f"no such endpoint: {request.url.path} (see /openapi.json)"
         return reply(exc.status_code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

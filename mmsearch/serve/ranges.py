@@ -3,11 +3,10 @@
 `parse_range` accepts exactly one `bytes=START-END`, `bytes=START-` or `bytes=-SUFFIX` of at most 19
 digits a number, inside the file; anything else (several ranges, another unit, a start past the end,
 an end before the start, junk) is a RangeError, which the route answers with 416 and the file's size.
-`file_response` sends the whole file (200) or the range (206) from a path the caller already checked.
+`file_response` sends the whole file (200) or the range (206) from a file the caller already checked and opened.
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
@@ -48,8 +47,8 @@ def parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
     return start, min(end, size - 1)
 
 
-def _chunks(path: str, start: int, length: int):
-    with open(path, "rb") as fh:
+def _chunks(fh, start: int, length: int):
+    with fh:
         fh.seek(start)
         left = length
         while left > 0:
@@ -60,17 +59,18 @@ def _chunks(path: str, start: int, length: int):
             yield data
 
 
-def file_response(path: str, range_header: Optional[str], media_type: str, headers: dict):
-    """200 with the whole file, or 206 with the range asked for; RangeError for a bad one (the caller
-    answers 416 with `Content-Range: bytes */SIZE`)."""
-    from fastapi.responses import FileResponse, StreamingResponse
+def file_response(fh, size: int, range_header: Optional[str], media_type: str, headers: dict):
+    """200 with the whole open file `fh` (of `size` bytes), or 206 with the range asked for; RangeError for
+    a bad one (the caller closes `fh` and answers 416 with `Content-Range: bytes */SIZE`). The response
+    closes `fh` when it has sent it."""
+    from fastapi.responses import StreamingResponse
 
-    size = os.path.getsize(path)
     wanted = parse_range(range_header, size)
     headers = dict(headers, **{"Accept-Ranges": "bytes"})
+    start, end = wanted if wanted is not None else (0, size - 1)
+    length = max(0, end - start + 1)
+    headers["Content-Length"] = str(length)
     if wanted is None:
-        return FileResponse(path, media_type=media_type, headers=headers, content_disposition_type="inline")
-    start, end = wanted
-    length = end - start + 1
-    headers.update({"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(length)})
-    return StreamingResponse(_chunks(path, start, length), status_code=206, media_type=media_type, headers=headers)
+        return StreamingResponse(_chunks(fh, 0, size), media_type=media_type, headers=headers)
+    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return StreamingResponse(_chunks(fh, start, length), status_code=206, media_type=media_type, headers=headers)

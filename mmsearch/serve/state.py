@@ -3,22 +3,27 @@
 The server never writes the catalog or the vector file (the indexer owns them), so `mmsearch index`
 can run beside it. Each request looks at the catalog generation; when it moved, the vectors are
 reloaded (or rebuilt in memory from the catalog) and the meta re-read, so new images appear without
-a restart. Files are served by catalog id only, and only while their path is inside an indexed folder.
+a restart. Files are served by catalog id only, and only while their path is inside a folder the index
+recorded (storage/roots.py; an index that records none serves no file).
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Optional
 
+from mmsearch.errors import FileGoneError, NotServableError
 from mmsearch.storage.catalog import Catalog
 from mmsearch.storage.fsnames import json_safe
+from mmsearch.storage.roots import recorded_roots, servable_path
 from mmsearch.search.query import Searcher
 from mmsearch.storage.store import IMAGE_VECTORS, IndexStore
 from mmsearch.serve.errors import ApiError
 from mmsearch.serve.thumbs import ThumbCache
+from mmsearch.serve.uploads import UploadSlots
 
 
 class ServingStore(IndexStore):
@@ -80,10 +85,6 @@ def _single_threaded_faiss() -> None:
         _thread.faiss_single = True
 
 
-def inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
 class ServeState:
     def __init__(self, index_dir, device: str = "cpu", max_upload_bytes: int = 20 << 20):
         self.store = ServingStore.open_shared(index_dir)
@@ -93,9 +94,13 @@ class ServeState:
         self.searcher = Searcher(self.store, allow_paths=False)
         self.thumbs = ThumbCache(self.store.dir)
         self.max_upload_bytes = max_upload_bytes
-        self.embed_lock = threading.Lock()  # uploads embed one at a time: bounded CPU and memory
+        self.upload_slots = UploadSlots()  # uploads decoded (and held) at once: bounded memory
+        self.embed_lock = threading.Lock()  # uploads embed one at a time: bounded CPU
         self._folders: tuple = (None, [])
-        self._roots: tuple = (None, [])
+
+    def image_size(self) -> int:
+        """The image tower's input side: uploads are draft-decoded to the smallest scale at least this."""
+        return int(self.store.meta.get("image_size") or 256)
 
     # ---- rows and files -------------------------------------------------------------------------
     def row(self, image_id: int) -> dict:
@@ -105,25 +110,20 @@ class ServeState:
         return row
 
     def roots(self) -> list[str]:
-        gen = self.store.catalog.generation()
-        if self._roots[0] != gen:  # the indexer records new roots in the same run that bumps the generation
-            self._roots = (gen, list(self.store.catalog.meta().get("roots") or []))
-        return self._roots[1]
+        """The folders the index records, read at each call (one small row): an `index` run or an import
+        that only adds a root bumps no generation, and a server must see it at once."""
+        row = self.store.catalog.conn.execute("SELECT value FROM meta WHERE key='roots'").fetchone()
+        return recorded_roots({"roots": json.loads(row[0])} if row else {})
 
     def servable_path(self, row: dict) -> str:
-        """The stored path of a row, if it may be read: it still exists as a regular file and, with
-        symlinks resolved, lies inside a folder the indexer was given (for an index written before
-        roots were recorded: inside its own folder). Never a path taken from the request."""
-        path = row["path"]
-        roots = self.roots() or [os.path.dirname(path)]
-        if not any(inside(path, r) for r in roots):
-            raise ApiError(403, f"image {row['id']} is outside the indexed folders")
-        real = os.path.realpath(path)
-        if not any(inside(real, os.path.realpath(r)) for r in roots):
-            raise ApiError(403, f"image {row['id']} resolves outside the indexed folders (symlink)")
-        if not os.path.isfile(real):
-            raise ApiError(410, f"image {row['id']} is gone from disk (moved or deleted); re-run `mmsearch index`")
-        return real
+        """The real path of a row's file if it may be read (storage/roots.py decides, from the roots the
+        index recorded); 403 or 410 otherwise. Never a path taken from the request."""
+        try:
+            return servable_path(row["path"], self.roots(), what=f"image {row['id']}")
+        except FileGoneError as exc:
+            raise ApiError(410, str(exc)) from None
+        except NotServableError as exc:
+            raise ApiError(403, str(exc)) from None
 
     def describe(self, row: dict) -> dict:
         """Metadata of one row, as the API shows it."""

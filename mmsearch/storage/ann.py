@@ -52,12 +52,18 @@ class Plan:
 
 def parse_size(text) -> Optional[int]:
     """'600MB', '2G', '1.5GiB', '123456' -> bytes (None passes through)."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())
-    if not m:
-        raise VectorIndexError(f"cannot read '{text}' as a size (e.g. 600MB, 2G)")
-    return int(float(m.group(1)) * 1024 ** ("_kmgt".index(m.group(2)) if m.group(2) else 0))
+    if text is None:
+        return None
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())
+        if not m:
+            raise VectorIndexError(f"cannot read '{text}' as a size (e.g. 600MB, 2G)")
+        size = int(float(m.group(1)) * 1024 ** ("_kmgt".index(m.group(2)) if m.group(2) else 0))
+    if size < 1:
+        raise VectorIndexError(f"a memory budget of '{text}' holds nothing (e.g. 600MB, 2G)")
+    return size
 
 
 def plan(n: int, dim: int, max_memory: Optional[int] = None) -> Plan:

@@ -10,7 +10,8 @@ Shards written by clip-retrieval (`clip-retrieval inference`, output_format file
 too: their metadata names an image by `image_path`, else `url`, else `key`. They carry no model record,
 so the importer must name the model the index was built with (`expected_model`); the dimension is
 always checked. Any mismatch, and any vector holding NaN or infinity, is refused before a single row
-is written.
+is written. A shard's paths are only words: a server reads none of them unless they lie inside a folder
+the importer named (`roots`).
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from mmsearch.checks import count
 from mmsearch.errors import DatasetError, ModelMismatchError
 from mmsearch.storage.fsnames import display, from_db, is_exact, to_db
+from mmsearch.storage.roots import is_under_roots, normalise_roots, record_roots, recorded_roots
 from mmsearch.storage.schema import check_finite, shot_path
 
 MODEL_RECORD = "mmsearch_model.json"
@@ -52,6 +55,7 @@ def model_record(store) -> dict:
 def export_embeddings(store, out, shard_size: int = 100_000, float16: bool = False,
                       progress: Progress = None) -> dict:
     """Write every image's embedding and catalog row, in id order, as numbered shards."""
+    shard_size = count("shard_size", shard_size, optional=False)
     pa = _pyarrow()
     out = Path(out)
     (out / "img_emb").mkdir(parents=True, exist_ok=True)
@@ -156,19 +160,32 @@ def _names_model(spec, store) -> bool:
     return same_model(spec.normalised(), store.spec)
 
 
-def import_embeddings(store, src, expected_model=None, batch: int = 50_000, progress: Progress = None) -> dict:
+def import_embeddings(store, src, expected_model=None, batch: int = 50_000, progress: Progress = None,
+                      roots: Sequence = ()) -> dict:
     """Upsert every shard row into the catalog (by path: a re-import updates, never duplicates), then
     rebuild the vector index from the stored embeddings. Refused, changing nothing, on a model mismatch
-    or a vector that is not finite. Holds the index's writer lock."""
+    or a vector that is not finite. Holds the index's writer lock.
+
+    `roots`: folders of this machine the imported files may be served from (storage/roots.py), added to
+    the index's recorded roots. A shard's paths are anyone's words: with no root, a server serves none of
+    them. `unservable` in the result counts imported rows outside every recorded root."""
     with store.writing():
-        return _import(store, src, expected_model, batch, progress)
+        return _import(store, src, expected_model, batch, progress, roots)
 
 
-def _import(store, src, expected_model, batch: int, progress: Progress) -> dict:
+def _import(store, src, expected_model, batch: int, progress: Progress, roots: Sequence) -> dict:
     pa = _pyarrow()
+    roots = normalise_roots(roots)
+    missing = [r for r in roots if not os.path.isdir(r)]
+    if missing:
+        raise DatasetError(f"root {missing[0]} is not a folder on this machine; nothing was imported")
     shards = check_compatible(store, src, expected_model)
     total = sum(n for *_, n in shards)
-    cat, done = store.catalog, 0
+    cat, done, unservable = store.catalog, 0, 0
+    if roots:
+        with cat.transaction():
+            record_roots(cat, roots)
+    served = recorded_roots(cat.meta())
     for emb_path, meta_path, _ in shards:
         table = pa.parquet.read_table(meta_path)
         names = table.column_names
@@ -195,6 +212,7 @@ def _import(store, src, expected_model, batch: int, progress: Progress) -> dict:
                 if n is not None:  # a video's shot n: stored under its shot path, then linked to its file
                     video_rows.append((p, n, *(times.get(c, [None] * len(paths))[s + j] for c in _VIDEO_TIMES)))
                 rows.append(dict(r, path=shot_path(p, int(n)) if n else p))
+                unservable += not is_under_roots(p, served)
             with cat.transaction():
                 cat.upsert_images(rows, vecs)
                 cat.restore_video_rows(video_rows)
@@ -204,7 +222,7 @@ def _import(store, src, expected_model, batch: int, progress: Progress) -> dict:
                 progress(done, total, stage="import")
     store.save_vectors(_Rebuild(), progress=progress)
     return {"imported": done, "shards": len(shards), "images": cat.count_images(),
-            "structure": (store.ann_info() or {}).get("structure")}
+            "structure": (store.ann_info() or {}).get("structure"), "roots": served, "unservable": unservable}
 
 
 class _Rebuild:

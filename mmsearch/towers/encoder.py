@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mmsearch.config import ModelSpec
 from mmsearch.errors import CheckpointError, UnknownModelError
-from mmsearch.towers.hub import build_error, build_tokenizer, create_model, weights_error
+from mmsearch.towers.hub import build_error, build_tokenizer, create_model, hub_access, weights_error
 from mmsearch.towers.models import check_requirements, register_model_configs
 from mmsearch.towers.safeload import safe_torch_load
 
@@ -278,11 +278,12 @@ def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
         ckpt = load_checkpoint_file(spec.checkpoint)
         check_requirements(ckpt["arch"], ckpt["model_cfg"])
         arch = _register_checkpoint_arch(ckpt)
-        tokenizer = build_tokenizer(arch, ckpt["model_cfg"])
-        try:
-            model, preprocess_train, preprocess = create_model(arch, None)
-        except Exception as exc:
-            raise build_error(ckpt["arch"], ckpt["model_cfg"], exc) from exc
+        with hub_access(ckpt["arch"], ckpt["model_cfg"], None):  # offline: one line at once, not retries
+            tokenizer = build_tokenizer(arch, ckpt["model_cfg"])
+            try:
+                model, preprocess_train, preprocess = create_model(arch, None)
+            except Exception as exc:
+                raise build_error(ckpt["arch"], ckpt["model_cfg"], exc) from exc
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
@@ -298,13 +299,14 @@ def load_encoder(spec: ModelSpec, device="cpu") -> Encoder:
                 + ". `python -c 'import open_clip; print(open_clip.list_models())'` lists them all.")
         model_cfg = open_clip.get_model_config(arch)
         check_requirements(arch, model_cfg)
-        tokenizer = build_tokenizer(arch, model_cfg)  # before the slow build: a missing tokenizer fails in a second
-        try:
-            model, preprocess_train, preprocess = create_model(arch, spec.pretrained)
-        except Exception as exc:
-            if spec.pretrained is None:
-                raise build_error(arch, model_cfg, exc) from exc
-            raise weights_error(arch, spec.pretrained, exc) from exc
+        with hub_access(arch, model_cfg, spec.pretrained):  # offline: one line at once, not retries
+            tokenizer = build_tokenizer(arch, model_cfg)  # before the slow build: a missing tokenizer fails in a second
+            try:
+                model, preprocess_train, preprocess = create_model(arch, spec.pretrained)
+            except Exception as exc:
+                if spec.pretrained is None:
+                    raise build_error(arch, model_cfg, exc) from exc
+                raise weights_error(arch, spec.pretrained, exc) from exc
     model.eval()
     enc = Encoder(spec=spec, arch=arch, model=model, preprocess=preprocess, preprocess_train=preprocess_train,
                   tokenizer=tokenizer, model_cfg=model_cfg, checkpoint=ckpt)

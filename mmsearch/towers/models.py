@@ -80,7 +80,8 @@ def check_requirements(name: str, cfg: dict) -> None:
 
 
 # ---- caches -------------------------------------------------------------------------------------
-def _hf_cached(repo: str, filenames) -> bool:
+def hf_repo_cached(repo: str, filenames) -> bool:
+    """Whether any of `filenames` of hub repo `repo` is in the Hugging Face cache (no network)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
@@ -108,20 +109,36 @@ def weights_cached(name: str, tag: str) -> bool:
         names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
         if filename.endswith(".bin"):
             names.insert(0, filename[:-4] + ".safetensors")
-        if _hf_cached(repo, names):
+        if hf_repo_cached(repo, names):
             return True
     if cfg.get("url"):
         return os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"])))
     return False
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+
+
 def hf_files_cached(cfg: dict) -> bool:
     """Whether the tokenizer / text-tower config a family fetches from the hub is cached (True if none)."""
+    return all(cached for _, _, cached in hub_files(cfg))
+
+
+def hub_files(cfg: dict) -> list[tuple[str, str, bool]]:
+    """(what, hub repo, cached) for each file set a family's tokenizer and text tower fetch from the hub."""
     t = cfg.get("text_cfg", {})
     tok, model = t.get("hf_tokenizer_name"), t.get("hf_model_name")
-    if tok and not _hf_cached(tok, ["tokenizer.json", "tokenizer_config.json", "spiece.model"]):
+    out = [("tokenizer", tok, hf_repo_cached(tok, TOKENIZER_FILES))] if tok else []
+    return out + ([("text tower config", model, hf_repo_cached(model, ["config.json"]))] if model else [])
+
+
+def weights_on_hub(name: str, tag: Optional[str]) -> bool:
+    """Whether open_clip fetches `tag`'s weights from the Hugging Face hub (not a URL, not a local file)."""
+    import open_clip
+
+    if not tag or os.path.isfile(tag):
         return False
-    return not model or _hf_cached(model, ["config.json"])
+    return bool((open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub"))
 
 
 # ---- the table ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from mmsearch.checks import MAX_SEED, count, number
 from mmsearch.config import ModelSpec
 from mmsearch.datasets.readers import CaptionDataset, load_dataset
 from mmsearch.towers.encoder import CHECKPOINT_FORMAT, Encoder, load_checkpoint_file, load_encoder, weights_fingerprint
@@ -83,6 +84,11 @@ def train_encoder(data, spec: ModelSpec, out, steps: Optional[int] = None, epoch
     runs every `val_every` epochs and after the last step (open_clip's --val-frequency)."""
     from mmsearch.towers.devices import resolve_device
 
+    steps, epochs, batch_size = count("steps", steps), count("epochs", epochs), count("batch_size", batch_size)
+    accum_steps, val_every = count("accum_steps", accum_steps, optional=False), count("val_every", val_every, optional=False)
+    warmup, save_every, workers = count("warmup", warmup, 0), count("save_every", save_every), count("workers", workers, 0)
+    lr, weight_decay = number("lr", lr, 0.0, 1.0, low_open=True), number("weight_decay", weight_decay, 0.0, 1.0)
+    seed = count("seed", seed, 0, MAX_SEED, optional=False)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     world = dist_.start(device)
     device = dist_.device_for(world.local_rank, device)

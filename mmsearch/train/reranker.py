@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmsearch.checks import MAX_SEED, count, number
 from mmsearch.config import ModelSpec
 from mmsearch.datasets.readers import CaptionDataset, load_dataset
 from mmsearch.towers.encoder import load_encoder
@@ -161,6 +162,9 @@ def train_reranker(data, encoder_checkpoint, out, steps: int = 2000, batch_size:
     trains on the CPU, spread over `lanes` threads (default: one per torch thread; see train/lanes.py).
     `precision` auto is fp32: bf16 autocast made this model's step no faster, even on a CPU with native
     bf16 products (its products are small; 103 vs 94 ms a step at batch 48 on 2 lanes)."""
+    steps, batch_size = count("steps", steps, optional=False), count("batch_size", batch_size, optional=False)
+    lr, lanes = number("lr", lr, 0.0, 1.0, optional=False, low_open=True), count("lanes", lanes)
+    seed = count("seed", seed, 0, MAX_SEED, optional=False)
     log = log or (lambda line: None)
     state = None
     if resume:

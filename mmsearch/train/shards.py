@@ -12,7 +12,6 @@ import io
 import json
 import re
 import tarfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,7 +19,7 @@ from typing import Optional
 from PIL import Image
 
 from mmsearch.errors import DatasetError, MediaError
-from mmsearch.media import DEFAULT_MAX_PIXELS, decode_opened
+from mmsearch.media import DEFAULT_MAX_PIXELS, decode_opened, own_pixel_cap
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_BYTES = 1 << 16  # a caption member larger than this is not a caption
@@ -116,10 +115,8 @@ def decode_image(data: bytes, name: str, min_size: Optional[int] = None,
     if not data:
         raise MediaError(name, "empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                out = decode_opened(img, name, min_size, max_pixels)
+        with own_pixel_cap(), Image.open(io.BytesIO(data)) as img:
+            out = decode_opened(img, name, min_size, max_pixels)
     except MediaError:
         raise
     except Exception as exc:  # PIL raises many kinds for a corrupt file; a bad sample is never fatal

@@ -12,7 +12,7 @@ DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 DEFAULT_FACTORY = "auto"  # Flat while small, then a tuned IVF (ann.py)
 INDEX_ENV_VAR = "MMSEARCH_INDEX"
 DEFAULT_INDEX_DIR = Path("indexes") / "default"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: video shots as image rows (video_id, start_s, end_s, frame_s, duration_s)
 VERSION = "0.1.0"  # the package version, recorded in every index it builds (mmsearch.__version__)
 TINY_MODEL = "mmsearch-tiny"
 # Here, not in media.py, so the query path can tell an image path from text without importing PIL.
@@ -23,6 +23,9 @@ HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 # later default does not change what an existing index calls good. The threshold (a z-score against the
 # query's similarity to a sample of the collection) was chosen on held-out data by benchmarks/relevance.py.
 GOOD_MATCH = {"method": "z-sample-1", "sample": 2000, "threshold": 2.1}
+# videos are indexed as shots (mmsearch.video, the `video` extra): what FFmpeg reads under these names
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"})
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "towers" / "model_configs"

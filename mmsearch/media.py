@@ -64,7 +64,7 @@ def _heif_available() -> bool:
     return _heif_state
 
 
-def _os_reason(path: str, exc: OSError) -> str:
+def os_reason(path: str, exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     if exc.errno == errno.ELOOP:
@@ -115,7 +115,7 @@ def load_image(path, min_size: Optional[int] = None, max_pixels: int = DEFAULT_M
         if isinstance(exc, UnidentifiedImageError):
             raise MediaError(path, "not an image (unrecognised format)") from exc
         if exc.errno is not None:
-            raise MediaError(path, _os_reason(path, exc)) from exc
+            raise MediaError(path, os_reason(path, exc)) from exc
         raise MediaError(path, f"truncated or corrupt image ({exc})") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MediaError(path, f"too large (decompression bomb: {exc})") from exc

@@ -247,3 +247,34 @@ def render(path, lines, size=(480, 200), font_size=30, font=DEJAVU, bg=(245, 245
     kw = {"exif": exif.tobytes()} if exif is not None else {}
     img.save(path, fmt, **kw)
     return path
+
+
+# ---- a small served index with a video ------------------------------------------------------------------
+def build_video_index(root, synth_dir, checkpoint, ext=".webm"):
+    """(index dir, photos dir, the video's truth): 6 PNGs and clip.webm (VP8: what headless Chromium plays) of a
+    black second then three synthetic scenes of 3.3 s, each scene's first caption as its truth."""
+    from mmsearch.datasets.synthvideo import Segment, write_video
+
+    photos = Path(root) / "photos"
+    photos.mkdir(parents=True)
+    with open(synth_dir / "captions.csv") as fh:
+        first = {}
+        for r in csv.DictReader(fh):
+            first.setdefault(r["image"], r["caption"])
+    singles = [(p, c) for p, c in first.items() if c.startswith("a large ")]
+    scenes, colours = [], set()
+    for p, c in singles:  # three one-object scenes of three colours
+        if c.split()[2] not in colours:
+            scenes.append((p, c))
+            colours.add(c.split()[2])
+        if len(scenes) == 3:
+            break
+    others = [p for p in sorted(first) if p not in {s for s, _ in scenes}][:6]
+    for p in others:
+        shutil.copy(synth_dir / p, photos / Path(p).name)
+    segs = [Segment(1.0, (0, 0, 0))] + [Segment(3.3, Image.open(synth_dir / p).convert("RGB"), caption=c,
+                                                moving_dot=True) for p, c in scenes]
+    info = write_video(photos / f"clip{ext}", segs, size=(128, 128))
+    idx = Path(root) / "idx"
+    index_folders(idx, [photos], spec=ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(checkpoint)))
+    return idx, photos, info

@@ -1,22 +1,26 @@
 """The page in a real headless browser (Debian's chromium-headless-shell driven by playwright) against a real
-`mmsearch serve` process: search, thumbnails decoded, detail panel, more like this, upload, Back, phone width."""
+`mmsearch serve` process: search, thumbnails decoded, detail panel, more like this, upload, Back, phone width;
+a video hit plays from its moment (issue 29)."""
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import build_served_index
+from helpers import build_served_index, build_video_index
 
 CHROMIUM = "/usr/bin/chromium-headless-shell"
 INSTALL = "apt-get update && apt-get install -y chromium-headless-shell"
 START_BUDGET_S = 2.0  # the page answers within 2 s of launch (CPU seconds: see the test)
 SCREENSHOT = os.environ.get("MMSEARCH_SCREENSHOT")  # where to keep the screenshot (the README's is made so)
+VIDEO_SCREENSHOT = os.environ.get("MMSEARCH_VIDEO_SCREENSHOT")  # the page playing a moment
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +40,10 @@ def _get(url, timeout=5.0):
         return res.status, res.read()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, synth_dir, tiny_checkpoint):
-    """A `mmsearch serve --port 0` process on 127.0.0.1; yields (base URL, photos dir, (wall, CPU) seconds from
+@contextlib.contextmanager
+def serving(idx):
+    """A `mmsearch serve --port 0` process on 127.0.0.1 for `idx`; yields (base URL, (wall, CPU) seconds from
     launch to the first page)."""
-    idx, photos = build_served_index(tmp_path_factory.mktemp("browser"), synth_dir, tiny_checkpoint)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).parents[1]))
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "mmsearch", "serve", "--index", str(idx), "--port", "0"],
@@ -60,10 +63,26 @@ def server(tmp_path_factory, synth_dir, tiny_checkpoint):
         wall = time.perf_counter() - started
         with open(f"/proc/{proc.pid}/stat") as fh:  # utime + stime of the server process, in clock ticks
             ticks = sum(int(v) for v in fh.read().rsplit(")", 1)[1].split()[11:13])
-        yield url, photos, (wall, ticks / os.sysconf("SC_CLK_TCK"))
+        yield url, (wall, ticks / os.sysconf("SC_CLK_TCK"))
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, synth_dir, tiny_checkpoint):
+    """The served index of photos; yields (base URL, photos dir, (wall, CPU) seconds from launch to the first page)."""
+    idx, photos = build_served_index(tmp_path_factory.mktemp("browser"), synth_dir, tiny_checkpoint)
+    with serving(idx) as (url, times):
+        yield url, photos, times
+
+
+@pytest.fixture(scope="module")
+def video_server(tmp_path_factory, synth_dir, tiny_checkpoint):
+    """Photos and a WebM (VP8) video of three scenes: headless Chromium has no H.264 decoder, VP8 it has."""
+    idx, photos, info = build_video_index(tmp_path_factory.mktemp("browser-video"), synth_dir, tiny_checkpoint)
+    with serving(idx) as (url, _):
+        yield url, photos, info
 
 
 def _health(url):
@@ -234,6 +253,44 @@ def test_the_page_marks_the_matched_word_and_boxes_it(browser, words_server):
     page.select_option("#mode", "text")
     page.wait_for_function("() => new URL(location).searchParams.get('mode') === 'text'")
     page.wait_for_function("() => document.querySelectorAll('.card').length === 1")
+
+
+def test_a_video_hit_plays_from_its_moment(browser, video_server):
+    """Issue 29: a video hit shows its shot's frame with a time badge; opening it plays the original video
+    (fetched in byte ranges) from the shot's start, and its other moments are chips on a timeline that seek."""
+    url, photos, info = video_server
+    start, end, caption = info["scenes"][2]
+    page = browser.new_page(viewport={"width": 1200, "height": 820})
+    problems = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.goto(url + "?" + urllib.parse.urlencode({"q": caption}))
+    page.wait_for_selector(".card .badge")
+    card = page.locator(".card", has=page.locator(".badge")).first
+    assert card.get_attribute("title") == str(photos / "clip.webm")
+    assert re.fullmatch(r"▶ 00:0\d", card.locator(".badge").text_content())
+    _decoded(page, 1)
+    card.click()
+    page.wait_for_selector("#d-video:not([hidden])")
+    page.wait_for_function("() => { const v = document.querySelector('#d-video');"
+                           " return v.readyState >= 1 && Math.abs(v.currentTime - +v.dataset.start) < 0.05; }",
+                           timeout=20000)
+    t = page.evaluate("() => document.querySelector('#d-video').currentTime")
+    shot = json.loads(_get(url + "api/search?" + urllib.parse.urlencode({"q": caption, "k": 24}))[1])["hits"]  # the page asks for 24
+    hit = next(h for h in shot if h.get("kind") == "video")
+    assert hit["start_s"] <= t < hit["end_s"] and start - 1e-6 <= t <= start + 1.0 + 1e-6
+    assert page.is_hidden("#d-open")  # the player replaces the still
+    chips = page.eval_on_selector_all("#d-timeline .moment", "els => els.map(e => e.textContent)")
+    assert len(chips) == len(hit["moments"]) >= 1
+    if VIDEO_SCREENSHOT:  # the README's: the page playing the best moment
+        page.evaluate("() => { const v = document.querySelector('#d-video'); v.pause(); v.currentTime = +v.dataset.start; }")
+        page.wait_for_timeout(500)
+        page.screenshot(path=VIDEO_SCREENSHOT)
+    if len(hit["moments"]) > 1:  # another moment seeks the same player
+        other = hit["moments"][1]
+        page.click("#d-timeline .moment >> nth=1")
+        page.wait_for_function("t => Math.abs(document.querySelector('#d-video').currentTime - t) < 0.05",
+                               arg=other["start_s"], timeout=10000)
     assert problems == []
 
 

@@ -50,6 +50,9 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
               help="Images per encoder batch [default: 32, 256 on CUDA].")
 @click.option("--workers", default=None, type=count(1, MAX_WORKERS),
               help="Decoding threads [default: CPU count, max 4; 16 on a GPU].")
+@click.option("--video-frames", default=None, type=click.IntRange(1, 100_000), metavar="N",
+              help="Frames sampled per video at most (keyframes, at most one a second): a long film is sampled "
+                   "N times, evenly  [default: 300].")
 @click.option("--exclude", multiple=True, help="Glob of paths to skip (repeatable), e.g. '*/thumbs/*'.")
 @click.option("--hidden", is_flag=True, help="Also index hidden files and folders.")
 @click.option("--factory", default=None,
@@ -65,18 +68,21 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
 @ray_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @with_bar("embed")
-def index(paths, index_dir, model, pretrained, checkpoint, device, precision, batch_size, workers, exclude, hidden,
-          factory, max_index_memory, reranker, ocr, ray_address, ray_actors, as_json, progress):
-    """Index image folders (or files): new and changed files are embedded, moved ones reuse their
-    embedding, deleted ones are removed. Re-running on an unchanged folder embeds nothing."""
+def index(paths, index_dir, model, pretrained, checkpoint, device, precision, batch_size, workers, video_frames,
+          exclude, hidden, factory, max_index_memory, reranker, ocr, ray_address, ray_actors, as_json, progress):
+    """Index image and video folders (or files): new and changed files are embedded (a video as its
+    shots), moved ones reuse their embedding, deleted ones are removed. Re-running on an unchanged folder
+    embeds nothing."""
     yielding_openmp()
     from mmsearch.indexing.pipeline import index_folders
+    from mmsearch.video import DEFAULT_FRAMES
 
     executor = ray_executor(ray_address, ray_actors, device, precision, batch_size, workers)
     summary = index_folders(index_dir_of(index_dir), paths, spec=model_spec(model, pretrained, checkpoint),
                             batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden,
                             factory=factory, reranker=reranker, device=device, precision=precision,
-                            executor=executor, progress=progress, max_index_memory=max_index_memory, ocr=ocr)
+                            executor=executor, progress=progress, max_index_memory=max_index_memory, ocr=ocr,
+                            video_frames=video_frames or DEFAULT_FRAMES)
     progress.close()
     for note in summary.notes:  # on stderr, so --json output stays one object
         click.secho(note, fg="yellow", err=True)
@@ -102,7 +108,9 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
                    f"(from stored embeddings)", err=True)
     if s.embedded == 0 and not (s.moved or s.removed):
         click.echo(f"nothing to embed: {s.unchanged} unchanged, {s.failed} failed")
-    rate = f" (embedding {s.embedded / s.embed_seconds:.1f} img/s)" if s.embedded and s.embed_seconds else ""
+    rate = f" (embedding {s.embedded / s.embed_seconds:.1f} img/s)" if s.embedded and s.embed_seconds and not s.videos else ""
+    if s.videos:
+        click.echo(f"videos: {s.videos} embedded as {s.shots} shots")
     click.echo(f"added {s.added}, updated {s.updated}, unchanged {s.unchanged}, moved {s.moved}, "
                f"removed {s.removed}, failed {s.failed} in {s.seconds:.1f}s{rate}")
     if s.ocr_read or s.ocr_failures:
@@ -124,7 +132,9 @@ def info(index_dir, as_json):
     if as_json:
         return emit_json(data)
     m = data["model"]
-    rows = [("index", data["index"]), ("images", data["images"]), ("failed", data["failed"]),
+    rows = [("index", data["index"]), ("images", data["images"]),
+            *([("videos", f"{data['videos']} ({data['shots']} shots, counted in images)")] if data.get("videos") else []),
+            ("failed", data["failed"]),
             ("vectors", data["vectors"]), ("texts", data["texts"]),
             ("model", ModelSpec.from_dict(m).describe()), ("fingerprint", m["fingerprint"]),
             ("precision", data["precision"]), ("dim", data["dim"]),

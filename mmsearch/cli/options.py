@@ -183,19 +183,21 @@ def render_hits(hits, as_json, as_paths, key, good_only=False):
             echo_path(h[key])
     elif not hits:
         click.echo("no results", err=True)
-    elif hits[0].get("calibrated") is None:
-        click.echo(f"{'rank':>4}  {'score':>6}  {key}")
-        for h in hits:
-            click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {shown(h[key])}")
-            for m in (h.get("matches") or [])[:3]:  # why a hit matched: its words, the matched ones marked
-                click.echo(f"{'':>14}{m.get('key') or m['field']}: {marked(m['text'], m['spans'])}")
     else:
-        click.echo(f"{'rank':>4}  {'score':>6}  {'match':>6}  {key}")
-        for h in hits:
-            mark = "*" if h.get("good") else " "
-            click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {h['calibrated']:>5.1f}{mark}  {shown(h[key])}")
+        from mmsearch.search.moments import clock
+
+        calibrated = hits[0].get("calibrated") is not None  # a `match` column: the calibrated score, * if good
+        click.echo(f"{'rank':>4}  {'score':>6}  " + (f"{'match':>6}  " if calibrated else "") + key)
+        for h in hits:  # a video's moment: path @ 01:23 (its shot's start), and its other moments after it
+            where = ""
+            if h.get("start_s") is not None:
+                more = [clock(m["start_s"]) for m in h.get("moments", [])[1:]]
+                where = f" @ {clock(h['start_s'])}" + (f"  (also {', '.join(more)})" if more else "")
+            match = f"{h['calibrated']:>5.1f}{'*' if h.get('good') else ' '}  " if calibrated else ""
+            click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {match}{shown(h[key])}{where}")
             for m in (h.get("matches") or [])[:3]:  # why a hit matched: its words, the matched ones marked
-                click.echo(f"{'':>22}{m.get('key') or m['field']}: {marked(m['text'], m['spans'])}")
+                click.echo(f"{'':>{22 if calibrated else 14}}{m.get('key') or m['field']}: "
+                           f"{marked(m['text'], m['spans'])}")
 
 
 def marked(text: str, spans) -> str:

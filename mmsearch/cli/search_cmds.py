@@ -19,7 +19,7 @@ from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of,
 @click.option("-k", "k", default=10, show_default=True, type=count(1, MAX_K), help="Number of results.")
 @output_options
 @click.option("--under", type=click.Path(file_okay=False), help="Only images under this folder.")
-@click.option("--ext", "exts", help="Only these extensions, comma-separated, e.g. jpg,png.")
+@click.option("--ext", "exts", help="Only these extensions, comma-separated, e.g. jpg,png (or mp4 for videos).")
 @click.option("--after", metavar="DATE", help="Only images taken on/after DATE, YYYY-MM-DD (EXIF date, else file mtime).")
 @click.option("--before", metavar="DATE", help="Only images taken before DATE (exclusive).")
 @click.option("--until", metavar="DATE", help="Only images taken on/before DATE (inclusive: the whole day; "
@@ -40,9 +40,12 @@ from mmsearch.cli.options import (count, device_option, emit_json, index_dir_of,
 @click.option("--alpha", type=number(0, 1), default=None,
               help="Re-ranked score = (1-A)*ITM probability + A*similarity  [default: the blend the re-ranker "
                    "was fitted to on validation data].")
+@click.option("--group/--no-group", default=True, show_default=True,
+              help="One hit per video at its best moment, its other matching moments beside it; --no-group: "
+                   "every matching shot is a hit of its own.")
 @device_option
 def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, exts, after, before, until, min_score,
-           mode, good_only, sort, rerank, rerank_k, alpha, device):
+           mode, good_only, sort, rerank, rerank_k, alpha, group, device):
     """Search by text, by image, or both: "dog", --image photo.jpg, "2:dog + beach - people"."""
     if query and not images:
         single_blas_thread_for_text(index_dir_of(index_dir))
@@ -59,7 +62,8 @@ def search(query, images, over_texts, index_dir, k, as_json, as_paths, under, ex
         hits = searcher.search_texts(query, images, k=k, rerank=rerank, rerank_k=rerank_k, alpha=alpha)
     else:
         hits = searcher.search(query, images, k=k, filters=filters, min_score=min_score, rerank=rerank,
-                               rerank_k=rerank_k, alpha=alpha, mode=mode, good_only=good_only, sort=sort)
+                               rerank_k=rerank_k, alpha=alpha, mode=mode, good_only=good_only, sort=sort,
+                               group=group)
     hits = [h.to_dict() for h in hits]
     for note in dict.fromkeys(searcher.store.notices):  # e.g. a family whose text queries need torch
         click.secho(note, fg="yellow", err=True)

@@ -40,12 +40,17 @@ def _shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
 
 
-def _render(objects, bg: str, size: int, path: Path) -> None:
+def draw_scene(objects, bg: str, size: int) -> Image.Image:
+    """A scene as the data set draws it: [(colour, shape, (fx, fy), radius)] on a named background."""
     img = Image.new("RGB", (size, size), BACKGROUNDS[bg])
     draw = ImageDraw.Draw(img)
     for colour, shape, (fx, fy), radius in objects:
         _shape(draw, shape, fx * size, fy * size, radius * size, COLOURS[colour])
-    img.save(path, format="PNG", optimize=False)
+    return img
+
+
+def _render(objects, bg: str, size: int, path: Path) -> None:
+    draw_scene(objects, bg, size).save(path, format="PNG", optimize=False)
 
 
 def _a(word: str) -> str:

@@ -1,4 +1,5 @@
-"""Back-fills over an existing index: re-ranker image tokens (one read per file) and the text corpus's token states."""
+"""Back-fills over an existing index: re-ranker image tokens (one read per file, one frame per video shot)
+and the text corpus's token states."""
 from __future__ import annotations
 
 import os
@@ -36,8 +37,10 @@ def _enable(store: IndexStore, reranker_path, batch_size: int, workers: Optional
     with ThreadPoolExecutor(max_workers=workers or max(1, min(4, os.cpu_count() or 1))) as pool:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            infos = [scan.FileInfo(p, 0, 0) for _, p in chunk]
-            results = list(pool.map(lambda f: decode_file(f, encoder.image_size, prep), infos))
+            rows = cat.rows([i for i, _ in chunk])
+            jobs = [(scan.FileInfo(rows[i]["path"] if i in rows else p, 0, 0), rows.get(i, {}).get("frame_s"))
+                    for i, p in chunk]
+            results = list(pool.map(lambda job: _decode(job, encoder.image_size, prep), jobs))
             good = [(i, r) for (i, _), r in zip(chunk, results) if not isinstance(r, MediaError)]
             if good:
                 _, toks = encoder.encode_image_tensor(batch_pixels(encoder, [r[0] for _, r in good]), token_grid=grid)
@@ -50,6 +53,19 @@ def _enable(store: IndexStore, reranker_path, batch_size: int, workers: Optional
                 progress(start + len(chunk), len(todo), stage="tokens")
     texts = backfill_text_states(store)
     return {"images": filled, "failed": failed, "texts": texts, "token_grid": grid}
+
+
+def _decode(job, image_size: int, prep):
+    """A photo as the indexer decodes it, or a video shot's frame (the picture its vector was made from)."""
+    info, frame_s = job
+    if frame_s is None:
+        return decode_file(info, image_size, prep)
+    from mmsearch import video
+
+    try:
+        return (prep(video.frame_at(info.path, frame_s, image_size)),)
+    except MediaError as exc:
+        return exc
 
 
 def backfill_text_states(store: IndexStore, batch_size: int = 256) -> int:

@@ -21,7 +21,8 @@ from mmsearch.indexing.backfill import read_missing_words
 from mmsearch.indexing.extract import Extractor, check_ocr_request, resolve_ocr
 from mmsearch.indexing.plan import Plan, plan_changes
 from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, batch_pixels, commit_batch,
-                                     decode_file, worker_transform)
+                                     decode_file, inputs_of, worker_transform)
+from mmsearch import video
 from mmsearch.storage.catalog import Catalog
 from mmsearch.storage.roots import normalise_roots, record_roots, recorded_roots
 from mmsearch.storage.lock import writer_lock
@@ -35,12 +36,13 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
                   factory: Optional[str] = None, reranker: Optional[str] = None, device="cpu",
                   precision: Optional[str] = None, executor=None, progress: Progress = None,
                   max_index_memory=None, ocr: Optional[bool] = None, watched: Optional[Sequence] = None,
-                  store: Optional[IndexStore] = None) -> IndexSummary:
+                  store: Optional[IndexStore] = None, video_frames: int = video.DEFAULT_FRAMES) -> IndexSummary:
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules.
 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
     (None: the index's own, devices.default_precision for a new one) is recorded in the index. `executor` replaces the local
-    decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way.
+    decode -> encode stage (mmsearch.distributed: Ray) for photos; planning, committing and videos (one file,
+    many rows) stay here either way. `video_frames`: the frames sampled per video at most.
     `ocr` (None: the index's own setting; a new index reads words when rapidocr is installed) switches
     OCR for this index; the words of new and changed files are read with their pixels, and images OCR
     has not read yet (indexed while it was off, or before it existed) are read after them.
@@ -63,11 +65,13 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
             raise MediaError(r, "no such file or folder")
     with writer_lock(index_dir):
         return _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory,
-                             reranker, device, precision, executor, progress, max_index_memory, ocr, watched, store)
+                             reranker, device, precision, executor, progress, max_index_memory, ocr, watched, store,
+                             video_frames)
 
 
 def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory, reranker,
-                  device, precision, executor, progress, max_index_memory, ocr, watched, store) -> IndexSummary:
+                  device, precision, executor, progress, max_index_memory, ocr, watched, store,
+                             video_frames) -> IndexSummary:
     from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
 
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
@@ -112,27 +116,37 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
         and store.vectors_complete()
     vectors = None if unchanged else store.vectors_for_update()
 
+    if plan.skipped_videos:
+        summary.skipped_videos = plan.skipped_videos
+        summary.notes.append(f"{plan.skipped_videos} videos skipped: video support is not installed "
+                               f"(pip install 'mmsearch[video]')")
     with cat.transaction():
         for image_id, f in plan.moves:
             cat.update_image(image_id, path=f.path, mtime_ns=f.mtime_ns, ext=Path(f.path).suffix.lower())
             cat.rename_words(image_id, f.path)  # what OCR read moves with the file
-        cat.delete_images(plan.deleted_ids)
+            cat.rename_video(image_id, f.path)  # a video's shots follow its file (nothing for a photo)
+        cat.delete_images(plan.deleted_ids + plan.deleted_shots)
         cat.clear_failures(plan.stale_failures)
         for path, reason in plan.scan_failures:
             cat.record_failure(path, None, None, reason)
         if plan.moves or plan.deleted_ids:
             cat.bump_generation()
     if vectors is not None:
-        vectors.remove(plan.deleted_ids)
+        vectors.remove(plan.deleted_ids + plan.deleted_shots)
     summary.failures.extend(plan.scan_failures)
 
-    if plan.embed and executor is not None:
+    videos = [f for f in plan.embed if video.is_video(f.path)] if executor is not None else []
+    if plan.embed and executor is not None and len(videos) < len(plan.embed):
         started = time.perf_counter()
-        executor.run(store, plan, vectors, summary, progress)
+        photos = Plan(**dict(vars(plan), embed=[f for f in plan.embed if not video.is_video(f.path)]))
+        executor.run(store, photos, vectors, summary, progress)
         summary.embed_seconds = time.perf_counter() - started
         store.export_fast_text()  # loads torch on the driver only when the text tower is missing
-    elif plan.embed:
-        from mmsearch.towers.devices import bf16_fallback_note, default_batch_size, default_decode_workers, torch_precision
+    if videos:
+        plan = Plan(**dict(vars(plan), embed=videos))  # the executor's rows carry one vector a file: here
+    if plan.embed and (executor is None or videos):
+        from mmsearch.towers.devices import (bf16_fallback_note, default_batch_size, default_decode_workers,
+                                             torch_precision)
 
         token_grid = store.token_grid()
         encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu")
@@ -145,8 +159,8 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
         started = time.perf_counter()
         embed_all(store, encoder, plan, vectors, summary, batch_size or default_batch_size(dev),
                    workers or default_decode_workers(dev), token_grid, progress,
-                   take_turns=device_type(dev) == "cpu", extractor=extractor)
-        summary.embed_seconds = time.perf_counter() - started
+                   take_turns=device_type(dev) == "cpu", extractor=extractor, video_frames=video_frames)
+        summary.embed_seconds += time.perf_counter() - started
         store.export_fast_text()
         store.share_exports()
     if vectors is not None:
@@ -166,11 +180,14 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
 
 def embed_all(store: IndexStore, encoder, plan: Plan, vectors, summary: IndexSummary, batch_size: int,
                workers: Optional[int], token_grid: Optional[int], progress: Progress, take_turns: bool = False,
-               extractor: Optional[Extractor] = None) -> None:
+               extractor: Optional[Extractor] = None, video_frames: int = video.DEFAULT_FRAMES) -> None:
     """Decode in worker threads, encode in batches. `take_turns` (a CPU encoder, whose threads use every
     core): decoders start no new file while a batch encodes. The encoder's threads meet at a barrier
     after every operator, so one core lent to a decoder stalls them all; taking turns measured
-    ~20 % faster on small photos on 2 cores than overlapping."""
+    ~20 % faster on small photos on 2 cores than overlapping. A video holds one picture per shot until
+    it is committed, so at most `workers` videos are in flight: memory stays bounded in a folder of films."""
+    import numpy as np
+
     cat = store.catalog
     todo = plan.embed
     prep = worker_transform(encoder)
@@ -181,7 +198,7 @@ def embed_all(store: IndexStore, encoder, plan: Plan, vectors, summary: IndexSum
 
     def decode_in_turn(info, image_size, pil_transform):
         turn.wait()
-        return decode_file(info, image_size, pil_transform, extractor)
+        return decode_file(info, image_size, pil_transform, extractor, video_frames)
 
     if progress:
         progress(0, len(todo), stage="embed")
@@ -191,10 +208,19 @@ def embed_all(store: IndexStore, encoder, plan: Plan, vectors, summary: IndexSum
         # keep about two batches of decodes in flight so the encoder never waits
         pending: deque = deque()
         it = iter(todo)
-        for f in it:
-            pending.append((f, pool.submit(decode_in_turn, f, encoder.image_size, prep)))
-            if len(pending) >= 2 * batch_size:
-                break
+        held: list = []  # the next file, when it is a video that has to wait for a free video slot
+
+        def top_up():
+            while len(pending) < 2 * batch_size:
+                f = held.pop() if held else next(it, None)
+                if f is None:
+                    return
+                if video.is_video(f.path) and sum(video.is_video(p.path) for p, _ in pending) >= workers:
+                    held.append(f)
+                    return
+                pending.append((f, pool.submit(decode_in_turn, f, encoder.image_size, prep)))
+
+        top_up()
         # a small first batch gets the encoder busy while the decoders fill the queue
         size = min(batch_size, 8)
         while pending:
@@ -204,23 +230,26 @@ def embed_all(store: IndexStore, encoder, plan: Plan, vectors, summary: IndexSum
                 t = time.perf_counter()
                 batch.append((f, fut.result()))
                 summary.wait_seconds += time.perf_counter() - t
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(decode_in_turn, nxt, encoder.image_size, prep)))
+                top_up()
             good = [(f, r) for f, r in batch if not isinstance(r, MediaError)]
             bad = [(f, r) for f, r in batch if isinstance(r, MediaError)]
             emb = toks = None
-            if good:
+            inputs = [x for _, r in good for x in inputs_of(r)]
+            if inputs:
                 t = time.perf_counter()
-                pixels = batch_pixels(encoder, [r[0] for _, r in good])
                 if take_turns:
                     turn.clear()
-                try:
-                    out = encoder.encode_image_tensor(pixels, token_grid=token_grid)
+                try:  # a video may bring more pictures than a batch: encode them a batch at a time
+                    outs = [encoder.encode_image_tensor(batch_pixels(encoder, inputs[s:s + batch_size]),
+                                                        token_grid=token_grid)
+                            for s in range(0, len(inputs), batch_size)]
                 finally:
                     turn.set()
                 summary.encode_seconds += time.perf_counter() - t
-                emb, toks = out if token_grid else (out, None)
+                if token_grid:
+                    emb, toks = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+                else:
+                    emb = np.concatenate(outs)
             size = batch_size
             commit_batch(cat, plan, vectors, good, bad, emb, toks, summary)
             done += len(batch)

@@ -1,7 +1,9 @@
 """Plan an indexing run: the diff between the folders and the catalog.
 
 New files are embedded, changed ones (size or mtime) re-embedded, moved ones (same size + quick hash
-as a file that vanished) keep their embedding, deleted ones leave. Every executor (local threads,
+as a file that vanished) keep their embedding, deleted ones leave. A video is one file (its shots follow
+it: moved, re-embedded or deleted with it); without the `video` extra, new and changed videos are
+skipped (counted, not failed) and the ones indexed before stay. Every executor (local threads,
 Ray, a watcher) runs the same plan; planning always happens on the driver, against SQLite.
 
 A watcher plans only the paths its events named, inside the folders it watches (`watched`). There a
@@ -16,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
+from mmsearch import video
 from mmsearch.errors import MmsearchError
 from mmsearch.indexing import scan
 from mmsearch.storage.catalog import Catalog
@@ -35,6 +38,8 @@ class Plan:
     unchanged: int
     known_failed: int
     away: list = field(default_factory=list)  # watched folders skipped because they are away (root_away)
+    deleted_shots: list = field(default_factory=list)  # the other rows of deleted videos (not files)
+    skipped_videos: int = 0  # new or changed videos left for a run with video support
 
 
 def root_away(root: str, cat: Optional[Catalog]) -> Optional[str]:
@@ -121,8 +126,16 @@ def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool,
     scan_failures = [f for f in scan_failures if f not in known_scan]
     stale_failures = [p for p in failed if is_under_roots(p, covered) and p not in scan_failed
                       and (p not in failed_now or failed[p] != failed_now[p])]
-    return Plan(embed, update_ids, moves, [row[0] for row in gone.values()], stale_failures, scan_failures,
-                 unchanged, known_failed, away=sorted(w for w, is_away in away.items() if is_away))
+    deleted = [row[0] for row in gone.values()]
+    skipped = 0
+    if not video.available():
+        skipped = sum(1 for f in embed if video.is_video(f.path))
+        embed = [f for f in embed if not video.is_video(f.path)]
+        for path in [p for p in update_ids if video.is_video(p)]:
+            del update_ids[path]  # its old shots stay until it can be read again
+    return Plan(embed, update_ids, moves, deleted, stale_failures, scan_failures, unchanged, known_failed,
+                away=sorted(w for w, is_away in away.items() if is_away),
+                deleted_shots=cat.video_shot_ids(deleted), skipped_videos=skipped)
 
 
 def merge_by_path(files: Iterator, rows: Iterator) -> Iterator[tuple]:

@@ -1,4 +1,4 @@
-"""Walk folders, stat files, quick-hash them. No image decoding, no ML."""
+"""Walk folders, stat files, quick-hash them. No image decoding, no ML. Images and videos alike."""
 from __future__ import annotations
 
 import errno
@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
-from mmsearch.config import IMAGE_EXTENSIONS
+from mmsearch.config import MEDIA_EXTENSIONS
 from mmsearch.errors import MediaError
 from mmsearch.storage.fsnames import to_db
 from mmsearch.storage.roots import inside
@@ -48,7 +48,7 @@ def normalise_roots(roots) -> list[str]:
 
 
 def scan(roots, exclude: Iterable[str] = (), include_hidden: bool = False, on_error: OnError = None) -> Iterator[FileInfo]:
-    """Yield image files under `roots` (files or folders), each root in ascending order of path as
+    """Yield image and video files under `roots` (files or folders), each root in ascending order of path as
     strings compare (the catalog's ORDER BY path), so the incremental diff can merge the two streams.
 
     Other extensions are ignored; hidden entries are skipped unless asked; directory symlinks are
@@ -60,7 +60,7 @@ def scan(roots, exclude: Iterable[str] = (), include_hidden: bool = False, on_er
             raise MediaError(root, "no such file or folder")
         if not os.path.isdir(root):
             info = _file_info(root, report)
-            if info and os.path.splitext(root)[1].lower() in IMAGE_EXTENSIONS:
+            if info and os.path.splitext(root)[1].lower() in MEDIA_EXTENSIONS:
                 yield info
             continue
         yield from _walk(root, root, exclude, include_hidden, report, set())
@@ -111,12 +111,12 @@ def _walk(root, folder, exclude, include_hidden, report, visiting) -> Iterator[F
             is_dir = entry.is_dir()  # follows symlinks
         except OSError as exc:
             is_dir = False
-            if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+            if os.path.splitext(entry.name)[1].lower() not in MEDIA_EXTENSIONS:
                 report(path, _reason(path, exc))
                 continue
         if is_dir:
             yield from _walk(root, path, exclude, include_hidden, report, visiting)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+        elif os.path.splitext(entry.name)[1].lower() in MEDIA_EXTENSIONS:
             info = _file_info(path, report)
             if info:
                 yield info

@@ -78,6 +78,10 @@ def find_duplicates(store, threshold: float = DEFAULT_THRESHOLD, nprobe: Optiona
         index.set_params(nprobe=max(nprobe, 1))
     pairs = find_pairs(index, store.catalog.iter_embeddings(store.dim), threshold,
                        total=index.ntotal, progress=progress)
+    # two shots of one video (a long still scene stored as segments) are not duplicate files
+    times = store.catalog.shot_times({x for a, b, _ in pairs for x in (a, b)})
+    pairs = [(a, b, sc) for a, b, sc in pairs
+             if not (a in times and b in times and times[a]["video_id"] == times[b]["video_id"])]
     groups = groups_from_pairs((a, b) for a, b, _ in pairs)
     members = {x for g in groups for x in g}
     rows = store.catalog.rows(members)

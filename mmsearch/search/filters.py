@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
-from mmsearch.config import IMAGE_EXTENSIONS
+from mmsearch.config import MEDIA_EXTENSIONS
 from mmsearch.errors import QueryError
 
 DateLike = Union[None, str, float, int]
@@ -25,15 +25,15 @@ class FilterError(QueryError):
 
 
 def parse_exts(value: Union[None, str, Iterable[str]]) -> Optional[tuple[str, ...]]:
-    """'jpg,PNG' or ['.jpg', 'png'] -> ('.jpg', '.png'); an unknown image extension is an error."""
+    """'jpg,PNG' or ['.jpg', 'png'] -> ('.jpg', '.png'); an unknown image or video extension is an error."""
     if not value:
         return None
     items = value.split(",") if isinstance(value, str) else list(value)
     exts = tuple(dict.fromkeys("." + str(e).strip().lower().lstrip(".") for e in items if str(e).strip()))
-    bad = [e for e in exts if e not in IMAGE_EXTENSIONS]
+    bad = [e for e in exts if e not in MEDIA_EXTENSIONS]
     if bad:
         raise FilterError(f"ext: unknown image extension {bad[0]} (known: "
-                          f"{', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))})")
+                          f"{', '.join(sorted(e[1:] for e in MEDIA_EXTENSIONS))})")
     return exts or None
 
 

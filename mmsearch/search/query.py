@@ -18,6 +18,7 @@ from mmsearch.checks import MAX_K, MAX_RERANK_K, count, number
 from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import EmptyIndexError, NonFiniteVectorError, QueryError
+from mmsearch.search import moments as video_moments
 from mmsearch.search.filters import Filters
 from mmsearch.search.hybrid import FUSE_DEPTH, MODES, TEXT_DEPTH, fuse, refuse_reranked, text_ranking
 from mmsearch.search.lexical import matches, parse_lexical, strip_quotes
@@ -69,6 +70,13 @@ class Hit:
     text_score: Optional[float] = None  # the words side's bm25 score, when they matched
     calibrated: Optional[float] = None  # the good-match score (relevance.py); None: the index cannot say
     good: Optional[bool] = None
+    # a video's moment: its video (the id of the file's row), the shot's times and its other matching moments
+    video_id: Optional[int] = None
+    start_s: Optional[float] = None
+    end_s: Optional[float] = None
+    frame_s: Optional[float] = None
+    duration_s: Optional[float] = None
+    moments: Optional[list] = None
 
     def __getitem__(self, key: str):
         """hit["text"], as when search_texts returned dicts: scripts written then keep working."""
@@ -76,7 +84,7 @@ class Hit:
 
     @property
     def kind(self) -> str:
-        return "text" if self.text is not None else "image"
+        return "text" if self.text is not None else "video" if self.video_id is not None else "image"
 
     def to_dict(self) -> dict:
         if self.kind == "text":
@@ -87,6 +95,9 @@ class Hit:
         d.update((k, v) for k, v in (("taken_at", self.taken_at), ("width", self.width), ("height", self.height),
                                      ("text_score", self.text_score), ("matches", self.matches),
                                      ("calibrated", self.calibrated), ("good", self.good)) if v is not None)
+        if self.video_id is not None:
+            d.update(kind="video", video_id=self.video_id, start_s=self.start_s, end_s=self.end_s,
+                     frame_s=self.frame_s, duration_s=self.duration_s, moments=self.moments or [])
         return d
 
 
@@ -198,11 +209,19 @@ class Searcher:
             toks = cat.tokens([image_id], self.store.token_shape()).get(image_id)
             if toks is not None:
                 return cat.embeddings(self.store.dim, [image_id])[1][0], toks.astype(np.float32)
-        from mmsearch.media import load_image
-
         # the index's own image tower (ONNX, its precision) unless re-ranker tokens need torch
         enc = self.store.image_embedder() if token_grid is None else self.store.encoder()
-        img = pixels if pixels is not None else load_image(path, min_size=enc.image_size)
+        frame_s = cat.rows([image_id]).get(image_id, {}).get("frame_s") if image_id is not None else None
+        if pixels is not None:
+            img = pixels
+        elif frame_s is not None:  # a video's shot: its frame
+            from mmsearch.video import frame_at
+
+            img = frame_at(path, frame_s, enc.image_size)
+        else:
+            from mmsearch.media import load_image
+
+            img = load_image(path, min_size=enc.image_size)
         out = enc.encode_images([img], token_grid=token_grid)
         vec, toks = (out[0][0], out[1][0]) if token_grid else (out[0], None)
         _finite(vec, f"the embedding of image {display(os.path.basename(path))}" if path else
@@ -234,7 +253,7 @@ class Searcher:
                before: Optional[float] = None, min_score: Optional[float] = None, rerank: Optional[bool] = None,
                rerank_k: int = DEFAULT_RERANK_K, alpha: Optional[float] = None, ids: Sequence[int] = (),
                offset: int = 0, filters: Optional[Filters] = None, until=None, mode: Optional[str] = None,
-               good_only: bool = False, sort: str = "relevance") -> list[Hit]:
+               good_only: bool = False, sort: str = "relevance", group: bool = True) -> list[Hit]:
         """Hits offset+1 .. offset+k, kept by `filters` (or the same filters given one by one: under, exts,
         after, before or until (inclusive); mmsearch.search.filters parses them). rerank=None re-ranks when
         the index has a re-ranker and the query is one text; alpha=None blends the re-ranker's score with the
@@ -250,7 +269,10 @@ class Searcher:
         keeps the good matches; when there is none at all, the closest results come back all the same,
         each marked not good, for the caller to say so. sort="date" orders the good matches (at most
         GOOD_DEPTH) by date, newest first: EXIF date, else the file's; without a calibration it orders the
-        closest DATE_DEPTH."""
+        closest DATE_DEPTH.
+
+        A video's shots are ranked as photos; `group` folds them into one hit per video (search/moments.py),
+        at the rank of its best moment, and pages count those hits."""
         k, offset, rerank_k, alpha, min_score = check_depths(k, offset, rerank_k, alpha, min_score)
         if sort not in SORTS:
             raise QueryError(f"sort: '{sort}' is not one of {', '.join(SORTS)}")
@@ -289,9 +311,13 @@ class Searcher:
         calibration = self.calibration.get()
         standing = calibration.standing(vec) if calibration is not None else None
         depth = max(offset + k, rerank_k) if rerank else offset + k
+        videos = group and cat.has_videos()
+        if videos:
+            depth = max(depth, (offset + k) * video_moments.GROUP_DEPTH)
         dense, text, narrowed = [], [], False
         if mode != "text":
-            dense, narrowed = self._dense(vec, depth, selection, standing, good_only, sort, mode == "hybrid")
+            dense, narrowed = self._dense(vec, depth, selection, standing, good_only, sort, mode == "hybrid",
+                                          offset + k if videos else None)
         if mode != "dense":
             text = text_ranking(cat, lexq, where, args, max(TEXT_DEPTH, offset + k))
         ranked = fuse(dense, text, mode)
@@ -316,12 +342,16 @@ class Searcher:
         if sort == "date" and (narrowed or standing is None or mode == "text"):
             rows = cat.rows([r.id for r in ranked])
             ranked = sorted((r for r in ranked if r.id in rows), key=lambda r: -date_of(rows[r.id]))
-        return self._hits(ranked[offset:offset + k], vec, offset, lexq, standing, rows)
+        moments: dict = {}
+        if videos:
+            ranked, moments = self._group(ranked, offset + k)
+        return self._hits(ranked[offset:offset + k], vec, offset, lexq, standing, rows, moments)
 
     def _dense(self, vec: np.ndarray, depth: int, selection, standing, good_only: bool, sort: str,
-               hybrid: bool) -> tuple[list[tuple[int, float]], bool]:
+               hybrid: bool, page_end: Optional[int]) -> tuple[list[tuple[int, float]], bool]:
         """The dense side's (id, similarity) best first, and whether they are the good matches only (asked
-        for by good_only or a date order, and there are some)."""
+        for by good_only or a date order, and there are some). `page_end` (an index with videos): search
+        deeper while the shots found fold into fewer hits than the page needs."""
         if standing is not None and (good_only or sort == "date"):
             good = good_pairs(lambda d: self._pairs(vec, d, selection), max(depth, DATE_DEPTH) if sort == "date"
                               else depth, standing.cutoff, deepen=sort == "date", most=GOOD_DEPTH)
@@ -329,7 +359,25 @@ class Searcher:
                 return good, True
         if sort == "date" and standing is None:
             depth = max(depth, DATE_DEPTH)
-        return self._pairs(vec, max(depth, FUSE_DEPTH) if hybrid else depth, selection), False
+        depth = max(depth, FUSE_DEPTH) if hybrid else depth
+        total = self.store.query_vectors().ntotal
+        while True:
+            pairs = self._pairs(vec, depth, selection)
+            if page_end is None or len(pairs) < depth or depth >= total:
+                return pairs, False
+            times = self.store.catalog.shot_times([i for i, _ in pairs])
+            if video_moments.count_groups([i for i, _ in pairs], times) >= page_end:
+                return pairs, False
+            depth *= 4  # many shots of few videos: look deeper until the page fills
+
+    def _group(self, ranked: list, page_end: int) -> tuple[list, dict]:
+        """One entry per video, at its best moment (search/moments.py), and {id: that video's moments}."""
+        times = self.store.catalog.shot_times([r.id for r in ranked])
+        if not times:
+            return ranked, {}
+        by_id = {r.id: r for r in ranked}
+        grouped = video_moments.group([(r.id, r.score, r.similarity, r.itm) for r in ranked], times, page_end)
+        return [by_id[g[0]] for g in grouped], {g[0]: g[4] for g in grouped if g[4] is not None}
 
     def _mode(self, mode: Optional[str], lexq) -> str:
         if mode is not None and mode not in MODES:
@@ -353,7 +401,8 @@ class Searcher:
             for r, s in zip(missing, sims):
                 r.similarity = float(s)
 
-    def _hits(self, page: list, vec: np.ndarray, offset: int, lexq, standing, rows: Optional[dict]) -> list[Hit]:
+    def _hits(self, page: list, vec: np.ndarray, offset: int, lexq, standing, rows: Optional[dict],
+              moments: dict) -> list[Hit]:
         """The page's hits, with why their words matched and their good-match standing."""
         cat = self.store.catalog
         self._similarities(vec, page)
@@ -371,7 +420,9 @@ class Searcher:
                            row=row, matches=found, text_score=r.text_score,
                            calibrated=None if standing is None else round(standing.score(r.similarity), 3),
                            good=None if standing is None else (standing.good(r.similarity)
-                                                               or r.text_score is not None)))
+                                                               or r.text_score is not None),
+                           video_id=row.get("video_id"), start_s=row.get("start_s"), end_s=row.get("end_s"),
+                           frame_s=row.get("frame_s"), duration_s=row.get("duration_s"), moments=moments.get(r.id)))
         return out
 
     def _pairs(self, vec: np.ndarray, depth: int, selection) -> list[tuple[int, float]]:

@@ -1,4 +1,7 @@
-"""Per-image routes: metadata, thumbnail, original file. Always by catalog id, never by path."""
+"""Per-image routes: metadata, thumbnail, original file. Always by catalog id, never by path.
+
+A video's shot is an id like a photo: its thumbnail is the shot's frame, its file is the video, sent
+in byte ranges (206) when the browser asks for them, under the same rules as a photo's file."""
 from __future__ import annotations
 
 import mimetypes
@@ -6,16 +9,19 @@ import os
 from email.utils import formatdate
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response
 
 from mmsearch.errors import MediaError
 from mmsearch.serve.api_search import state
 from mmsearch.serve.errors import ApiError
 from mmsearch.serve.params import MAX_ID
+from mmsearch.serve.ranges import RangeError, file_response
+
+VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm",
+               ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 ImageId = Path(..., ge=0, lt=MAX_ID, description="Catalog id (from a search hit).")
-CHUNK = 1 << 16
 
 
 @router.get("/{image_id}")
@@ -28,11 +34,13 @@ def image_meta(request: Request, image_id: int = ImageId):
 @router.get("/{image_id}/thumb", response_class=Response, responses={200: {"content": {"image/webp": {}}}})
 def image_thumb(request: Request, image_id: int = ImageId,
                 size: int = Query(256, ge=16, le=1024, description="Longest side (snapped to 128, 256 or 512).")):
-    """A WebP thumbnail, EXIF orientation applied; cached in the index folder, remade when the file changes."""
+    """A WebP thumbnail, EXIF orientation applied (a video shot: its frame, turned as displayed); cached in
+    the index folder, remade when the file changes."""
     st = state(request)
-    path = st.servable_path(st.row(image_id))
+    row = st.row(image_id)
+    path = st.servable_path(row)
     try:
-        data = st.thumbs.get(image_id, path, size)
+        data = st.thumbs.get(image_id, path, size, frame_s=row.get("frame_s"))
     except MediaError as exc:
         raise ApiError(422, f"image {image_id}: {exc.reason}") from None
     except FileNotFoundError:
@@ -42,14 +50,20 @@ def image_thumb(request: Request, image_id: int = ImageId,
     return Response(data, media_type="image/webp", headers={"Cache-Control": cache})
 
 
-@router.get("/{image_id}/file", response_class=FileResponse)
+@router.get("/{image_id}/file", response_class=FileResponse,
+            responses={206: {"description": "The byte range asked for (`Range: bytes=START-END`, one range)."},
+                       416: {"description": "A range that is not one range of bytes inside the file."}})
 def image_file(request: Request, image_id: int = ImageId):
-    """The original file, while it is still inside an indexed folder."""
+    """The original file (a video for a shot's id), while it is still inside an indexed folder."""
     st = state(request)
-    path = st.servable_path(st.row(image_id))
-    kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    if not kind.startswith("image/") or kind == "image/svg+xml":
-        kind = "application/octet-stream"  # never let a browser run what it was handed as a photo
+    row = st.row(image_id)
+    path = st.servable_path(row)
+    if row.get("video_id") is not None:
+        kind = VIDEO_TYPES.get(row["ext"] or "", "application/octet-stream")
+    else:
+        kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        if not kind.startswith("image/") or kind == "image/svg+xml":
+            kind = "application/octet-stream"  # never let a browser run what it was handed as a photo
     # opened here, not by the response later: an indexer deleting or renaming the file between the check
     # and the send was a 500 (found by benchmarks/soak_serve.py); an open file is sent whole even then
     try:
@@ -59,15 +73,12 @@ def image_file(request: Request, image_id: int = ImageId):
     except OSError as exc:
         raise ApiError(403, f"image {image_id} cannot be read ({exc.strerror or type(exc).__name__})") from None
     info = os.fstat(fh.fileno())
-
-    def body():
-        with fh:
-            while chunk := fh.read(CHUNK):
-                yield chunk
-
-    return StreamingResponse(body(), media_type=kind, headers={
-        "Cache-Control": "no-cache", "Content-Length": str(info.st_size),
-        "Last-Modified": formatdate(info.st_mtime, usegmt=True)})
+    headers = {"Cache-Control": "no-cache", "Last-Modified": formatdate(info.st_mtime, usegmt=True)}
+    try:
+        return file_response(fh, info.st_size, request.headers.get("range"), kind, headers)
+    except RangeError as exc:
+        fh.close()
+        raise ApiError(416, f"image {image_id}: {exc}", headers={"Content-Range": f"bytes */{info.st_size}"}) from None
 
 
 @router.get("/{image_id}/words")

@@ -42,7 +42,7 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence = (), upload: b
     started = time.perf_counter()
     hits = st.searcher.search(p.q, images, k=p.k, filters=p.filters, rerank=p.rerank, rerank_k=p.rerank_k,
                               ids=p.ids, offset=p.offset, mode=p.mode, good_only=p.good_only,
-                              sort=p.sort)
+                              sort=p.sort, group=p.group)
     return hits_reply(st, hits, p.k, p.good_only, started, query=dict(p.echo(), upload=upload))
 
 
@@ -62,12 +62,17 @@ def hits_reply(st: ServeState, hits, k: int, good_only: bool, started: float, **
 
 def hit_json(h) -> dict:
     """A hit as the API shows it; a file name that is not UTF-8 is shown readably (fsnames.json_safe)."""
-    return json_safe({"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
-            "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
-            "thumbnail": thumb_url(h.row), "text_score": h.text_score, "matches": h.matches,
-            "calibrated": h.calibrated, "good": h.good,
-            "date": h.taken_at if h.taken_at is not None else h.row["mtime_ns"] / 1e9,
-            "indexed_at": h.row.get("indexed_at")})
+    out = {"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
+           "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
+           "thumbnail": thumb_url(h.row), "text_score": h.text_score, "matches": h.matches,
+           "calibrated": h.calibrated, "good": h.good,
+           "date": h.taken_at if h.taken_at is not None else h.row["mtime_ns"] / 1e9,
+           "indexed_at": h.row.get("indexed_at")}
+    if h.video_id is not None:  # a moment: the video is served by its own id, each moment has its frame
+        out.update(kind="video", video_id=h.video_id, start_s=h.start_s, end_s=h.end_s, frame_s=h.frame_s,
+                   duration_s=h.duration_s, file=f"/api/images/{h.video_id}/file",
+                   moments=[dict(m, thumbnail=thumb_url(h.row, 128, m["id"])) for m in (h.moments or [])])
+    return json_safe(out)
 
 
 @router.get("/images/{image_id}/texts")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from mmsearch.errors import ArgumentError, EmptyIndexError, MediaError, MmsearchError, QueryError
 from mmsearch.storage.albums import AlbumError, AlbumNotFoundError
@@ -10,10 +11,11 @@ log = logging.getLogger("mmsearch.serve")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def error_body(message: str) -> dict:
@@ -42,7 +44,7 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(request, exc: ApiError):
-        return reply(exc.status, exc.message)
+        return reply(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(MmsearchError)
     async def _lib(request, exc: MmsearchError):

@@ -27,11 +27,12 @@ class SearchParams:
     mode: Optional[str] = None
     good_only: bool = False
     sort: str = "relevance"
+    group: bool = True
 
     def echo(self) -> dict:
         return {"q": self.q, "id": self.ids, "k": self.k, "offset": self.offset, **self.filters.to_dict(),
                 "rerank": self.rerank, "rerank_k": self.rerank_k, "mode": self.mode, "good_only": self.good_only,
-                "sort": self.sort}
+                "sort": self.sort, "group": self.group}
 
 
 def search_params(
@@ -52,6 +53,7 @@ def search_params(
         good_only: bool = Query(False, description="Only good matches (calibrated score at the index's threshold); "
                                                    "with none, the closest results and no_good_match=true."),
         sort: Literal["relevance", "date"] = Query("relevance", description="date: the good matches, newest first."),
+        group: bool = Query(True, description="One hit per video at its best moment (false: one per shot)."),
 ) -> SearchParams:
     if any(not 0 <= i < MAX_ID for i in id):
         raise ApiError(400, "id: must be a catalog id (a non-negative integer)")
@@ -63,4 +65,5 @@ def search_params(
     except FilterError as exc:
         raise ApiError(400, f"{exc} (folders: see /api/info)" if str(exc).startswith("folder") else str(exc)) from None
     return SearchParams(q=q if q and q.strip() else None, ids=list(id), k=k, offset=offset, filters=filters,
-                        rerank=rerank, rerank_k=rerank_k, mode=mode, good_only=good_only, sort=sort)
+                        rerank=rerank, rerank_k=rerank_k, mode=mode, good_only=good_only, sort=sort,
+                        group=group)

@@ -134,10 +134,14 @@ class ServeState:
     def describe(self, row: dict) -> dict:
         """Metadata of one row, as the API shows it."""
         i = row["id"]
-        return json_safe(dict(  # a file name that is not UTF-8 is shown readably (fsnames.json_safe)
-            id=i, path=row["path"], name=os.path.basename(row["path"]), folder=os.path.dirname(row["path"]),
-            size=row["size"], mtime=row["mtime_ns"] / 1e9, taken_at=row["taken_at"], width=row["width"],
-            height=row["height"], ext=row["ext"], thumbnail=thumb_url(row), file=f"/api/images/{i}/file"))
+        out = dict(id=i, path=row["path"], name=os.path.basename(row["path"]), folder=os.path.dirname(row["path"]),
+                   size=row["size"], mtime=row["mtime_ns"] / 1e9, taken_at=row["taken_at"], width=row["width"],
+                   height=row["height"], ext=row["ext"], thumbnail=thumb_url(row), file=f"/api/images/{i}/file")
+        if row.get("video_id") is not None:  # a video's shot: the video (served by its own id) and the shot's times
+            out.update(kind="video", video_id=row["video_id"], start_s=row["start_s"], end_s=row["end_s"],
+                       frame_s=row["frame_s"], duration_s=row["duration_s"],
+                       file=f"/api/images/{row['video_id']}/file")
+        return json_safe(out)  # a file name that is not UTF-8 is shown readably (fsnames.json_safe)
 
     def folders(self, limit: int = 500) -> list[str]:
         """Folders holding indexed images (for the page's folder filter), cached per catalog generation."""
@@ -147,6 +151,6 @@ class ServeState:
         return self._folders[1]
 
 
-def thumb_url(row: dict, size: int = 256) -> str:
+def thumb_url(row: dict, size: int = 256, image_id: Optional[int] = None) -> str:
     # the file's mtime is in the URL: a changed file gets a new URL, so browsers may cache forever
-    return f"/api/images/{row['id']}/thumb?size={size}&v={row['mtime_ns']}"
+    return f"/api/images/{row['id'] if image_id is None else image_id}/thumb?size={size}&v={row['mtime_ns']}"

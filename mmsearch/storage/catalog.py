@@ -28,15 +28,17 @@ from mmsearch.storage import dbfile
 from mmsearch.storage.failures import FailureRows
 from mmsearch.storage.fsnames import display, from_db, to_db
 from mmsearch.storage.lexical import LexicalRows
-from mmsearch.storage.schema import (ADDITIVE, CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA,  # noqa: F401
-                                     check_finite, from_blobs, sqlite_utils_without_pandas, to_blob)
+from mmsearch.storage.schema import (ADDITIVE, CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, VIDEO_COLUMNS,  # noqa: F401
+                                     check_finite, file_path, from_blobs, is_shot_path, sqlite_utils_without_pandas,
+                                     to_blob)
 from mmsearch.storage.texts import TextRows
+from mmsearch.storage.videos import VideoRows
 
 _ROW_KEYS = ("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext", "indexed_at")
 
 
 @dbfile.typed_errors
-class Catalog(TextRows, FailureRows, LexicalRows):
+class Catalog(TextRows, FailureRows, LexicalRows, VideoRows):
     """One index's SQLite catalog. Create with `Catalog.create`, open with `Catalog.open`."""
 
     def __init__(self, directory: Path, conn, readonly: bool = False):
@@ -186,20 +188,23 @@ class Catalog(TextRows, FailureRows, LexicalRows):
         return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
 
     def image_states(self) -> dict[str, tuple]:
-        """path -> (id, size, mtime_ns, quick_hash), for the incremental diff."""
+        """path -> (id, size, mtime_ns, quick_hash) of every file (a video by its own row, not its shots)."""
         return {from_db(r[0]): r[1:] for r in self.conn.execute(
-            "SELECT CAST(path AS BLOB), id, size, mtime_ns, quick_hash FROM images")}
+            "SELECT CAST(path AS BLOB), id, size, mtime_ns, quick_hash FROM images") if not is_shot_path(r[0])}
 
     def image_states_under(self, root: str) -> Iterator[tuple]:
         """(path bytes, id, size, mtime_ns, quick_hash) of the images at or under `root`, ascending by path,
         streamed from the covering index: the incremental diff never holds the whole catalog. The path
-        comes as the stored bytes (fsnames.to_db): the merge with the walk compares bytes, decoding nothing."""
+        comes as the stored bytes (fsnames.to_db): the merge with the walk compares bytes, decoding nothing.
+        A video is its file's row; its other shots (whose paths sort right after it) are not files: skipped."""
         root = root.rstrip("/") or "/"
         prefix = to_db(root if root.endswith("/") else root + "/")
-        yield from self.conn.execute(
-            "SELECT CAST(path AS BLOB), id, size, mtime_ns, quick_hash FROM images INDEXED BY images_state "
-            "WHERE (path >= CAST(? AS TEXT) AND path < CAST(? AS TEXT)) OR path = CAST(? AS TEXT) ORDER BY path",
-            (prefix, prefix[:-1] + b"0", to_db(root)))
+        for row in self.conn.execute(
+                "SELECT CAST(path AS BLOB), id, size, mtime_ns, quick_hash FROM images INDEXED BY images_state "
+                "WHERE (path >= CAST(? AS TEXT) AND path < CAST(? AS TEXT)) OR path = CAST(? AS TEXT) ORDER BY path",
+                (prefix, prefix[:-1] + b"0", to_db(root))):
+            if not is_shot_path(row[0]):
+                yield row
 
     def insert_image(self, row: dict, embedding: np.ndarray, tokens: Optional[np.ndarray] = None) -> int:
         import numpy as np
@@ -258,14 +263,24 @@ class Catalog(TextRows, FailureRows, LexicalRows):
         self.conn.executemany("DELETE FROM images WHERE id=?", [(int(i),) for i in ids])
 
     def rows(self, ids: Iterable[int]) -> dict[int, dict]:
+        """{id: row} with the file's path; a video's rows also carry video_id, start_s, end_s, frame_s, duration_s."""
         ids = [int(i) for i in ids]
+        names = _ROW_KEYS + (VIDEO_COLUMNS if self.has_video_columns() else ())
+        extra = "".join(f", {c}" for c in names[len(_ROW_KEYS):])
         out = {}
         for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
             chunk = ids[start:start + 900]
-            q = (f"SELECT id, CAST(path AS BLOB), size, mtime_ns, width, height, taken_at, ext, indexed_at FROM images "
+            q = (f"SELECT id, CAST(path AS BLOB), size, mtime_ns, width, height, taken_at, ext, indexed_at{extra} "
+                 f"FROM images "
                  f"WHERE id IN ({','.join('?' * len(chunk))})")
             for r in self.conn.execute(q, chunk):
-                out[r[0]] = dict(zip(_ROW_KEYS, r), path=from_db(r[1]))
+                row = dict(zip(names, r), path=from_db(r[1]))
+                if row.get("video_id") is None:
+                    for c in VIDEO_COLUMNS:
+                        row.pop(c, None)
+                else:
+                    row["path"] = file_path(row["path"])
+                out[r[0]] = row
         return out
 
     def columns(self, ids: Iterable[int], names: Iterable[str]) -> dict[int, dict]:

@@ -1,7 +1,8 @@
 """Embedding import/export in clip-retrieval's inference layout, plus our model record.
 
     OUT/img_emb/img_emb_0.npy          float32 (or float16) [n, d], L2-normalised, row i = metadata row i
-    OUT/metadata/metadata_0.parquet    image_path + the catalog's columns (size, mtime_ns, width, ...);
+    OUT/metadata/metadata_0.parquet    image_path + the catalog's columns (size, mtime_ns, width, ...; for an
+                                       index with videos: shot, start_s, end_s, frame_s, duration_s);
                                        image_path_bytes: the exact name where it is not UTF-8 (else null)
     OUT/mmsearch_model.json            model spec, arch, fingerprint, dim: what import checks
 
@@ -26,12 +27,13 @@ from mmsearch.checks import count
 from mmsearch.errors import DatasetError, ModelMismatchError
 from mmsearch.storage.fsnames import display, from_db, is_exact, to_db
 from mmsearch.storage.roots import is_under_roots, normalise_roots, record_roots, recorded_roots
-from mmsearch.storage.schema import check_finite
+from mmsearch.storage.schema import check_finite, shot_path
 
 MODEL_RECORD = "mmsearch_model.json"
 _RECORD_KEYS = ("model", "arch", "fingerprint", "dim", "image_size", "text_width", "vision_width")
 _ROW_COLUMNS = ("size", "mtime_ns", "width", "height", "taken_at", "ext", "quick_hash")
 _PATH_COLUMNS = ("image_path", "url", "key")
+_VIDEO_TIMES = ("start_s", "end_s", "frame_s", "duration_s")
 
 Progress = Optional[Callable[..., None]]
 
@@ -59,7 +61,7 @@ def export_embeddings(store, out, shard_size: int = 100_000, float16: bool = Fal
     (out / "img_emb").mkdir(parents=True, exist_ok=True)
     (out / "metadata").mkdir(parents=True, exist_ok=True)
     cat, total, shard = store.catalog, store.catalog.count_images(), 0
-    done = 0
+    done, videos = 0, cat.has_videos()
     for ids, emb in cat.iter_embeddings(store.dim, chunk=shard_size):
         rows = cat.rows(ids)
         paths = [rows[i]["path"] for i in ids.tolist()]
@@ -69,6 +71,11 @@ def export_embeddings(store, out, shard_size: int = 100_000, float16: bool = Fal
         extra = cat.columns(ids, _ROW_COLUMNS)
         for c in _ROW_COLUMNS:
             cols[c] = [extra[i].get(c) for i in ids.tolist()]
+        if videos:  # a video's shots: image_path is the video, `shot` numbers them (0: the file's row)
+            shots = cat.shot_numbers(ids)
+            cols["shot"] = pa.array([shots.get(i) for i in ids.tolist()], pa.int64())
+            for c in _VIDEO_TIMES:
+                cols[c] = pa.array([rows[i].get(c) for i in ids.tolist()], pa.float64())
         np.save(out / "img_emb" / f"img_emb_{shard}.npy", emb.astype(np.float16 if float16 else np.float32))
         pa.parquet.write_table(pa.table(cols), out / "metadata" / f"metadata_{shard}.parquet")
         shard += 1
@@ -189,20 +196,26 @@ def _import(store, src, expected_model, batch: int, progress: Progress, roots: S
         if "image_path_bytes" in names:  # names that are not UTF-8, exported byte for byte
             paths = [p if b is None else from_db(b) for p, b in zip(paths, table.column("image_path_bytes").to_pylist())]
         extras = {c: table.column(c).to_pylist() for c in _ROW_COLUMNS if c in names}
+        shots = table.column("shot").to_pylist() if "shot" in names else [None] * len(paths)
+        times = {c: table.column(c).to_pylist() for c in _VIDEO_TIMES if c in names}
         emb = np.load(emb_path, mmap_mode="r")
         for s in range(0, len(paths), batch):
             vecs = np.array(emb[s:s + batch], dtype=np.float32)  # a writable copy of the mapped rows
             norms = np.linalg.norm(vecs, axis=1, keepdims=True)
             off = np.abs(norms[:, 0] - 1) > 1e-3  # float16 shards, other tools: re-normalise those rows only
             vecs[off] /= np.maximum(norms[off], 1e-12)
-            rows = []
+            rows, video_rows = [], []
             for j, p in enumerate(paths[s:s + batch]):
                 r = {c: extras[c][s + j] for c in extras}
                 r.setdefault("ext", os.path.splitext(p)[1].lower())
-                rows.append(dict(r, path=p))
+                n = shots[s + j]
+                if n is not None:  # a video's shot n: stored under its shot path, then linked to its file
+                    video_rows.append((p, n, *(times.get(c, [None] * len(paths))[s + j] for c in _VIDEO_TIMES)))
+                rows.append(dict(r, path=shot_path(p, int(n)) if n else p))
                 unservable += not is_under_roots(p, served)
             with cat.transaction():
                 cat.upsert_images(rows, vecs)
+                cat.restore_video_rows(video_rows)
                 cat.bump_generation()
             done += len(rows)
             if progress:

@@ -22,6 +22,8 @@ from mmsearch.storage.words import name_words, spaced
 BM25_WEIGHTS = (2.0, 2.0, 1.0)
 META_FIELDS = ("title", "description", "keywords", "make", "model", "lens", "comment", "artist")
 OCR_OK, OCR_NONE, OCR_ERROR, OCR_OFF = "ok", "none", "error", "off"
+# a video's other shots (path + NUL + n: schema.shot_path) are no files: nothing to read words from
+NOT_A_SHOT = "instr(CAST(i.path AS BLOB), X'00') = 0"
 
 
 def meta_text(meta: Optional[dict]) -> str:
@@ -68,7 +70,7 @@ class LexicalRows:
                 self.conn.execute(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}) VALUES ('rebuild')")
                 done["rebuilt"] = True
             missing = self.conn.execute("SELECT i.id, CAST(i.path AS BLOB) FROM images i LEFT JOIN image_text t "
-                                        "ON t.image_id = i.id WHERE t.image_id IS NULL").fetchall()
+                                        "ON t.image_id = i.id WHERE t.image_id IS NULL AND " + NOT_A_SHOT).fetchall()
             self.conn.executemany("INSERT INTO image_text (image_id, name, meta, ocr) VALUES (?, ?, '', '')",
                                   [(i, name_words(display(from_db(p)))) for i, p in missing])
             done["named"] = len(missing)
@@ -178,13 +180,13 @@ class LexicalRows:
         """(id, path) of images OCR has not read: never tried, or indexed while OCR was off."""
         return [(i, from_db(p)) for i, p in self.conn.execute(
             "SELECT t.image_id, CAST(i.path AS BLOB) FROM image_text t JOIN images i ON i.id = t.image_id "
-            "WHERE t.ocr_status IS NULL OR t.ocr_status = ? ORDER BY t.image_id", (OCR_OFF,))]
+            "WHERE (t.ocr_status IS NULL OR t.ocr_status = ?) AND " + NOT_A_SHOT + " ORDER BY t.image_id", (OCR_OFF,))]
 
     def ids_needing_words(self) -> list[tuple[int, str]]:
         """(id, path) of images whose metadata was never read (OCR off: no OCR either)."""
         return [(i, from_db(p)) for i, p in self.conn.execute(
             "SELECT t.image_id, CAST(i.path AS BLOB) FROM image_text t JOIN images i ON i.id = t.image_id "
-            "WHERE t.ocr_status IS NULL ORDER BY t.image_id")]
+            "WHERE t.ocr_status IS NULL AND " + NOT_A_SHOT + " ORDER BY t.image_id")]
 
     def ocr_failures(self) -> list[dict]:
         return [{"path": from_db(p), "reason": f"OCR failed (the image is indexed): {e}", "id": i}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from mmsearch.config import IMAGE_EXTENSIONS
+from mmsearch.config import MEDIA_EXTENSIONS
 from mmsearch.errors import FileGoneError, NotServableError
 
 NO_ROOTS_HINT = ("re-run `mmsearch index FOLDER` on its folders, or `mmsearch import SRC --root FOLDER` "
@@ -52,8 +52,8 @@ def servable_path(path: str, roots: list[str], what: str = "the file") -> str:
                                f"({NO_ROOTS_HINT})")
     if not is_under_roots(path, roots):
         raise NotServableError(f"{what} is outside the indexed folders")
-    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
-        raise NotServableError(f"{what} is not served: not an image file name")
+    if os.path.splitext(path)[1].lower() not in MEDIA_EXTENSIONS:  # what the indexer indexes: photos, videos
+        raise NotServableError(f"{what} is not served: not an image or video file name")
     real = os.path.realpath(path)
     if not any(inside(real, os.path.realpath(r)) for r in roots):
         raise NotServableError(f"{what} resolves outside the indexed folders (symlink)")

@@ -13,12 +13,24 @@ CATALOG_NAME = "catalog.db"
 # fits per page (4.2 KB per image measured at 20k images); 16 KB pages hold seven (about 2.5 KB per image).
 PAGE_SIZE = 16384
 
-# Ordered migrations: MIGRATIONS[v] upgrades a schema of version v to v+1. A new table or index needs
-# none: SCHEMA is all CREATE ... IF NOT EXISTS and runs on every writable open that lacks one of
-# ADDITIVE (Catalog.open), so older readers still open the catalog.
-MIGRATIONS: dict[int, str] = {}
+# Video shots are rows of `images` (so FAISS ids stay catalog ids and every filter and the re-ranker see
+# them as photos): a video's first shot is the row of its file (its real path, size, mtime and hash, what
+# the incremental diff reads); its other shots carry the path + SHOT_SEP + n, which no file can have (NUL),
+# and sort right after the file's row. video_id is the file row's id on every row of the video.
+VIDEO_COLUMNS = ("video_id", "start_s", "end_s", "frame_s", "duration_s")
+SHOT_SEP = "\x00"
 
-ADDITIVE = {"index": {"images_state", "images_date", "images_ext"}, "table": {"albums"}}
+# Ordered migrations: MIGRATIONS[v] upgrades a schema of version v to v+1 (columns). A new table or index
+# needs none: SCHEMA is all CREATE ... IF NOT EXISTS and runs on every writable open that lacks one of
+# ADDITIVE (Catalog.open), so older readers still open the catalog.
+MIGRATIONS: dict[int, str] = {
+    1: "ALTER TABLE images ADD COLUMN video_id INTEGER; ALTER TABLE images ADD COLUMN start_s REAL; "
+       "ALTER TABLE images ADD COLUMN end_s REAL; ALTER TABLE images ADD COLUMN frame_s REAL; "
+       "ALTER TABLE images ADD COLUMN duration_s REAL;",
+}
+
+ADDITIVE = {"index": {"images_state", "images_date", "images_ext", "images_video", "images_shots"},
+            "table": {"albums"}}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -34,7 +46,12 @@ CREATE TABLE IF NOT EXISTS images (
     ext TEXT,
     embedding BLOB NOT NULL,
     tokens BLOB,
-    indexed_at REAL
+    indexed_at REAL,
+    video_id INTEGER,
+    start_s REAL,
+    end_s REAL,
+    frame_s REAL,
+    duration_s REAL
 );
 CREATE INDEX IF NOT EXISTS images_hash ON images(quick_hash);
 CREATE INDEX IF NOT EXISTS images_taken ON images(taken_at);
@@ -44,6 +61,10 @@ CREATE INDEX IF NOT EXISTS images_taken ON images(taken_at);
 CREATE INDEX IF NOT EXISTS images_state ON images(path, id, size, mtime_ns, quick_hash);
 CREATE INDEX IF NOT EXISTS images_date ON images(coalesce(taken_at, mtime_ns / 1e9), id);
 CREATE INDEX IF NOT EXISTS images_ext ON images(ext, id);
+-- video rows only (partial): a video's rows by its id, and a shot's times by its id without reading the row
+CREATE INDEX IF NOT EXISTS images_video ON images(video_id, id) WHERE video_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS images_shots ON images(id, video_id, start_s, end_s, frame_s, duration_s)
+    WHERE video_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY,
     size INTEGER,
@@ -117,6 +138,21 @@ CREATE TRIGGER IF NOT EXISTS image_text_au AFTER UPDATE ON image_text BEGIN
     INSERT INTO {FTS_TABLE}(rowid, name, meta, ocr) VALUES (new.image_id, new.name, new.meta, new.ocr);
 END;
 """
+
+
+def shot_path(path: str, n: int) -> str:
+    """The stored path of a video's shot n (0: the file's own row)."""
+    return path if n == 0 else f"{path}{SHOT_SEP}{n}"
+
+
+def file_path(stored: str) -> str:
+    """The file a stored path names (a shot's path without its suffix)."""
+    return stored.split(SHOT_SEP, 1)[0]
+
+
+def is_shot_path(stored) -> bool:
+    """Whether a stored path (a str, or the stored bytes) is a shot's rather than a file's."""
+    return SHOT_SEP in stored if isinstance(stored, str) else b"\x00" in bytes(stored)
 
 
 def non_finite_rows(vectors) -> np.ndarray:

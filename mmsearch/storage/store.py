@@ -369,9 +369,12 @@ class IndexStore(TowerChoice):
         except VectorIndexError:
             vectors = 0
         shape = self.token_shape()
+        videos, shots = self.catalog.count_videos()
         return {
             "index": str(self.dir.resolve()),
             "images": self.catalog.count_images(),
+            "videos": videos,
+            "shots": shots,
             "failed": self.catalog.count_failures(),
             "vectors": vectors,
             "texts": self.catalog.count_texts(),

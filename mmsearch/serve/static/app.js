@@ -197,6 +197,13 @@ function renderHits(hits, poor) {
     if (h.matches && h.matches.length) card.classList.add("worded");
     meta.append(name, score);
     card.append(img, meta);
+    if (h.kind === "video") {  // a moment of a video: where it starts
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = "▶ " + clock(h.start_s);
+      badge.title = `shot ${clock(h.start_s)}–${clock(h.end_s)} of ${clock(h.duration_s)}`;
+      card.append(badge);
+    }
     card.addEventListener("click", () => openDetail(h, card));
     grid.append(card);
   }
@@ -253,7 +260,8 @@ async function openDetail(hit, card) {
   $("d-date").textContent = "";
   $("d-score").textContent = `${hit.score.toFixed(3)} (similarity ${hit.similarity.toFixed(3)}` +
     (hit.itm === null ? ")" : `, ITM ${hit.itm.toFixed(2)})`);
-  $("d-file").href = $("d-open").href = `/api/images/${hit.id}/file`;
+  $("d-file").href = $("d-open").href = hit.file || `/api/images/${hit.id}/file`;
+  showMoment(hit);
   $("d-like").onclick = () => go(Object.assign(blank(), filtersOf(state), { ids: [hit.id] }));
   $("d-texts").replaceChildren();
   showWords(hit, null);
@@ -268,7 +276,8 @@ async function openDetail(hit, card) {
     showWords(hit, words);
     const when = meta.taken_at || meta.mtime;
     $("d-date").textContent = new Date(when * 1000).toLocaleString() + (meta.taken_at ? " (EXIF)" : " (file date)");
-    $("d-size").textContent = `${meta.width} × ${meta.height} px · ${bytes(meta.size)}`;
+    $("d-size").textContent = `${meta.width} × ${meta.height} px · ${bytes(meta.size)}` +
+      (meta.kind === "video" ? ` · ${clock(meta.duration_s)} · shot ${clock(meta.start_s)}–${clock(meta.end_s)}` : "");
     const list = $("d-texts");
     if (!texts.texts.length) {
       const li = document.createElement("li");
@@ -343,9 +352,45 @@ function showWords(hit, words) {
   $("d-words-wrap").hidden = !list.children.length;
 }
 
+// ---- a video's moment: play it from the shot's start; its other moments are chips on a timeline -----
+function clock(s) {
+  s = Math.max(0, Math.floor(s || 0));
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = String(s % 60).padStart(2, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${sec}` : `${String(m).padStart(2, "0")}:${sec}`;
+}
+
+function seek(video, t) {
+  const go = () => { video.currentTime = t; video.play().catch(() => {}); };
+  if (video.readyState >= 1) go(); else video.addEventListener("loadedmetadata", go, { once: true });
+}
+
+function showMoment(hit) {
+  const video = $("d-video"), line = $("d-timeline");
+  const isVideo = hit.kind === "video";
+  $("d-open").hidden = isVideo;
+  video.hidden = line.hidden = !isVideo;
+  line.replaceChildren();
+  if (!isVideo) { video.pause(); return; }
+  if (video.getAttribute("src") !== hit.file) video.src = hit.file;  // ranges of the original file
+  video.dataset.start = hit.start_s;
+  seek(video, hit.start_s);
+  const moments = hit.moments && hit.moments.length ? hit.moments : [hit];
+  moments.forEach((m, i) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "moment" + (i === 0 ? " best" : "");
+    b.style.left = `${Math.min(100, 100 * m.start_s / Math.max(hit.duration_s || 1, 0.001))}%`;
+    b.textContent = clock(m.start_s);
+    b.title = `${clock(m.start_s)}–${clock(m.end_s)} · score ${m.score.toFixed(3)}`;
+    b.addEventListener("click", () => seek(video, m.start_s));
+    line.append(b);
+  });
+}
+
 function closeDetail() {
   const panel = $("detail");
   if (panel.hidden) return;
+  $("d-video").pause();
   panel.hidden = true;
   panel.dataset.id = "";
   document.body.classList.remove("with-detail");

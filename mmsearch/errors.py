@@ -68,3 +68,12 @@ class DistributedError(MmsearchError):
 
 class TrainingError(MmsearchError):
     """A training run cannot start or continue as asked (bad batch split, precision, world size)."""
+
+
+class ShardMapError(ModelMismatchError):
+    """A sharded index and its shards disagree (a shard of another model, a shard missing, a bad shard map):
+    refused like a model mismatch, before anything is searched or changed."""
+
+
+class ShardUnavailableError(MmsearchError):
+    """A shard needed to answer (the owner of an image asked for by id) does not answer right now."""

@@ -5,4 +5,4 @@ modules (torch, open_clip, faiss, web and cluster stacks) are imported inside co
 `mmsearch --help` and a text query stay fast. A new command group is a new module here, imported below.
 """
 from mmsearch.cli.app import cli, main  # noqa: F401
-from mmsearch.cli import index_cmds, models_cmds, scale_cmds, search_cmds, serve_cmds, train_cmds  # noqa: F401,E402
+from mmsearch.cli import index_cmds, models_cmds, scale_cmds, search_cmds, serve_cmds, shard_cmds, train_cmds  # noqa: F401,E402

@@ -56,20 +56,37 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
 @click.option("--reranker", type=click.Path(dir_okay=False), default=None,
               help="Re-ranker checkpoint: store its image tokens while indexing.")
 @ray_options
+@click.option("--shards", "shards_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Index into the sharded layout in this folder instead of --index: each photo goes to the shard "
+                   "its path routes to, each shard is planned against its own catalog.")
+@click.option("--shard-count", type=click.IntRange(1, 4096), default=None,
+              help="With --shards, for a new layout: how many shards to make.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @with_bar("embed")
 def index(paths, index_dir, model, pretrained, checkpoint, device, precision, batch_size, workers, exclude, hidden,
-          factory, max_index_memory, reranker, ray_address, ray_actors, as_json, progress):
+          factory, max_index_memory, reranker, ray_address, ray_actors, shards_dir, shard_count, as_json, progress):
     """Index image folders (or files): new and changed files are embedded, moved ones reuse their
     embedding, deleted ones are removed. Re-running on an unchanged folder embeds nothing."""
     yielding_openmp()
     from mmsearch.indexing.pipeline import index_folders
 
     executor = ray_executor(ray_address, ray_actors, device, precision, batch_size, workers)
-    summary = index_folders(index_dir_of(index_dir), paths, spec=model_spec(model, pretrained, checkpoint),
-                            batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden,
-                            factory=factory, reranker=reranker, device=device, precision=precision,
-                            executor=executor, progress=progress, max_index_memory=max_index_memory)
+    options = dict(batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden, factory=factory,
+                   reranker=reranker, device=device, precision=precision, max_index_memory=max_index_memory)
+    spec = model_spec(model, pretrained, checkpoint)
+    if shards_dir is not None:
+        if index_dir is not None:
+            raise click.UsageError("give --index or --shards, not both")
+        from mmsearch.indexing.sharded import index_sharded
+
+        summary = index_sharded(shards_dir, paths, count=shard_count, spec=spec, executor=executor,
+                                progress=progress, **options)
+        index_dir = shards_dir
+    elif shard_count is not None:
+        raise click.UsageError("--shard-count needs --shards")
+    else:
+        summary = index_folders(index_dir_of(index_dir), paths, spec=spec, executor=executor, progress=progress,
+                                **options)
     progress.close()
     if as_json:
         emit_json(dict(summary.to_dict(), **({"ray": executor.stats} if executor else {})))
@@ -81,7 +98,7 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
     if summary.created:  # the precision is part of the model record: say which one a new index got
         why = {"amp-bf16": " (bfloat16 products: this CPU has them; --precision fp32 for full precision)",
                "int8": " (int8 products, as asked)"}.get(summary.precision, "")
-        click.echo(f"new index {index_dir_of(index_dir)}: precision {summary.precision}{why}", err=True)
+        click.echo(f"new {'sharded ' if shards_dir else ''}index {index_dir_of(index_dir)}: precision {summary.precision}{why}", err=True)
     for path, reason in summary.failures[:20]:
         click.secho(f"failed: {path}: {reason}", fg="red", err=True)
     if len(summary.failures) > 20:

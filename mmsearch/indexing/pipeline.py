@@ -29,12 +29,13 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
                   workers: Optional[int] = None, exclude: Sequence[str] = (), include_hidden: bool = False,
                   factory: Optional[str] = None, reranker: Optional[str] = None, device="cpu",
                   precision: Optional[str] = None, executor=None, progress: Progress = None,
-                  max_index_memory=None) -> IndexSummary:
+                  max_index_memory=None, keep=None) -> IndexSummary:
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules.
 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
     (None: the index's own, devices.default_precision for a new one) is recorded in the index. `executor` replaces the local
-    decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way."""
+    decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way.
+    `keep(path)`: the files that belong to this index (one shard of a sharded index: indexing/sharded.py)."""
     from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
 
     t0 = time.perf_counter()
@@ -59,7 +60,7 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     if reranker:
         store.configure_reranker(reranker)
     cat = store.catalog
-    plan = plan_changes(cat, roots, exclude, include_hidden)
+    plan = plan_changes(cat, roots, exclude, include_hidden, keep)
     with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
         cat.set_meta(roots=sorted(set(store.meta.get("roots") or []) | set(roots)))
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),

@@ -7,7 +7,7 @@ Ray, a watcher) runs the same plan; planning always happens on the driver, again
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from mmsearch.errors import MmsearchError
 from mmsearch.indexing import scan
@@ -31,9 +31,12 @@ class Plan:
     known_failed: int
 
 
-def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool) -> Plan:
+def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool,
+                 keep: Optional[Callable[[str], bool]] = None) -> Plan:
     """The diff between the folders and the catalog, as a merge of two path-ordered streams (the walk
-    and the catalog's covering index): memory grows with the changes, not with the collection."""
+    and the catalog's covering index): memory grows with the changes, not with the collection.
+    `keep(path)`: only the files it keeps belong to this catalog (a shard of a sharded index); the
+    others are neither planned nor reported, and a row it does not keep is planned away."""
     scan_failures: list = []
     failed = cat.failure_states()
     failed_now: dict = {}  # path -> (size, mtime) of files on record as failed, as they are now
@@ -42,6 +45,8 @@ def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool) 
     for root in scan.normalise_roots(roots):
         files = scan.scan([root], exclude=exclude, include_hidden=include_hidden,
                           on_error=lambda p, reason: scan_failures.append((str(p), reason)))
+        if keep is not None:
+            files = (f for f in files if keep(f.path))
         for f, row in merge_by_path(files, cat.image_states_under(root)):
             if f is None:
                 gone[row[0]] = row[1:]
@@ -68,6 +73,8 @@ def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool) 
             del gone[hit[0]]
         else:
             embed.append(f)
+    if keep is not None:  # a folder that cannot be read is reported by the shard its path routes to
+        scan_failures = [(p, r) for p, r in scan_failures if keep(p)]
     # a walk failure already on record (same path, same reason) is not news: count it, don't repeat it
     recorded = cat.failure_reasons()
     known_scan = [(p, r) for p, r in scan_failures if recorded.get(p) == r]

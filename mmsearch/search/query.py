@@ -140,25 +140,8 @@ class Searcher:
 
     def embed(self, terms: list[Term], want_states: bool = False):
         """(query vector [d], text token states of a single-text query or None)."""
-        texts = [t for t in terms if t.text is not None]
-        vec = np.zeros(self.store.dim, np.float32)
-        states = None
-        if texts:
-            enc = self.store.text_encoder()
-            if want_states:
-                emb, st = enc.encode_texts([t.text for t in texts], return_states=True)
-                states = st[0] if len(terms) == 1 else None
-            else:
-                emb = enc.encode_texts([t.text for t in texts])
-            for t, e in zip(texts, emb):
-                vec += t.weight * e
-        for t in terms:
-            if t.image is not None or t.image_id is not None:
-                vec += t.weight * self._image_embedding(t.image, image_id=t.image_id)[0]
-        norm = float(np.linalg.norm(vec))
-        if norm < 1e-8:
-            raise QueryError("the query terms cancel out; nothing to search for")
-        return vec / norm, states
+        return embed_terms(terms, self.store.text_encoder, self.store.dim, want_states,
+                           lambda t: self._image_embedding(t.image, image_id=t.image_id)[0])
 
     # ---- text -> image, image -> image --------------------------------------------------------
     def search(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
@@ -183,34 +166,29 @@ class Searcher:
             raise QueryError("no re-ranker configured for this index (`mmsearch rerank enable FILE`)")
         rerank = bool(rerank and single_text)
         vec, states = self.embed(terms, want_states=rerank)
+        depth = max(offset + k, rerank_k) if rerank else offset + k
+        scores, found = self.nearest(vec, depth, filters)
+        pairs = [(int(i), float(s)) for i, s in zip(found, scores) if i >= 0]
+        itm = {}
+        if rerank and pairs:
+            itm = self._rerank_images(states, [i for i, _ in pairs[:max(k, rerank_k)]])
+        hits = order_hits(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)[offset:]
+        return build_hits(hits, cat.rows([i for i, *_ in hits[:k]]), k, offset, min_score)
+
+    def nearest(self, vec: np.ndarray, depth: int, filters: Optional[Filters] = None):
+        """(scores [n], ids [n]) of the `depth` nearest images kept by `filters`, best first (a shard of a
+        sharded index answers a router with this)."""
         selection = None
-        if filters.active:
+        if filters is not None and filters.active:
+            cat = self.store.catalog
             total = self.store.image_vectors().ntotal
             selection = cat.filter_selection(total, filters.under, list(filters.exts) if filters.exts else None,
                                              filters.after, filters.before)
             ids, excluded = selection
             if (len(ids) >= total) if excluded else (len(ids) == 0):
-                return []
-        depth = max(offset + k, rerank_k) if rerank else offset + k
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
         scores, found = self._search_vectors(vec, depth, selection)
-        pairs = [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
-        itm = {}
-        if rerank and pairs:
-            itm = self._rerank_images(states, [i for i, _ in pairs[:max(k, rerank_k)]])
-        hits = _order(pairs, itm, self._alpha(alpha, "text_to_image") if itm else 0.0)[offset:]
-        rows = cat.rows([i for i, *_ in hits[:k]])
-        out = []
-        for i, final, sim, logit in hits:
-            if len(out) == k:
-                break
-            if min_score is not None and final < min_score:
-                continue
-            r = rows.get(i)
-            if r is None:
-                continue  # removed by a concurrent indexing run
-            out.append(Hit(rank=offset + len(out) + 1, score=final, id=i, similarity=sim, itm=logit, path=r["path"],
-                           taken_at=r["taken_at"], width=r["width"], height=r["height"], row=r))
-        return out
+        return scores[0], found[0]
 
     def _search_vectors(self, vec: np.ndarray, depth: int, selection: Optional[tuple[np.ndarray, bool]]):
         """The ANN search, exact over a filter's subset when it is small (its stored vectors), else
@@ -256,7 +234,7 @@ class Searcher:
         scores, ids = self.store.text_vectors().search(np.asarray(vec, np.float32)[None, :], depth)
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         itm = self._rerank_texts(qtoks, [i for i, _ in pairs]) if rerank and pairs else {}
-        hits = _order(pairs, itm, self._alpha(alpha, "image_to_text") if itm else 0.0)[:k]
+        hits = order_hits(pairs, itm, self._alpha(alpha, "image_to_text") if itm else 0.0)[:k]
         rows = {r["id"]: r for r in cat.text_rows([i for i, *_ in hits])}
         return [Hit(rank=n + 1, score=final, id=i, similarity=sim, itm=logit, text=rows[i]["text"], row=rows[i])
                 for n, (i, final, sim, logit) in enumerate(hits) if i in rows]
@@ -275,7 +253,32 @@ class Searcher:
         return dict(zip(ids, map(float, scores)))
 
 
-def _order(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
+def embed_terms(terms: list[Term], text_encoder, dim: int, want_states: bool, image_vector):
+    """The unit query vector of weighted terms, and the token states of a single-text query (None
+    otherwise). `text_encoder()` gives the text tower (called only when there is text), `image_vector(term)`
+    the embedding of an image term (a file or an indexed id)."""
+    texts = [t for t in terms if t.text is not None]
+    vec = np.zeros(dim, np.float32)
+    states = None
+    if texts:
+        enc = text_encoder()
+        if want_states:
+            emb, st = enc.encode_texts([t.text for t in texts], return_states=True)
+            states = st[0] if len(terms) == 1 else None
+        else:
+            emb = enc.encode_texts([t.text for t in texts])
+        for t, e in zip(texts, emb):
+            vec += t.weight * e
+    for t in terms:
+        if t.image is not None or t.image_id is not None:
+            vec += t.weight * np.asarray(image_vector(t), np.float32)
+    norm = float(np.linalg.norm(vec))
+    if norm < 1e-8:
+        raise QueryError("the query terms cancel out; nothing to search for")
+    return vec / norm, states
+
+
+def order_hits(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
     """[(id, final, similarity, itm)] best first. With a re-ranker the final score is the ITM
     probability blended with the embedding similarity (blend.py)."""
     if not itm:
@@ -287,6 +290,23 @@ def _order(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
         else:  # no cached tokens: rank after every re-scored candidate
             scored.append((i, s - 10.0, s, None))
     return sorted(scored, key=lambda t: -t[1])
+
+
+def build_hits(hits, rows: dict, k: int, offset: int, min_score: Optional[float]) -> list[Hit]:
+    """Hits from ordered (id, final, similarity, itm) and their catalog rows: at most k, ranked from
+    offset + 1, without those under min_score or whose row is gone."""
+    out = []
+    for i, final, sim, logit in hits:
+        if len(out) == k:
+            break
+        if min_score is not None and final < min_score:
+            continue
+        r = rows.get(i)
+        if r is None:
+            continue  # removed by a concurrent indexing run
+        out.append(Hit(rank=offset + len(out) + 1, score=final, id=i, similarity=sim, itm=logit, path=r["path"],
+                       taken_at=r["taken_at"], width=r["width"], height=r["height"], row=r))
+    return out
 
 
 def timed_search(searcher: Searcher, *args, **kwargs):

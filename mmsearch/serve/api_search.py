@@ -42,10 +42,11 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), uplo
     hits = st.searcher.search(p.q, images, k=p.k, filters=p.filters, rerank=p.rerank, rerank_k=p.rerank_k,
                               ids=p.ids, offset=p.offset)
     out = [hit_json(h) for h in hits]
+    missing = list(getattr(hits, "missing", ()))  # a sharded index: the shards that did not answer
     # a plain JSONResponse: FastAPI's generic encoder walking every hit cost more than the search itself
     return JSONResponse({"query": dict(p.echo(), upload=upload), "hits": out, "more": len(hits) == p.k,
-                         "reranked": any(h.itm is not None for h in hits),
-                         "took_ms": round((time.perf_counter() - started) * 1000, 2)})
+                         "reranked": any(h.itm is not None for h in hits), "partial": bool(missing),
+                         "missing": missing, "took_ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
 def hit_json(h) -> dict:
@@ -73,6 +74,6 @@ def upload_texts(request: Request, image: UploadFile = File(..., description="Th
 
 
 def texts_reply(st: ServeState, k: int, ids: Sequence[int] = (), images: Sequence[str] = ()) -> dict:
-    corpus = st.store.catalog.count_texts()
+    corpus = st.count_texts()
     texts = [h.to_dict() for h in st.searcher.search_texts(None, images, k=k, ids=ids)] if corpus else []
     return {"texts": texts, "corpus": corpus}

@@ -45,7 +45,7 @@ def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optiona
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
     url = f"http://{shown}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
-    return Launch(uvicorn.Server(config), sock, url, token, app.state.mm.store.catalog.count_images())
+    return Launch(uvicorn.Server(config), sock, url, token, app.state.mm.count_images())
 
 
 def _bind(host: str, port: int) -> socket.socket:

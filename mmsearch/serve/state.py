@@ -1,113 +1,35 @@
 """What a running server holds: one index opened for many threads, its searcher, its thumbnails.
 
-The server never writes the catalog or the vector file (the indexer owns them), so `mmsearch index`
-can run beside it. Each request looks at the catalog generation; when it moved, the vectors are
-reloaded (or rebuilt in memory from the catalog) and the meta re-read, so new images appear without
-a restart. Files are served by catalog id only, and only while their path is inside an indexed folder.
+The routes only talk to a state object: `searcher` (search, search_texts), `row`, `roots`, `folders`,
+`info`, `health`, `count_texts`, `warm`, `thumbs`, `servable_path` and `describe`. ServeState is one
+index (storage/shared.py: the reloading ServingStore); serve/sharded.py gives the same interface over
+the shards of a sharded index, so the API and the page are the same for both. Files are served by
+catalog id only, and only while their path is inside an indexed folder.
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
-import time
-from pathlib import Path
-from typing import Optional
 
-from mmsearch.storage.catalog import Catalog
+from mmsearch.config import VERSION
 from mmsearch.search.query import Searcher
-from mmsearch.storage.store import IMAGE_VECTORS, IndexStore
 from mmsearch.serve.errors import ApiError
+from mmsearch.storage.shared import ServingStore  # noqa: F401  (its home was here: imports of it keep working)
 from mmsearch.serve.thumbs import ThumbCache
-
-
-class ServingStore(IndexStore):
-    """An IndexStore for a long-running, multi-threaded reader."""
-
-    REBUILD_EVERY_S = 2.0  # while an indexer commits batch after batch, rebuild from the catalog at most this often
-
-    def __init__(self, directory: Path, catalog: Catalog):
-        super().__init__(directory, catalog)
-        self._vectors = None
-        self._vectors_gen: Optional[int] = None
-        self._rebuilt_at = 0.0
-        self._lock = threading.RLock()
-
-    @classmethod
-    def open_shared(cls, directory) -> "ServingStore":
-        return cls(Path(directory), Catalog.open(directory, readonly=True, threads=True))
-
-    def image_vectors(self):
-        _single_threaded_faiss()
-        gen = self.catalog.generation()
-        if self._vectors is not None and gen == self._vectors_gen:
-            return self._vectors
-        with self._lock:
-            if self._vectors is not None and gen == self._vectors_gen:
-                return self._vectors
-            from mmsearch.storage.vectors import VectorIndex
-
-            index = VectorIndex.load(self.dir / IMAGE_VECTORS, gen)  # the indexer saves it when a run ends
-            if index is None:  # mid-run: rebuild from the catalog, at most every REBUILD_EVERY_S
-                if self._vectors is not None and time.monotonic() - self._rebuilt_at < self.REBUILD_EVERY_S:
-                    return self._vectors  # rows deleted meanwhile are dropped when hits are hydrated
-                index, _ = self._build_image_vectors()  # (index, tuning info)
-                self._rebuilt_at = time.monotonic()
-            self.meta = self.catalog.meta()  # a re-ranker may have been enabled since
-            self._vectors, self._vectors_gen = index, gen
-            return index
-
-    def encoder(self):
-        with self._lock:  # one torch model, loaded once, whatever the number of worker threads
-            return super().encoder()
-
-    def text_encoder(self):
-        with self._lock:
-            return super().text_encoder()
-
-
-_thread = threading.local()
-
-
-def _single_threaded_faiss() -> None:
-    """One query is one small search: OpenMP threads only add hand-off cost, and on busy cores they spin
-    (measured at 100k x 128: 115 ms -> 8.6 ms under load); concurrent requests use the cores instead.
-    The OpenMP setting is per thread, so each worker thread sets it once."""
-    if not getattr(_thread, "faiss_single", False):
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-        _thread.faiss_single = True
 
 
 def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-class ServeState:
-    def __init__(self, index_dir, device: str = "cpu", max_upload_bytes: int = 20 << 20):
-        self.store = ServingStore.open_shared(index_dir)
-        # "auto" embeds uploads on the CPU (the index's ONNX tower when it has one: no torch start-up);
-        # naming a GPU (--device cuda) embeds them with torch there
-        self.store.device = "cpu" if device in (None, "auto") else device
-        self.searcher = Searcher(self.store, allow_paths=False)
-        self.thumbs = ThumbCache(self.store.dir)
-        self.max_upload_bytes = max_upload_bytes
-        self.embed_lock = threading.Lock()  # uploads embed one at a time: bounded CPU and memory
-        self._folders: tuple = (None, [])
-        self._roots: tuple = (None, [])
+class FileRules:
+    """What every state shares: which stored paths may be read, and how a row is shown."""
 
-    # ---- rows and files -------------------------------------------------------------------------
-    def row(self, image_id: int) -> dict:
-        row = self.store.catalog.rows([image_id]).get(image_id)
-        if row is None:
-            raise ApiError(404, f"no image with id {image_id} in the index")
-        return row
+    max_upload_bytes: int = 20 << 20
 
     def roots(self) -> list[str]:
-        gen = self.store.catalog.generation()
-        if self._roots[0] != gen:  # the indexer records new roots in the same run that bumps the generation
-            self._roots = (gen, list(self.store.catalog.meta().get("roots") or []))
-        return self._roots[1]
+        raise NotImplementedError
 
     def servable_path(self, row: dict) -> str:
         """The stored path of a row, if it may be read: it still exists as a regular file and, with
@@ -130,6 +52,57 @@ class ServeState:
         return dict(id=i, path=row["path"], name=os.path.basename(row["path"]), folder=os.path.dirname(row["path"]),
                     size=row["size"], mtime=row["mtime_ns"] / 1e9, taken_at=row["taken_at"], width=row["width"],
                     height=row["height"], ext=row["ext"], thumbnail=thumb_url(row), file=f"/api/images/{i}/file")
+
+
+class ServeState(FileRules):
+    def __init__(self, index_dir, device: str = "cpu", max_upload_bytes: int = 20 << 20):
+        self.store = ServingStore.open_shared(index_dir)
+        # "auto" embeds uploads on the CPU (the index's ONNX tower when it has one: no torch start-up);
+        # naming a GPU (--device cuda) embeds them with torch there
+        self.store.device = "cpu" if device in (None, "auto") else device
+        self.searcher = Searcher(self.store, allow_paths=False)
+        self.thumbs = ThumbCache(self.store.dir)
+        self.max_upload_bytes = max_upload_bytes
+        self.embed_lock = threading.Lock()  # uploads embed one at a time: bounded CPU and memory
+        self._folders: tuple = (None, [])
+        self._roots: tuple = (None, [])
+
+    # ---- what the info routes show ----------------------------------------------------------------
+    def info(self) -> dict:
+        data = self.store.info()
+        data.update(version=VERSION, roots=self.roots(), folders=self.folders(),
+                    rerank_available=self.store.reranker_info() is not None, max_upload_bytes=self.max_upload_bytes,
+                    partial=False, missing=[])
+        return data
+
+    def health(self) -> dict:
+        return {"status": "ok", "images": self.count_images(), "generation": self.store.catalog.generation(),
+                "torch_loaded": "torch" in sys.modules}  # torch loads only to embed an upload
+
+    def count_images(self) -> int:
+        return self.store.catalog.count_images()
+
+    def count_texts(self) -> int:
+        return self.store.catalog.count_texts()
+
+    def warm(self) -> None:
+        """Map the vectors and load the text tower, so the first query is fast too."""
+        if self.store.catalog.count_images():
+            self.store.image_vectors()
+            self.store.text_encoder().encode_texts(["warm up"])
+
+    # ---- rows and files -------------------------------------------------------------------------
+    def row(self, image_id: int) -> dict:
+        row = self.store.catalog.rows([image_id]).get(image_id)
+        if row is None:
+            raise ApiError(404, f"no image with id {image_id} in the index")
+        return row
+
+    def roots(self) -> list[str]:
+        gen = self.store.catalog.generation()
+        if self._roots[0] != gen:  # the indexer records new roots in the same run that bumps the generation
+            self._roots = (gen, list(self.store.catalog.meta().get("roots") or []))
+        return self._roots[1]
 
     def folders(self, limit: int = 500) -> list[str]:
         """Folders holding indexed images (for the page's folder filter), cached per catalog generation."""

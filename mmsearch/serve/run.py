@@ -29,16 +29,22 @@ class Launch:
 
 def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
             allow_hosts: Sequence[str] = (), cors_origins: Sequence[str] = (), max_upload_mb: int = 20,
-            device: str = "cpu") -> Launch:
-    """Everything short of serving. Off loopback a token is mandatory: one is generated when none is given."""
+            device: str = "cpu", shards_dir=None) -> Launch:
+    """Everything short of serving. Off loopback a token is mandatory: one is generated when none is given.
+    shards_dir: serve the sharded layout there (every shard in this process) instead of `index_dir`."""
     if device not in (None, "auto", "cpu"):  # a GPU asked for: refuse a missing one now, not at the first upload
         from mmsearch.towers.devices import resolve_device
 
         resolve_device(device)
     if not is_loopback(host) and not token:
         token = new_token()
+    state = None
+    if shards_dir is not None:
+        from mmsearch.serve.sharded import local_state
+
+        state = local_state(shards_dir, max_upload_bytes=max_upload_mb * 2**20)
     app = create_app(index_dir, token=token, allowed_hosts=list(allow_hosts), bind=host, cors_origins=cors_origins,
-                     max_upload_bytes=max_upload_mb * 2**20, device=device)
+                     max_upload_bytes=max_upload_mb * 2**20, device=device, state=state)
     import uvicorn
 
     sock = _bind(host, port)

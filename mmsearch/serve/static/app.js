@@ -118,8 +118,11 @@ async function search(append) {
     offset += data.hits.length;
     $("more").hidden = !data.more;
     const n = offset;
-    setStatus(n ? `${n}${data.more ? "+" : ""} results · ${Math.round(data.took_ms)} ms` +
-      (data.reranked ? " · re-ranked" : "") : "No results. Try other words or fewer filters.");
+    // a sharded index answers without the shards that are down, and says which: so does the page
+    const partial = data.partial ? ` · partial: ${data.missing.join(", ")} did not answer` : "";
+    setStatus((n ? `${n}${data.more ? "+" : ""} results · ${Math.round(data.took_ms)} ms` +
+      (data.reranked ? " · re-ranked" : "") : "No results. Try other words or fewer filters.") + partial,
+      Boolean(data.partial));
   } catch (err) {
     if (mine === busy) setStatus(err.message, true);
   }

@@ -57,6 +57,8 @@ class ShardedSearcher:
         self.n = len(self.clients)
         self.timeout_s, self.probe_s, self.allow_paths = timeout_s, probe_s, allow_paths
         self.down: dict[int, str] = {}  # shard -> why it was marked down
+        self.queries = 0
+        self._cpu0 = time.process_time()
         self._lock = threading.Lock()
         self._prober: Optional[threading.Thread] = None
 
@@ -147,6 +149,7 @@ class ShardedSearcher:
                alpha: Optional[float] = None) -> HitList:
         """As Searcher.search, over every shard; hit ids are global ids."""
         t0 = time.perf_counter()
+        self.queries += 1
         terms = parse_query(query, images, ids, paths=self.allow_paths)
         single_text = len(terms) == 1 and terms[0].text is not None and terms[0].weight > 0
         has_rr = self.towers.reranker_info() is not None
@@ -225,6 +228,16 @@ class ShardedSearcher:
                 return out
             tried += missing
         raise ShardUnavailableError("no shard answers for the text corpus right now")
+
+    def stats(self) -> dict:
+        """This process's memory and CPU per query (the router's share, to size a cluster)."""
+        import os
+
+        from mmsearch.search.shard import rss_bytes
+
+        cpu = time.process_time() - self._cpu0
+        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "cpu_s": round(cpu, 3), "queries": self.queries,
+                "cpu_ms_per_query": round(1000 * cpu / self.queries, 3) if self.queries else None}
 
     def infos(self) -> tuple[dict, list]:
         """({shard name: ShardWorker.info()}, missing names)."""

@@ -43,10 +43,13 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), uplo
                               ids=p.ids, offset=p.offset)
     out = [hit_json(h) for h in hits]
     missing = list(getattr(hits, "missing", ()))  # a sharded index: the shards that did not answer
+    body = {"query": dict(p.echo(), upload=upload), "hits": out, "more": len(hits) == p.k,
+            "reranked": any(h.itm is not None for h in hits), "partial": bool(missing), "missing": missing,
+            "took_ms": round((time.perf_counter() - started) * 1000, 2)}
+    if getattr(hits, "timing", None):  # a sharded index: where the time went (embed, scatter, slowest shard)
+        body["timing"] = {k: round(v, 3) for k, v in hits.timing.items()}
     # a plain JSONResponse: FastAPI's generic encoder walking every hit cost more than the search itself
-    return JSONResponse({"query": dict(p.echo(), upload=upload), "hits": out, "more": len(hits) == p.k,
-                         "reranked": any(h.itm is not None for h in hits), "partial": bool(missing),
-                         "missing": missing, "took_ms": round((time.perf_counter() - started) * 1000, 2)})
+    return JSONResponse(body)
 
 
 def hit_json(h) -> dict:

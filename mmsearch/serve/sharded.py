@@ -53,7 +53,8 @@ class ShardedServeState(FileRules):
             shards.append({"name": nm, "up": i is not None, **({k: i[k] for k in (
                 "folder", "version", "images", "generation", "rss_bytes", "cpu_ms_per_query", "queries", "error")}
                 if i else {"reason": self.searcher.down.get(self.searcher.names.index(nm))})})
-        return {"index": str(self.root.resolve()), "sharded": True, "shards": shards, "partial": bool(missing),
+        return {"index": str(self.root.resolve()), "sharded": True, "shards": shards, "router": self.searcher.stats(),
+                "partial": bool(missing),
                 "missing": missing, "images": sum(i["images"] for i in infos.values()),
                 "failed": sum(i["failed"] for i in infos.values()),
                 "texts": max((i["texts"] for i in infos.values()), default=0),
@@ -77,8 +78,9 @@ class ShardedServeState(FileRules):
         return max((i["texts"] for i in self._infos()[0].values()), default=0)
 
     def warm(self) -> None:
-        self.store.text_encoder().encode_texts(["warm up"])
         self._infos()
+        if self.store.meta.get("arch"):  # a model-less catalog (synthetic vectors) has no tower to load
+            self.store.text_encoder().encode_texts(["warm up"])
 
     def row(self, image_id: int) -> dict:
         try:

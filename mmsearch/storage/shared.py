@@ -48,7 +48,7 @@ class ServingStore(IndexStore):
                 index, _ = self._build_image_vectors()  # (index, tuning info)
                 self._rebuilt_at = time.monotonic()
             self.meta = self.catalog.meta()  # a re-ranker may have been enabled since
-            self._vectors, self._vectors_gen = index, gen
+            self._vectors, self._vectors_gen = self.attach_refine(index), gen
             return index
 
     def encoder(self):

@@ -77,3 +77,27 @@ class ShardMapError(ModelMismatchError):
 
 class ShardUnavailableError(MmsearchError):
     """A shard needed to answer (the owner of an image asked for by id) does not answer right now."""
+
+
+class NotServableError(MmsearchError):
+    """A stored file may not be read by a server: the index records no folder holding it (storage/roots.py)."""
+
+
+class FileGoneError(NotServableError):
+    """A stored file is no longer on disk (moved or deleted since it was indexed)."""
+
+
+class IndexBusyError(MmsearchError):
+    """Another process (or thread) is writing the index: one writer at a time (mmsearch.storage.lock)."""
+
+
+class IndexReadOnlyError(MmsearchError):
+    """The index folder or its catalog cannot be written (permissions, a read-only disk): search only."""
+
+
+class CatalogCorruptError(MmsearchError):
+    """The catalog's SQLite file is damaged or not a database; the message says what to do."""
+
+
+class NonFiniteVectorError(MmsearchError):
+    """A vector holds NaN or infinity; it is refused wherever vectors come in (mmsearch.storage.schema.check_finite)."""

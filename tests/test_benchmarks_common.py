@@ -12,7 +12,7 @@ import pytest
 
 BENCH = Path(__file__).parents[1] / "benchmarks"
 TESTS = Path(__file__).parent
-_NAME = "mmsearch_benchmarks_common"  # the name tests/hf_fixture.py loads it under: one module object
+_NAME = "mmsearch_benchmarks_common"  # the name tests/helpers.py loads it under: one module object
 if _NAME not in sys.modules:
     _spec = importlib.util.spec_from_file_location(_NAME, BENCH / "common.py")
     sys.modules[_NAME] = importlib.util.module_from_spec(_spec)
@@ -137,7 +137,7 @@ def _modules(folder: Path) -> set:
 @pytest.mark.parametrize("source", [
     "from train_synth import CACHE, data_dir",
     "def main():\n    from index_throughput import make_photos",
-    "import hf_fixture",
+    "import helpers",
     "from tests.helpers import x",
     "import sys\nsys.path.insert(0, str(ROOT / 'tests'))",
     "import sys\nsys.path.append('/work/x/tests/')",

@@ -174,3 +174,57 @@ def test_keyboard_and_phone_width(browser, server):
     assert page.evaluate("() => document.activeElement.classList.contains('card')")  # focus returns to the card
     page.keyboard.press("/")
     assert page.evaluate("() => document.activeElement.id") == "q"
+
+
+def _api(url, path):
+    return json.loads(_get(url + path)[1])
+
+
+def test_date_filter_to_is_inclusive_and_one_day_works(browser, server):
+    """Issue 31 item 16: the page's "To" was exclusive (To = May 31 dropped May 31) and From = To was an error;
+    the page now sends the API's inclusive `until`."""
+    import datetime as dt
+
+    url, _, _ = server
+    hit = _api(url, "api/search?q=red+circle&k=1")["hits"][0]
+    meta = _api(url, f"api/images/{hit['id']}")
+    day = dt.datetime.fromtimestamp(meta["taken_at"] or meta["mtime"], dt.timezone.utc).date()
+    on_day = len(_api(url, f"api/search?q=red+circle&k=200&after={day}&until={day}")["hits"])
+    assert on_day >= 1
+    page = browser.new_page(viewport={"width": 1200, "height": 820})
+    page.goto(url + "?q=red+circle")
+    page.wait_for_selector(".card")
+    page.click("#toggle-filters")
+    page.fill("#until", str(day))  # To = the photos' day, no From: that day is kept
+    page.wait_for_function("d => new URL(location).searchParams.get('until') === d", arg=str(day))
+    page.wait_for_function("n => document.querySelectorAll('.card').length === n", arg=min(on_day, 24))
+    page.fill("#after", str(day))  # From = To: one day
+    page.wait_for_function("d => new URL(location).searchParams.get('after') === d", arg=str(day))
+    page.wait_for_function("n => document.querySelectorAll('.card').length === n", arg=min(on_day, 24))
+    assert not page.eval_on_selector("#status", "e => e.classList.contains('error')"), page.text_content("#status")
+    assert hit["id"] in [c["id"] for c in _cards(page)]
+    page.fill("#until", str(day - dt.timedelta(days=1)))  # To before From: the API's one-line reason
+    page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+
+
+def test_an_oversized_upload_says_too_large(browser, server, tmp_path):
+    """Issue 31 item 17: the page checks the cap itself, and when a page does not know it (an old tab, a cap
+    changed by a restart) the server's 413 reaches the page instead of a connection reset."""
+    url, _, _ = server
+    cap = _api(url, "api/info")["max_upload_bytes"]
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(cap + (1 << 20)))
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_function("() => document.querySelector('#q').placeholder.startsWith('Search ')")
+    page.set_input_files("#file", str(big))
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('too large')")
+
+    unaware = browser.new_page()
+    unaware.route("**/api/info", lambda route: route.fulfill(json=dict(route.fetch().json(), max_upload_bytes=1 << 40)))
+    unaware.goto(url)
+    unaware.wait_for_function("() => document.querySelector('#q').placeholder.startsWith('Search ')")
+    unaware.set_input_files("#file", str(big))
+    unaware.wait_for_function("() => document.querySelector('#status').textContent.includes('too large')",
+                              timeout=30000)
+    assert "limit" in unaware.text_content("#status")

@@ -8,8 +8,8 @@ import click
 from mmsearch.config import ModelSpec
 from mmsearch.cli.app import cli
 from mmsearch.towers.devices import PRECISIONS
-from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_option, model_options, model_spec, with_bar,
-                      yielding_openmp)
+from mmsearch.cli.options import (device_option, emit_json, index_dir_of, index_option, model_options, model_spec, shown,
+                                  with_bar, yielding_openmp)
 
 
 def ray_options(f):
@@ -100,10 +100,13 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
                "int8": " (int8 products, as asked)"}.get(summary.precision, "")
         click.echo(f"new {'sharded ' if shards_dir else ''}index {index_dir_of(index_dir)}: precision {summary.precision}{why}", err=True)
     for path, reason in summary.failures[:20]:
-        click.secho(f"failed: {path}: {reason}", fg="red", err=True)
+        click.secho(f"failed: {shown(path)}: {shown(reason)}", fg="red", err=True)
     if len(summary.failures) > 20:
         click.secho(f"... and {len(summary.failures) - 20} more (see `mmsearch errors`)", fg="red", err=True)
     s = summary
+    if s.repaired:
+        click.echo(f"repaired the vector index: {s.repaired} vectors added or dropped to match the catalog "
+                   f"(from stored embeddings)", err=True)
     if s.embedded == 0 and not (s.moved or s.removed):
         click.echo(f"nothing to embed: {s.unchanged} unchanged, {s.failed} failed")
     rate = f" (embedding {s.embedded / s.embed_seconds:.1f} img/s)" if s.embedded and s.embed_seconds else ""
@@ -159,7 +162,7 @@ def errors(index_dir, as_json):
 
     rows = IndexStore.open(index_dir_of(index_dir)).catalog.failures()
     for r in rows:
-        emit_json(r) if as_json else click.echo(f"{r['path']}\t{r['reason']}")
+        emit_json(r) if as_json else click.echo(f"{shown(r['path'])}\t{r['reason']}")
     if not rows and not as_json:
         click.echo("no failures", err=True)
 

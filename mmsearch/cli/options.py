@@ -113,8 +113,25 @@ def yielding_openmp():
 
 
 def emit_json(obj):
-    click.echo(json.dumps(obj, ensure_ascii=False))
+    """One line of valid JSON: a file name that is not UTF-8 shows readably, with its exact bytes in
+    `path_b64` (mmsearch.storage.fsnames)."""
+    from mmsearch.storage.fsnames import json_safe
 
+    click.echo(json.dumps(json_safe(obj), ensure_ascii=False))
+
+
+def shown(text: str) -> str:
+    """A path as the terminal shows it (undecodable bytes as U+FFFD)."""
+    from mmsearch.storage.fsnames import display
+
+    return display(text)
+
+
+def echo_path(path: str) -> None:
+    """One path per line for pipes: its exact bytes, so `xargs` finds a file whose name is not UTF-8."""
+    from mmsearch.storage.fsnames import is_exact, to_db
+
+    click.echo(path if is_exact(path) else to_db(path))
 
 
 def render_hits(hits, as_json, as_paths, key):
@@ -123,11 +140,11 @@ def render_hits(hits, as_json, as_paths, key):
             emit_json(h)
     elif as_paths:
         for h in hits:
-            click.echo(h[key])
+            echo_path(h[key])
     elif not hits:
         click.echo("no results", err=True)
     else:
         click.echo(f"{'rank':>4}  {'score':>6}  {key}")
         for h in hits:
-            click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {h[key]}")
+            click.echo(f"{h['rank']:>4}  {h['score']:>6.3f}  {shown(h[key])}")
 

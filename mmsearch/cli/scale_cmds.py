@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import emit_json, index_dir_of, index_option, model_options, model_spec, output_options, with_bar
+from mmsearch.cli.options import (echo_path, emit_json, index_dir_of, index_option, model_options, model_spec,
+                                  output_options, shown, with_bar)
 
 
 @cli.command()
@@ -28,11 +29,13 @@ def dupes(index_dir, threshold, as_json, as_paths, progress):
         if as_json:
             emit_json(g)
         elif as_paths:  # one group per paragraph, for `xargs` and friends
-            click.echo("\n".join(g["paths"]) + "\n")
+            for p in g["paths"]:
+                echo_path(p)
+            click.echo()
         else:
             click.echo(f"group {g['group']}: {g['size']} images, min cosine {g['min_score']:.3f}")
             for p in g["paths"]:
-                click.echo(f"  {p}")
+                click.echo(f"  {shown(p)}")
     if not groups and not as_json:
         click.echo("no near-duplicates", err=True)
 
@@ -60,15 +63,23 @@ def export_cmd(out, index_dir, shard_size, float16, progress):
 @index_option
 @model_options
 @click.option("--max-index-memory", default=None, help="Memory budget of a new index's vectors, e.g. 600MB.")
+@click.option("--root", "roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder the imported images may be served from by `mmsearch serve` (repeatable); "
+                   "without one the server shows no thumbnail or file of them (search still works).")
 @with_bar("import")
-def import_cmd(src, index_dir, model, pretrained, checkpoint, max_index_memory, progress):
+def import_cmd(src, index_dir, model, pretrained, checkpoint, max_index_memory, roots, progress):
     """Ingest embedding shards (from `mmsearch export` or clip-retrieval inference) without re-embedding.
     The model must match the index's: a mismatch is refused and nothing changes."""
     from mmsearch.storage.exchange import open_for_import, import_embeddings
 
     spec = model_spec(model, pretrained, checkpoint, warn_random=False)
     store = open_for_import(index_dir_of(index_dir), src, spec, max_index_memory)
-    res = import_embeddings(store, src, expected_model=spec, progress=progress)
+    res = import_embeddings(store, src, expected_model=spec, progress=progress, roots=roots)
     progress.close()
     click.echo(f"imported {res['imported']} embeddings from {res['shards']} shards; the index holds "
                f"{res['images']} images ({res['structure']})")
+    if res["unservable"]:
+        what = (f"{res['unservable']} imported images lie outside the folders the index serves files from"
+                if res["roots"] else "no --root given")
+        click.echo(f"note: {what}: `mmsearch serve` finds them but shows no thumbnail or file of them "
+                   f"(add --root FOLDER)", err=True)

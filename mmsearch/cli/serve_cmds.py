@@ -43,7 +43,7 @@ from mmsearch.cli.options import index_dir_of, index_option
               help="With --ray: where Ray Serve's HTTP proxy listens on --host/--port.")
 def serve(index_dir, host, port, token, allow_hosts, cors_origins, max_upload_mb, device, shards_dir, ray_address,
           replicas, router_replicas, replica_cpus, pin_shards, proxy):
-    """Serve a search page and a JSON API (/docs) for an index; prints the URL to open."""
+    """Serve a search page and a JSON API (schema at /openapi.json) for an index; prints the URL to open."""
     from mmsearch.serve.run import prepare
 
     if ray_address is not None:
@@ -55,7 +55,7 @@ def serve(index_dir, host, port, token, allow_hosts, cors_origins, max_upload_mb
         raise click.UsageError("give --index or --shards, not both")
     launch = prepare(index_dir_of(index_dir), host, port, token, allow_hosts, cors_origins, max_upload_mb, device,
                      shards_dir=shards_dir)
-    click.echo(f"mmsearch: serving {launch.images} images at {launch.url}  (API docs: /docs; Ctrl-C stops)")
+    click.echo(f"mmsearch: serving {launch.images} images at {launch.url}  (API schema: /openapi.json; Ctrl-C stops)")
     if launch.token:
         click.echo(f"token: scripts send 'Authorization: Bearer {launch.token}'")
     launch.run()
@@ -66,8 +66,10 @@ def _serve_ray(address, shards_dir, host, port, token, allow_hosts, cors_origins
     import time
 
     from mmsearch.distributed.serving import deploy, stop
-    from mmsearch.serve.guard import is_loopback, new_token
+    from mmsearch.serve.guard import is_loopback, new_token, token_problem
 
+    if token and token_problem(token):
+        raise click.UsageError(f"--token: {token_problem(token)} (it travels in a header, a cookie and a URL)")
     if not is_loopback(host) and not token:
         token = new_token()
     options = dict(token=token, allowed_hosts=list(allow_hosts), cors_origins=list(cors_origins),

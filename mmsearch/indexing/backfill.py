@@ -16,8 +16,14 @@ from mmsearch.storage.store import IndexStore
 def enable_reranker(index_dir, reranker_path, batch_size: int = 32, workers: Optional[int] = None,
                     progress: Progress = None) -> dict:
     """Configure a re-ranker on an existing index and back-fill its image tokens (one read per file)
-    and the token states of the text corpus. Images that fail to decode are recorded as failures."""
+    and the token states of the text corpus. Images that fail to decode are recorded as failures.
+    Holds the index's writer lock throughout."""
     store = IndexStore.open(index_dir)
+    with store.writing():
+        return _enable(store, reranker_path, batch_size, workers, progress)
+
+
+def _enable(store: IndexStore, reranker_path, batch_size: int, workers: Optional[int], progress: Progress) -> dict:
     store.configure_reranker(reranker_path)
     cat = store.catalog
     encoder = store.encoder()

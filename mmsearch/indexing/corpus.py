@@ -51,7 +51,13 @@ def _pick_column(names, column, path, line=None) -> str:
 
 def add_texts(store: IndexStore, texts: Iterable[str], batch_size: int = 256,
               progress: Optional[Callable[..., None]] = None) -> dict:
-    """Embed and store the texts not already in the corpus (exact duplicates are stored once)."""
+    """Embed and store the texts not already in the corpus (exact duplicates are stored once), holding the
+    index's writer lock."""
+    with store.writing():
+        return _add_texts(store, texts, batch_size, progress)
+
+
+def _add_texts(store: IndexStore, texts: Iterable[str], batch_size: int, progress) -> dict:
     cat = store.catalog
     known = cat.known_texts()
     fresh, seen = [], set()
@@ -84,7 +90,7 @@ def remove_texts(store: IndexStore, ids: Iterable[int] = (), matching: Optional[
     ids = list(ids)
     if matching:
         ids += [r["id"] for r in cat.text_rows(like=matching)]
-    with cat.transaction():
+    with store.writing(), cat.transaction():
         removed = cat.delete_texts(ids)
         store.bump_text_generation()
     return removed

@@ -2,7 +2,8 @@
 
 Incremental and exact (plan.py has the rules). Every batch is one SQLite transaction, so a kill at
 any point loses at most the batch in flight; the FAISS file is a cache rebuilt from the catalog when
-it is stale.
+it is stale, and repaired from the stored embeddings when it lacks rows the catalog has. A run holds
+the index's writer lock throughout (mmsearch.storage.lock): a second writer is refused at once.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from mmsearch.indexing.plan import Plan, plan_changes
 from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, batch_pixels, commit_batch,
                                      decode_file, worker_transform)
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.roots import record_roots
+from mmsearch.storage.lock import writer_lock
 from mmsearch.storage.store import IndexStore
 
 __all__ = ["index_folders", "IndexSummary"]
@@ -35,14 +38,22 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
     (None: the index's own, devices.default_precision for a new one) is recorded in the index. `executor` replaces the local
     decode -> encode stage (mmsearch.distributed: Ray); planning and committing stay here either way.
+    The whole run holds the index's writer lock: IndexBusyError at once when another writer has it.
     `keep(path)`: the files that belong to this index (one shard of a sharded index: indexing/sharded.py)."""
-    from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
-
     t0 = time.perf_counter()
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     for r in roots:
         if not os.path.exists(r):
             raise MediaError(r, "no such file or folder")
+    with writer_lock(index_dir):
+        return _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory,
+                             reranker, device, precision, executor, progress, max_index_memory, keep)
+
+
+def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory, reranker,
+                  device, precision, executor, progress, max_index_memory, keep=None) -> IndexSummary:
+    from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
+
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
     dev = select_device(device if executor is None else "cpu")
     created = not Catalog.exists(index_dir)
@@ -52,6 +63,8 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         check_precision(precision, dev)
     store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
                                       precision=precision, max_index_memory=max_index_memory)
+    if not created:
+        store.catalog.check_integrity()  # a damaged catalog is refused before anything is written to it
     if executor is None:  # the index's precision must run here, checked before anything changes
         check_precision(store.precision, dev)
     if factory and factory != store.factory:
@@ -62,11 +75,13 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     cat = store.catalog
     plan = plan_changes(cat, roots, exclude, include_hidden, keep)
     with cat.transaction():  # the folders ever indexed: a server serves files only from inside them
-        cat.set_meta(roots=sorted(set(store.meta.get("roots") or []) | set(roots)))
+        record_roots(cat, roots)
     summary = IndexSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.deleted_ids),
                            created=created, precision=store.precision)
-    # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images)
-    unchanged = not (plan.embed or plan.moves or plan.deleted_ids) and store.vectors_fresh()
+    # nothing that changes the vectors: neither read nor rewrite the FAISS file (530 MB at 1M images),
+    # unless it counts fewer or more vectors than the catalog has rows (then it is repaired below)
+    unchanged = not (plan.embed or plan.moves or plan.deleted_ids) and store.vectors_fresh() \
+        and store.vectors_complete()
     vectors = None if unchanged else store.vectors_for_update()
 
     with cat.transaction():
@@ -103,6 +118,10 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
         store.export_fast_text()
         store.share_exports()
     if vectors is not None:
+        summary.repaired = store.repair_vectors(vectors)
+        if summary.repaired:  # a server holding the damaged vectors at this generation reloads them
+            with cat.transaction():
+                cat.bump_generation()
         store.save_vectors(vectors, progress=progress)
     summary.failed = len(summary.failures) + plan.known_failed
     summary.seconds = time.perf_counter() - t0

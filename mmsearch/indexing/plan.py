@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from mmsearch.errors import MmsearchError
 from mmsearch.indexing import scan
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.fsnames import to_db
 
 
 def is_under(path: str, roots: Sequence[str]) -> bool:
@@ -89,25 +90,30 @@ def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool,
 
 def merge_by_path(files: Iterator, rows: Iterator) -> Iterator[tuple]:
     """(file, row) pairs from two path-ascending streams: both when the path is in both, else
-    (file, None) or (None, row). A stream out of order would pair wrongly, so it is an error."""
+    (file, None) or (None, row). Rows name their path by its stored bytes (Catalog.image_states_under)
+    and files are compared by the same bytes (fsnames.to_db), the order both streams are in, names
+    that are not UTF-8 included. A stream out of order would pair wrongly, so it is an error."""
     f, r = next(files, None), next(rows, None)
-    last_f = last_r = ""
+    fk = None if f is None else to_db(f.path)
+    last_f = last_r = b""
     while f is not None or r is not None:
-        if f is not None and f.path < last_f or r is not None and r[0] < last_r:
+        if f is not None and fk < last_f or r is not None and r[0] < last_r:
             raise MmsearchError("the folder walk and the catalog disagree on the order of paths; nothing was "
                                 "changed (please report this with the two paths' names)")
-        if r is None or (f is not None and f.path < r[0]):
-            last_f = f.path
+        if r is None or (f is not None and fk < r[0]):
+            last_f = fk
             yield f, None
             f = next(files, None)
-        elif f is None or r[0] < f.path:
+            fk = None if f is None else to_db(f.path)
+        elif f is None or r[0] < fk:
             last_r = r[0]
             yield None, r
             r = next(rows, None)
         else:
-            last_f, last_r = f.path, r[0]
+            last_f, last_r = fk, r[0]
             yield f, r
             f, r = next(files, None), next(rows, None)
+            fk = None if f is None else to_db(f.path)
 
 
 def safe_hash(path: str) -> Optional[str]:

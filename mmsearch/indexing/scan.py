@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from mmsearch.config import IMAGE_EXTENSIONS
 from mmsearch.errors import MediaError
+from mmsearch.storage.fsnames import to_db
 
 OnError = Optional[Callable[[str, str], None]]
 
@@ -73,13 +74,16 @@ def _file_info(path: str, report) -> Optional[FileInfo]:
     return FileInfo(path, st.st_size, st.st_mtime_ns)
 
 
-def _path_order(entry) -> str:
+def _path_order(entry) -> bytes:
     """Sort key that walks a folder in full-path order: a folder's children follow its name plus '/',
-    so 'b-c/x' comes before 'b/x' ('-' < '/') as the strings 'dir/b-c/x' < 'dir/b/x' do."""
+    so 'b-c/x' comes before 'b/x' ('-' < '/') as 'dir/b-c/x' < 'dir/b/x' do. Names compare as the bytes
+    the catalog stores (fsnames.to_db; the same order as the strings for every UTF-8 name), so a name
+    that is not UTF-8 sits where the catalog's ORDER BY path puts it."""
+    name = to_db(entry.name)
     try:
-        return entry.name + "/" if entry.is_dir() else entry.name
+        return name + b"/" if entry.is_dir() else name
     except OSError:
-        return entry.name
+        return name
 
 
 def _walk(root, folder, exclude, include_hidden, report, visiting) -> Iterator[FileInfo]:

@@ -20,6 +20,9 @@ from mmsearch.errors import MediaError
 from mmsearch.indexing import scan
 from mmsearch.indexing.plan import Plan, safe_hash
 from mmsearch.storage.catalog import Catalog
+from mmsearch.storage.schema import non_finite_rows
+
+NON_FINITE = "the model gave a non-finite embedding (NaN or infinity) for this image"
 
 Progress = Optional[Callable[..., None]]
 
@@ -36,6 +39,7 @@ class IndexSummary:
     embed_seconds: float = 0.0  # decoding + encoding only, without model loading
     encode_seconds: float = 0.0  # of which the image tower itself ran (the rest: waiting for decodes, commits)
     wait_seconds: float = 0.0  # of which the encoder waited for decode threads
+    repaired: int = 0  # vectors added to (or dropped from) the FAISS file to match the catalog's rows
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
     created: bool = False  # this run created the index
     precision: str = ""  # the index's precision (part of its model record)
@@ -94,8 +98,16 @@ def batch_pixels(encoder, items):
 
 def commit_batch(cat: Catalog, plan: Plan, vectors, good, bad, emb, toks, summary: IndexSummary,
                   also: Optional[Callable[[Catalog], None]] = None) -> None:
-    """One transaction per batch; `also` adds an executor's own bookkeeping to the same transaction."""
+    """One transaction per batch; `also` adds an executor's own bookkeeping to the same transaction.
+    An image whose embedding is not finite becomes a failure like an undecodable one (never a crash)."""
     new_ids, removed = [], []
+    if good and len(bad_rows := non_finite_rows(emb)):
+        keep = np.ones(len(good), bool)
+        keep[bad_rows] = False
+        bad = list(bad) + [(good[j][0], MediaError(good[j][0].path, NON_FINITE)) for j in bad_rows.tolist()]
+        good = [g for g, k in zip(good, keep) if k]
+        emb = np.asarray(emb)[keep]
+        toks = None if toks is None else np.asarray(toks)[keep]
     with cat.transaction():
         if also is not None:
             also(cat)

@@ -16,11 +16,15 @@ import numpy as np
 
 from mmsearch.rerank.blend import blend
 from mmsearch.config import IMAGE_EXTENSIONS
-from mmsearch.errors import EmptyIndexError, QueryError
+from mmsearch.errors import EmptyIndexError, NonFiniteVectorError, QueryError
 from mmsearch.search.filters import Filters
+from mmsearch.storage.fsnames import display
+from mmsearch.storage.schema import check_finite
 from mmsearch.storage.store import IndexStore
 
 DEFAULT_RERANK_K = 32
+MAX_TERMS = 32  # text, image and id terms of one query
+MAX_QUERY_CHARS = 2000  # the text tower reads ~77 tokens a term: more characters only cost parsing
 _SPLIT = re.compile(r"(?:^|\s+)([+-])(?:\s+|$)")
 _WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+?)\s*$")
 
@@ -31,6 +35,7 @@ class Term:
     text: Optional[str] = None
     image: Optional[str] = None
     image_id: Optional[int] = None  # an indexed image by catalog id: its stored embedding, no file read
+    pixels: Optional[object] = field(default=None, repr=False, compare=False)  # an image decoded by the caller
 
 
 @dataclass
@@ -73,11 +78,15 @@ def _is_image_path(s: str) -> bool:
     return os.path.splitext(s)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(s)
 
 
-def parse_query(query: Optional[str], images: Sequence[str] = (), ids: Sequence[int] = (),
+def parse_query(query: Optional[str], images: Sequence = (), ids: Sequence[int] = (),
                 paths: bool = True) -> list[Term]:
-    """'2:dog + beach - people' -> [Term(2,'dog'), Term(1,'beach'), Term(-1,'people')]; --image files and
-    indexed image ids add terms. paths=False reads every term as text (a server never opens a named path)."""
+    """'2:dog + beach - people' -> [Term(2,'dog'), Term(1,'beach'), Term(-1,'people')]; --image files (or
+    images the caller decoded: PIL images) and indexed image ids add terms. paths=False reads every term
+    as text (a server never opens a named path). At most MAX_TERMS terms and MAX_QUERY_CHARS characters:
+    each term is one encoder pass, and a query is a request anyone can send to a server."""
     terms: list[Term] = []
+    if query and len(query) > MAX_QUERY_CHARS:
+        raise QueryError(f"query too long ({len(query):,} characters; at most {MAX_QUERY_CHARS:,})")
     if query and query.strip():
         parts = _SPLIT.split(" " + query.strip())
         signs = ["+"] + parts[1::2]
@@ -93,15 +102,21 @@ def parse_query(query: Optional[str], images: Sequence[str] = (), ids: Sequence[
             m = _WEIGHT.match(raw)
             if m:
                 weight, body = float(m.group(1)), m.group(2)
+                _finite([weight], f"the weight of term {body!r}")
             if sign == "-":
                 weight = -weight
             is_path = paths and _is_image_path(body)
             terms.append(Term(weight, image=os.path.abspath(body)) if is_path else Term(weight, text=body))
     for path in images:
+        if not isinstance(path, (str, os.PathLike)):  # already decoded (an upload): embedded as it is
+            terms.append(Term(1.0, pixels=path))
+            continue
         if not os.path.isfile(path):
             raise QueryError(f"query image not found: {path}")
         terms.append(Term(1.0, image=os.path.abspath(path)))
     terms += [Term(1.0, image_id=int(i)) for i in ids]
+    if len(terms) > MAX_TERMS:
+        raise QueryError(f"too many query terms ({len(terms):,}; at most {MAX_TERMS})")
     if not terms:
         raise QueryError("empty query: give text, an image file, or --image FILE")
     return terms
@@ -115,9 +130,12 @@ class Searcher:
         self.allow_paths = allow_paths  # False: query text never names a file (the web server)
 
     # ---- embedding a query --------------------------------------------------------------------
-    def _image_embedding(self, path: Optional[str], token_grid: Optional[int] = None, image_id: Optional[int] = None):
+    def _image_embedding(self, path: Optional[str], token_grid: Optional[int] = None, image_id: Optional[int] = None,
+                         pixels=None):
         cat = self.store.catalog
-        if image_id is None:
+        if pixels is not None:
+            image_id = None
+        elif image_id is None:
             image_id = cat.id_for_path(path)
         else:
             row = cat.rows([image_id]).get(image_id)
@@ -134,14 +152,17 @@ class Searcher:
 
         # the index's own image tower (ONNX, its precision) unless re-ranker tokens need torch
         enc = self.store.image_embedder() if token_grid is None else self.store.encoder()
-        img = load_image(path, min_size=enc.image_size)
+        img = pixels if pixels is not None else load_image(path, min_size=enc.image_size)
         out = enc.encode_images([img], token_grid=token_grid)
-        return (out[0][0], out[1][0]) if token_grid else (out[0], None)
+        vec, toks = (out[0][0], out[1][0]) if token_grid else (out[0], None)
+        _finite(vec, f"the embedding of image {display(os.path.basename(path))}" if path else
+                "the embedding of the uploaded image")
+        return vec, toks
 
     def embed(self, terms: list[Term], want_states: bool = False):
         """(query vector [d], text token states of a single-text query or None)."""
         return embed_terms(terms, self.store.text_encoder, self.store.dim, want_states,
-                           lambda t: self._image_embedding(t.image, image_id=t.image_id)[0])
+                           lambda t: self._image_embedding(t.image, image_id=t.image_id, pixels=t.pixels)[0])
 
     # ---- text -> image, image -> image --------------------------------------------------------
     def search(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
@@ -222,12 +243,13 @@ class Searcher:
         cat = self.store.catalog
         if cat.count_texts() == 0:
             raise EmptyIndexError(f"index {self.store.dir} holds no texts (run `mmsearch texts add FILE`)")
-        single_image = len(terms) == 1 and (terms[0].image is not None or terms[0].image_id is not None)
+        single_image = len(terms) == 1 and terms[0].text is None
         if rerank is None:
             rerank = self.store.reranker_info() is not None and single_image
         rerank = bool(rerank and single_image and self.store.reranker_info() is not None)
         if rerank:
-            vec, qtoks = self._image_embedding(terms[0].image, self.store.token_grid(), terms[0].image_id)
+            vec, qtoks = self._image_embedding(terms[0].image, self.store.token_grid(), terms[0].image_id,
+                                               terms[0].pixels)
         else:
             vec, qtoks = self.embed(terms)[0], None
         depth = max(k, rerank_k) if rerank else k
@@ -267,11 +289,14 @@ def embed_terms(terms: list[Term], text_encoder, dim: int, want_states: bool, im
             states = st[0] if len(terms) == 1 else None
         else:
             emb = enc.encode_texts([t.text for t in texts])
-        for t, e in zip(texts, emb):
-            vec += t.weight * e
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below, in one line
+            for t, e in zip(texts, emb):
+                vec += t.weight * e
     for t in terms:
-        if t.image is not None or t.image_id is not None:
-            vec += t.weight * np.asarray(image_vector(t), np.float32)
+        if t.text is None:  # a file, an indexed id, or pixels decoded by the caller (an upload)
+            with np.errstate(over="ignore", invalid="ignore"):
+                vec += t.weight * np.asarray(image_vector(t), np.float32)
+    _finite(vec, "the query vector (its weights overflow)")
     norm = float(np.linalg.norm(vec))
     if norm < 1e-8:
         raise QueryError("the query terms cancel out; nothing to search for")
@@ -307,6 +332,14 @@ def build_hits(hits, rows: dict, k: int, offset: int, min_score: Optional[float]
         out.append(Hit(rank=offset + len(out) + 1, score=final, id=i, similarity=sim, itm=logit, path=r["path"],
                        taken_at=r["taken_at"], width=r["width"], height=r["height"], row=r))
     return out
+
+
+def _finite(values, what: str) -> None:
+    """The shared finite check (mmsearch.storage.schema.check_finite), as a query error: a 400, one line."""
+    try:
+        check_finite(np.asarray(values, dtype=np.float64), lambda _: what, "value")
+    except NonFiniteVectorError as exc:
+        raise QueryError(str(exc)) from None
 
 
 def timed_search(searcher: Searcher, *args, **kwargs):

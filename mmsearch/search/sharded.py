@@ -137,8 +137,9 @@ class ShardedSearcher:
             return vec
         from mmsearch.media import load_image
 
-        enc = self.towers.image_embedder()  # an upload: the index's own image tower, here
-        return enc.encode_images([load_image(term.image, min_size=enc.image_size)])[0]
+        enc = self.towers.image_embedder()  # an upload (decoded pixels) or a file: the index's own tower, here
+        img = term.pixels if term.pixels is not None else load_image(term.image, min_size=enc.image_size)
+        return enc.encode_images([img])[0]
 
     def embed(self, terms, want_states: bool = False):
         return embed_terms(terms, self.towers.text_encoder, self.towers.dim, want_states, self._image_vector)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from mmsearch.serve.api_search import state
+from mmsearch.storage.fsnames import json_safe
 
 router = APIRouter(prefix="/api", tags=["info"])
 
@@ -12,7 +13,7 @@ router = APIRouter(prefix="/api", tags=["info"])
 def info(request: Request):
     """What the index holds, which models it uses, and the folders the page can filter on (a sharded
     index: each shard, and `partial`/`missing` when a shard does not answer)."""
-    return state(request).info()
+    return json_safe(state(request).info())
 
 
 @router.get("/health")

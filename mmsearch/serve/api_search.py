@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from mmsearch.serve.errors import ApiError
+from mmsearch.storage.fsnames import json_safe
 from mmsearch.serve.params import MAX_ID, SearchParams, search_params
 from mmsearch.serve.state import ServeState, thumb_url
-from mmsearch.serve.uploads import upload_file
+from mmsearch.serve.uploads import upload_image
 
 router = APIRouter(prefix="/api", tags=["search"])
 
@@ -31,11 +32,11 @@ def search_upload(request: Request, image: UploadFile = File(..., description="T
                   p: SearchParams = Depends(search_params)):
     """Images like an uploaded image (multipart field `image`), plus any q/id terms of the query string."""
     st = state(request)
-    with upload_file(image, st.max_upload_bytes) as path, st.embed_lock:
-        return run_search(st, p, images=[path], upload=True)
+    with upload_image(image, st.max_upload_bytes, st.upload_slots, st.image_size()) as img, st.embed_lock:
+        return run_search(st, p, images=[img], upload=True)
 
 
-def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), upload: bool = False) -> dict:
+def run_search(st: ServeState, p: SearchParams, images: Sequence = (), upload: bool = False) -> dict:
     if not (p.q or p.ids or images):
         raise ApiError(400, "empty query: give q (text or weighted terms), id (an indexed image) or upload an image")
     started = time.perf_counter()
@@ -53,9 +54,10 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence[str] = (), uplo
 
 
 def hit_json(h) -> dict:
-    return {"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
+    """A hit as the API shows it; a file name that is not UTF-8 is shown readably (fsnames.json_safe)."""
+    return json_safe({"rank": h.rank, "score": h.score, "path": h.path, "id": h.id, "similarity": h.similarity, "itm": h.itm,
             "width": h.width, "height": h.height, "taken_at": h.taken_at, "name": os.path.basename(h.path),
-            "thumbnail": thumb_url(h.row)}
+            "thumbnail": thumb_url(h.row)})
 
 
 @router.get("/images/{image_id}/texts")
@@ -72,11 +74,11 @@ def upload_texts(request: Request, image: UploadFile = File(..., description="Th
                  k: int = Query(5, ge=1, le=50, description="Number of texts.")):
     """The closest texts of the corpus for an uploaded image."""
     st = state(request)
-    with upload_file(image, st.max_upload_bytes) as path, st.embed_lock:
-        return texts_reply(st, k, images=[path])
+    with upload_image(image, st.max_upload_bytes, st.upload_slots, st.image_size()) as img, st.embed_lock:
+        return texts_reply(st, k, images=[img])
 
 
-def texts_reply(st: ServeState, k: int, ids: Sequence[int] = (), images: Sequence[str] = ()) -> dict:
+def texts_reply(st: ServeState, k: int, ids: Sequence[int] = (), images: Sequence = ()) -> dict:
     corpus = st.count_texts()
     texts = [h.to_dict() for h in st.searcher.search_texts(None, images, k=k, ids=ids)] if corpus else []
     return {"texts": texts, "corpus": corpus}

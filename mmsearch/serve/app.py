@@ -18,9 +18,6 @@ from mmsearch.serve.state import ServeState
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
-# the page loads nothing from elsewhere and runs no inline script: say so to the browser
-CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
-       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 
 def build_app(index_dir=None, token: Optional[str] = None, allowed_hosts: Optional[Iterable[str]] = None,
@@ -39,7 +36,9 @@ def build_app(index_dir=None, token: Optional[str] = None, allowed_hosts: Option
             threading.Thread(target=_warm, args=(st,), daemon=True).start()
         yield
 
-    app = FastAPI(title="mmsearch", version=VERSION, lifespan=lifespan,
+    # no /docs or /redoc: FastAPI's pages load unpinned scripts from a CDN into this origin (and are blank
+    # offline), and no installed package ships their assets; the schema stays at /openapi.json
+    app = FastAPI(title="mmsearch", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Search an mmsearch index by text, weighted terms, image id or uploaded image.")
     app.state.mm = st
     install_handlers(app)
@@ -49,7 +48,7 @@ def build_app(index_dir=None, token: Optional[str] = None, allowed_hosts: Option
 
     @app.get("/", include_in_schema=False)
     def page():
-        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})  # the Guard adds the CSP
 
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -58,7 +57,8 @@ def build_app(index_dir=None, token: Optional[str] = None, allowed_hosts: Option
                            allow_headers=["Authorization"])
     extra = list(allowed_hosts or ())
     hosts = None if "*" in extra else default_allowed_hosts(bind, extra)  # "*": no Host check, explicitly
-    app.add_middleware(Guard, allowed_hosts=hosts, token=token, max_upload=max_upload_bytes)
+    app.add_middleware(Guard, allowed_hosts=hosts, token=token, max_upload=max_upload_bytes,
+                       cors_origins=list(cors_origins))
     return app
 
 

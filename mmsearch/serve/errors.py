@@ -47,7 +47,7 @@ def install_handlers(app) -> None:
     async def _http(request, exc: HTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no such endpoint: {request.url.path} (see /docs)"
+            detail = f"no such endpoint: {request.url.path} (see /openapi.json)"
         return reply(exc.status_code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

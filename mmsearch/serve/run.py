@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 from mmsearch.errors import MmsearchError
 from mmsearch.serve import create_app
-from mmsearch.serve.guard import is_loopback, new_token
+from mmsearch.serve.guard import is_loopback, new_token, token_problem
 
 
 class ServeError(MmsearchError):
@@ -36,6 +36,8 @@ def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optiona
         from mmsearch.towers.devices import resolve_device
 
         resolve_device(device)
+    if token is not None and token_problem(token):
+        raise ServeError(f"--token: {token_problem(token)} (it travels in a header, a cookie and a URL)")
     if not is_loopback(host) and not token:
         token = new_token()
     state = None

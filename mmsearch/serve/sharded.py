@@ -18,6 +18,7 @@ from mmsearch.errors import ShardUnavailableError
 from mmsearch.serve.errors import ApiError
 from mmsearch.serve.state import FileRules
 from mmsearch.serve.thumbs import ThumbCache
+from mmsearch.serve.uploads import UploadSlots
 
 INFO_TTL_S = 2.0  # roots, folders and counts are read from the shards at most this often
 
@@ -29,6 +30,7 @@ class ShardedServeState(FileRules):
         self.root = Path(root)
         self.thumbs = ThumbCache(self.root)  # keyed by global id; not kept when the folder is read-only
         self.max_upload_bytes = max_upload_bytes
+        self.upload_slots = UploadSlots()  # uploads decoded (and held) at once: bounded memory
         self.embed_lock = threading.Lock()
         self._cache: tuple = (0.0, {}, [])
         self._lock = threading.Lock()
@@ -62,7 +64,7 @@ class ShardedServeState(FileRules):
                 "precision": self.store.precision, "dim": self.store.dim, "factory": self.store.factory,
                 "reranker": self.store.reranker_info(), "schema_version": meta.get("schema_version"),
                 "bytes_on_disk": sum(i["bytes_on_disk"] for i in infos.values()), "version": VERSION,
-                "roots": self.roots(), "folders": self.folders(),
+                "roots": self.roots(), "folders": self.folders(),  # (the route makes odd file names JSON-safe)
                 "rerank_available": self.store.reranker_info() is not None, "max_upload_bytes": self.max_upload_bytes}
 
     def health(self) -> dict:

@@ -1,26 +1,28 @@
 """What a running server holds: one index opened for many threads, its searcher, its thumbnails.
 
 The routes only talk to a state object: `searcher` (search, search_texts), `row`, `roots`, `folders`,
-`info`, `health`, `count_texts`, `warm`, `thumbs`, `servable_path` and `describe`. ServeState is one
-index (storage/shared.py: the reloading ServingStore); serve/sharded.py gives the same interface over
-the shards of a sharded index, so the API and the page are the same for both. Files are served by
-catalog id only, and only while their path is inside an indexed folder.
+`info`, `health`, `count_texts`, `warm`, `thumbs`, `upload_slots`, `image_size`, `servable_path` and
+`describe`. ServeState is one index (storage/shared.py: the reloading ServingStore, which never writes);
+serve/sharded.py gives the same interface over the shards of a sharded index, so the API and the page
+are the same for both. Files are served by catalog id only, and only while their path is inside a
+folder the index recorded (storage/roots.py; an index that records none serves no file).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 
 from mmsearch.config import VERSION
+from mmsearch.errors import FileGoneError, NotServableError
+from mmsearch.storage.fsnames import json_safe
+from mmsearch.storage.roots import recorded_roots, servable_path
 from mmsearch.search.query import Searcher
 from mmsearch.serve.errors import ApiError
 from mmsearch.storage.shared import ServingStore  # noqa: F401  (its home was here: imports of it keep working)
 from mmsearch.serve.thumbs import ThumbCache
-
-
-def inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+from mmsearch.serve.uploads import UploadSlots
 
 
 class FileRules:
@@ -32,26 +34,26 @@ class FileRules:
         raise NotImplementedError
 
     def servable_path(self, row: dict) -> str:
-        """The stored path of a row, if it may be read: it still exists as a regular file and, with
-        symlinks resolved, lies inside a folder the indexer was given (for an index written before
-        roots were recorded: inside its own folder). Never a path taken from the request."""
-        path = row["path"]
-        roots = self.roots() or [os.path.dirname(path)]
-        if not any(inside(path, r) for r in roots):
-            raise ApiError(403, f"image {row['id']} is outside the indexed folders")
-        real = os.path.realpath(path)
-        if not any(inside(real, os.path.realpath(r)) for r in roots):
-            raise ApiError(403, f"image {row['id']} resolves outside the indexed folders (symlink)")
-        if not os.path.isfile(real):
-            raise ApiError(410, f"image {row['id']} is gone from disk (moved or deleted); re-run `mmsearch index`")
-        return real
+        """The real path of a row's file if it may be read (storage/roots.py decides, from the roots the
+        index recorded); 403 or 410 otherwise. Never a path taken from the request."""
+        try:
+            return servable_path(row["path"], self.roots(), what=f"image {row['id']}")
+        except FileGoneError as exc:
+            raise ApiError(410, str(exc)) from None
+        except NotServableError as exc:
+            raise ApiError(403, str(exc)) from None
 
     def describe(self, row: dict) -> dict:
         """Metadata of one row, as the API shows it."""
         i = row["id"]
-        return dict(id=i, path=row["path"], name=os.path.basename(row["path"]), folder=os.path.dirname(row["path"]),
-                    size=row["size"], mtime=row["mtime_ns"] / 1e9, taken_at=row["taken_at"], width=row["width"],
-                    height=row["height"], ext=row["ext"], thumbnail=thumb_url(row), file=f"/api/images/{i}/file")
+        return json_safe(dict(  # a file name that is not UTF-8 is shown readably (fsnames.json_safe)
+            id=i, path=row["path"], name=os.path.basename(row["path"]), folder=os.path.dirname(row["path"]),
+            size=row["size"], mtime=row["mtime_ns"] / 1e9, taken_at=row["taken_at"], width=row["width"],
+            height=row["height"], ext=row["ext"], thumbnail=thumb_url(row), file=f"/api/images/{i}/file"))
+
+    def image_size(self) -> int:
+        """The image tower's input side: uploads are draft-decoded to the smallest scale at least this."""
+        return int(self.store.meta.get("image_size") or 256)
 
 
 class ServeState(FileRules):
@@ -63,9 +65,9 @@ class ServeState(FileRules):
         self.searcher = Searcher(self.store, allow_paths=False)
         self.thumbs = ThumbCache(self.store.dir)
         self.max_upload_bytes = max_upload_bytes
-        self.embed_lock = threading.Lock()  # uploads embed one at a time: bounded CPU and memory
+        self.upload_slots = UploadSlots()  # uploads decoded (and held) at once: bounded memory
+        self.embed_lock = threading.Lock()  # uploads embed one at a time: bounded CPU
         self._folders: tuple = (None, [])
-        self._roots: tuple = (None, [])
 
     # ---- what the info routes show ----------------------------------------------------------------
     def info(self) -> dict:
@@ -99,17 +101,16 @@ class ServeState(FileRules):
         return row
 
     def roots(self) -> list[str]:
-        gen = self.store.catalog.generation()
-        if self._roots[0] != gen:  # the indexer records new roots in the same run that bumps the generation
-            self._roots = (gen, list(self.store.catalog.meta().get("roots") or []))
-        return self._roots[1]
+        """The folders the index records, read at each call (one small row): an `index` run or an import
+        that only adds a root bumps no generation, and a server must see it at once."""
+        row = self.store.catalog.conn.execute("SELECT value FROM meta WHERE key='roots'").fetchone()
+        return recorded_roots({"roots": json.loads(row[0])} if row else {})
 
     def folders(self, limit: int = 500) -> list[str]:
         """Folders holding indexed images (for the page's folder filter), cached per catalog generation."""
         gen = self.store.catalog.generation()
         if self._folders[0] != gen:
-            seen = {os.path.dirname(p) for (p,) in self.store.catalog.conn.execute("SELECT path FROM images")}
-            self._folders = (gen, sorted(seen)[:limit])
+            self._folders = (gen, self.store.catalog.folders()[:limit])
         return self._folders[1]
 
 

@@ -5,7 +5,9 @@ indexed image with its embedding (float32 blob) and optional re-ranker tokens (f
 failures of the last runs, and the text corpus for image->text search.
 
 Reads use the stdlib sqlite3 connection directly, so a query does not pay for importing
-sqlite-utils; schema creation and writes go through sqlite-utils.
+sqlite-utils; schema creation and writes go through sqlite-utils. Paths are stored as the exact bytes
+of their names (fsnames.py: names that are not UTF-8 too); dbfile.py opens the file (read-only folders
+included) and turns SQLite's corruption and read-only errors into typed errors on every method.
 """
 from __future__ import annotations
 
@@ -21,17 +23,25 @@ import numpy as np
 
 from mmsearch.config import SCHEMA_VERSION
 from mmsearch.errors import IndexNotFoundError, IndexVersionError
-from mmsearch.storage.schema import (CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, from_blobs,  # noqa: F401
-                                     sqlite_utils_without_pandas, to_blob)
+from mmsearch.storage import dbfile
+from mmsearch.storage.failures import FailureRows
+from mmsearch.storage.fsnames import display, from_db, to_db
+from mmsearch.storage.schema import (CATALOG_NAME, MIGRATIONS, PAGE_SIZE, SCHEMA, check_finite,  # noqa: F401
+                                     from_blobs, sqlite_utils_without_pandas, to_blob)
 from mmsearch.storage.texts import TextRows
 
-class Catalog(TextRows):
+_ROW_KEYS = ("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext")
+
+
+@dbfile.typed_errors
+class Catalog(TextRows, FailureRows):
     """One index's SQLite catalog. Create with `Catalog.create`, open with `Catalog.open`."""
 
-    def __init__(self, directory: Path, conn: sqlite3.Connection):
+    def __init__(self, directory: Path, conn, readonly: bool = False):
         self.dir = Path(directory)
         self.path = self.dir / CATALOG_NAME
         self.conn = conn
+        self.readonly = readonly  # opened read-only (asked for, or a folder this process cannot write)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @staticmethod
@@ -39,23 +49,13 @@ class Catalog(TextRows):
         return (Path(directory) / CATALOG_NAME).is_file()
 
     @classmethod
-    def _connect(cls, path: Path, readonly: bool, threads: bool = False,
-                 page_size: Optional[int] = None) -> sqlite3.Connection:
-        if readonly:  # threads: one read-only connection shared by a server's worker threads (SQLite serialises)
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=not threads)
-        else:
-            conn = sqlite3.connect(str(path), timeout=30)
-            if page_size:  # only takes effect on a new, empty file
-                conn.execute(f"PRAGMA page_size={int(page_size)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
-
-    @classmethod
     def create(cls, directory, meta: dict) -> "Catalog":
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        conn = cls._connect(directory / CATALOG_NAME, readonly=False, page_size=PAGE_SIZE)
+        try:
+            conn, _ = dbfile.connect(directory / CATALOG_NAME, readonly=False, page_size=PAGE_SIZE)
+        except sqlite3.DatabaseError as exc:
+            dbfile.raise_typed(exc, directory / CATALOG_NAME)
         cat = cls(directory, conn)
         with conn:
             conn.executescript(SCHEMA)
@@ -70,16 +70,19 @@ class Catalog(TextRows):
             raise IndexNotFoundError(
                 f"no index at {directory} (run `mmsearch index FOLDER --index {directory}` first)")
         try:
-            conn = cls._connect(path, readonly=readonly, threads=threads and readonly)
+            conn, readonly = dbfile.connect(path, readonly=readonly, threads=threads)
             rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
+            err = dbfile.typed(exc, path)
+            if err is not None:
+                raise err from exc
             raise IndexVersionError(f"{path} is not an mmsearch catalog ({exc})") from exc
         version = json.loads(rows.get("schema_version", "null"))
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise IndexVersionError(
                 f"{directory} was written by a newer or unknown mmsearch (schema {version}, this one reads "
                 f"up to {SCHEMA_VERSION}); upgrade mmsearch or re-index into a new folder")
-        cat = cls(directory, conn)
+        cat = cls(directory, conn, readonly=readonly)
         if version < SCHEMA_VERSION and not readonly:
             cat._migrate(version)
         if not readonly:
@@ -114,11 +117,19 @@ class Catalog(TextRows):
     def close(self) -> None:
         self.conn.close()
 
+    def check_integrity(self) -> None:
+        """CatalogCorruptError if the file is damaged (PRAGMA quick_check: one read of every page; writers
+        run it when they take the index, so a damaged catalog is refused before it is written further)."""
+        dbfile.quick_check(self.conn, self.path)
+
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self):
         """One atomic unit of work (a batch): everything in it lands or nothing does."""
-        with self.conn:
-            yield self.conn
+        try:
+            with self.conn:
+                yield self.conn
+        except sqlite3.DatabaseError as exc:  # the commit, or a statement run on the connection
+            dbfile.raise_typed(exc, self.path)
 
     # ---- meta ---------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -130,6 +141,9 @@ class Catalog(TextRows):
     def generation(self) -> int:
         row = self.conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
         return int(json.loads(row[0])) if row else 0
+
+    def delete_meta(self, key: str) -> None:
+        self.conn.execute("DELETE FROM meta WHERE key=?", (key,))
 
     def bump_generation(self) -> int:
         """Called inside a transaction that changed image vectors; the FAISS cache records this number."""
@@ -148,24 +162,33 @@ class Catalog(TextRows):
     def max_image_id(self) -> int:
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()[0]
 
+    def image_ids(self) -> np.ndarray:
+        """Every image id, ascending (from the table's own b-tree of row ids: 8 bytes an image)."""
+        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
+
     def image_states(self) -> dict[str, tuple]:
         """path -> (id, size, mtime_ns, quick_hash), for the incremental diff."""
-        return {r[0]: r[1:] for r in self.conn.execute("SELECT path, id, size, mtime_ns, quick_hash FROM images")}
+        return {from_db(r[0]): r[1:] for r in self.conn.execute(
+            "SELECT CAST(path AS BLOB), id, size, mtime_ns, quick_hash FROM images")}
 
     def image_states_under(self, root: str) -> Iterator[tuple]:
-        """(path, id, size, mtime_ns, quick_hash) of the images at or under `root`, ascending by path,
-        streamed from the covering index: the incremental diff never holds the whole catalog."""
+        """(path bytes, id, size, mtime_ns, quick_hash) of the images at or under `root`, ascending by path,
+        streamed from the covering index: the incremental diff never holds the whole catalog. The path
+        comes as the stored bytes (fsnames.to_db): the merge with the walk compares bytes, decoding nothing."""
         root = root.rstrip("/") or "/"
-        prefix = root if root.endswith("/") else root + "/"
+        prefix = to_db(root if root.endswith("/") else root + "/")
         yield from self.conn.execute(
-            "SELECT path, id, size, mtime_ns, quick_hash FROM images INDEXED BY images_state "
-            "WHERE (path >= ? AND path < ?) OR path = ? ORDER BY path", (prefix, prefix[:-1] + "0", root))
+            "SELECT CAST(path AS BLOB), id, size, mtime_ns, quick_hash FROM images INDEXED BY images_state "
+            "WHERE (path >= CAST(? AS TEXT) AND path < CAST(? AS TEXT)) OR path = CAST(? AS TEXT) ORDER BY path",
+            (prefix, prefix[:-1] + b"0", to_db(root)))
 
     def insert_image(self, row: dict, embedding: np.ndarray, tokens: Optional[np.ndarray] = None) -> int:
+        check_finite(embedding, lambda _: display(row["path"]), "embedding")
         cols = dict(row, embedding=to_blob(embedding), indexed_at=time.time(),
                     tokens=None if tokens is None else to_blob(tokens, np.float16))
+        cols["path"] = to_db(cols["path"])
         keys = ", ".join(cols)
-        marks = ", ".join("?" for _ in cols)
+        marks = ", ".join("CAST(? AS TEXT)" if k == "path" else "?" for k in cols)
         updates = ", ".join(f"{k}=excluded.{k}" for k in cols if k != "path")
         cur = self.conn.execute(
             f"INSERT INTO images ({keys}) VALUES ({marks}) ON CONFLICT(path) DO UPDATE SET {updates} RETURNING id",
@@ -176,6 +199,7 @@ class Catalog(TextRows):
         """Bulk insert-or-update by path (imports). A row whose embedding changed loses its re-ranker
         tokens (they described the old pixels); missing size/mtime come from the file when it exists,
         so a later `index` of the same folder sees it unchanged."""
+        check_finite(embeddings, lambda j: display(rows[j]["path"]), "embedding")  # before a single row is written
         now = time.time()
         args = []
         for r, e in zip(rows, embeddings):
@@ -186,11 +210,11 @@ class Catalog(TextRows):
                     size, mtime = st.st_size, st.st_mtime_ns
                 except OSError:
                     size, mtime = size or 0, mtime or 0
-            args.append((r["path"], int(size), int(mtime), r.get("quick_hash"), r.get("width"), r.get("height"),
+            args.append((to_db(r["path"]), int(size), int(mtime), r.get("quick_hash"), r.get("width"), r.get("height"),
                          r.get("taken_at"), r.get("ext"), to_blob(e), now))
         self.conn.executemany(
             "INSERT INTO images (path, size, mtime_ns, quick_hash, width, height, taken_at, ext, embedding, "
-            "indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
+            "indexed_at) VALUES (CAST(? AS TEXT),?,?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET size=excluded.size, "
             "mtime_ns=excluded.mtime_ns, quick_hash=coalesce(excluded.quick_hash, quick_hash), "
             "width=coalesce(excluded.width, width), height=coalesce(excluded.height, height), "
             "taken_at=coalesce(excluded.taken_at, taken_at), ext=excluded.ext, "
@@ -198,7 +222,9 @@ class Catalog(TextRows):
             "embedding=excluded.embedding, indexed_at=excluded.indexed_at", args)
 
     def update_image(self, image_id: int, **fields) -> None:
-        sets = ", ".join(f"{k}=?" for k in fields)
+        if "path" in fields:
+            fields["path"] = to_db(fields["path"])
+        sets = ", ".join(f"{k}=CAST(? AS TEXT)" if k == "path" else f"{k}=?" for k in fields)
         self.conn.execute(f"UPDATE images SET {sets} WHERE id=?", [*fields.values(), image_id])
 
     def set_tokens(self, image_id: int, tokens: np.ndarray) -> None:
@@ -212,14 +238,29 @@ class Catalog(TextRows):
         out = {}
         for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
             chunk = ids[start:start + 900]
-            q = (f"SELECT id, path, size, mtime_ns, width, height, taken_at, ext FROM images "
+            q = (f"SELECT id, CAST(path AS BLOB), size, mtime_ns, width, height, taken_at, ext FROM images "
                  f"WHERE id IN ({','.join('?' * len(chunk))})")
             for r in self.conn.execute(q, chunk):
-                out[r[0]] = dict(zip(("id", "path", "size", "mtime_ns", "width", "height", "taken_at", "ext"), r))
+                out[r[0]] = dict(zip(_ROW_KEYS, r), path=from_db(r[1]))
         return out
 
+    def columns(self, ids: Iterable[int], names: Iterable[str]) -> dict[int, dict]:
+        """id -> {name: value} of these (non-path) columns, for exports."""
+        names, ids, out = list(names), [int(i) for i in ids], {}
+        for s in range(0, len(ids), 900):
+            chunk = ids[s:s + 900]
+            q = f"SELECT id, {', '.join(names)} FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+            for r in self.conn.execute(q, chunk):
+                out[r[0]] = dict(zip(names, r[1:]))
+        return out
+
+    def folders(self) -> list[str]:
+        """The folders holding indexed images, sorted."""
+        seen = {os.path.dirname(r[0]) for r in self.conn.execute("SELECT CAST(path AS BLOB) FROM images")}
+        return sorted(from_db(f) for f in seen)
+
     def id_for_path(self, path: str) -> Optional[int]:
-        row = self.conn.execute("SELECT id FROM images WHERE path=?", (path,)).fetchone()
+        row = self.conn.execute("SELECT id FROM images WHERE path=CAST(? AS TEXT)", (to_db(path),)).fetchone()
         return row[0] if row else None
 
     def embeddings(self, dim: int, ids: Optional[Iterable[int]] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -270,7 +311,8 @@ class Catalog(TextRows):
         return out
 
     def ids_missing_tokens(self) -> list[tuple[int, str]]:
-        return self.conn.execute("SELECT id, path FROM images WHERE tokens IS NULL ORDER BY id").fetchall()
+        return [(i, from_db(p)) for i, p in self.conn.execute(
+            "SELECT id, CAST(path AS BLOB) FROM images WHERE tokens IS NULL ORDER BY id")]
 
     def filtered_ids(self, under: Optional[str] = None, exts: Optional[list[str]] = None,
                      after: Optional[float] = None, before: Optional[float] = None) -> list[int]:
@@ -294,27 +336,6 @@ class Catalog(TextRows):
         ids = np.fromiter((r[0] for r in self.conn.execute(sql, args)), dtype=np.int64)
         return ids, excluded
 
-    # ---- failures -----------------------------------------------------------------------------
-    def failure_states(self) -> dict[str, tuple]:
-        return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT path, size, mtime_ns FROM failures")}
-
-    def failure_reasons(self) -> dict[str, str]:
-        return dict(self.conn.execute("SELECT path, reason FROM failures"))
-
-    def record_failure(self, path: str, size: Optional[int], mtime_ns: Optional[int], reason: str) -> None:
-        self.db["failures"].upsert(dict(path=path, size=size, mtime_ns=mtime_ns, reason=reason,
-                                        failed_at=time.time()), pk="path")
-
-    def clear_failures(self, paths: Iterable[str]) -> None:
-        self.conn.executemany("DELETE FROM failures WHERE path=?", [(p,) for p in paths])
-
-    def failures(self) -> list[dict]:
-        cur = self.conn.execute("SELECT path, reason, size, mtime_ns, failed_at FROM failures ORDER BY path")
-        return [dict(zip(("path", "reason", "size", "mtime_ns", "failed_at"), r)) for r in cur]
-
-    def count_failures(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM failures").fetchone()[0]
-
     def bytes_on_disk(self) -> int:
         """Everything the index keeps: catalog (+ WAL), vector caches and the exported text tower."""
         return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
@@ -325,9 +346,9 @@ def _filter_sql(under: Optional[str], exts: Optional[list[str]], after: Optional
     """The WHERE clause of the metadata filters ('' when none), each on an index of its own."""
     where, args = [], []
     if under:  # a range on the path index ('/' + 1 == '0'), not a scan of every row
-        prefix = under.rstrip("/") + "/"
-        where.append("((path >= ? AND path < ?) OR path = ?)")
-        args += [prefix, prefix[:-1] + "0", under.rstrip("/")]
+        prefix = to_db(under.rstrip("/") + "/")
+        where.append("((path >= CAST(? AS TEXT) AND path < CAST(? AS TEXT)) OR path = CAST(? AS TEXT))")
+        args += [prefix, prefix[:-1] + b"0", to_db(under.rstrip("/"))]
     if exts:
         where.append(f"ext IN ({','.join('?' * len(exts))})")
         args += exts

@@ -1,13 +1,16 @@
 """Embedding import/export in clip-retrieval's inference layout, plus our model record.
 
     OUT/img_emb/img_emb_0.npy          float32 (or float16) [n, d], L2-normalised, row i = metadata row i
-    OUT/metadata/metadata_0.parquet    image_path + the catalog's columns (size, mtime_ns, width, ...)
+    OUT/metadata/metadata_0.parquet    image_path + the catalog's columns (size, mtime_ns, width, ...);
+                                       image_path_bytes: the exact name where it is not UTF-8 (else null)
     OUT/mmsearch_model.json            model spec, arch, fingerprint, dim: what import checks
 
 Shards written by clip-retrieval (`clip-retrieval inference`, output_format files or webdataset) import
 too: their metadata names an image by `image_path`, else `url`, else `key`. They carry no model record,
 so the importer must name the model the index was built with (`expected_model`); the dimension is
-always checked. Any mismatch is refused before a single row is written.
+always checked. Any mismatch, and any vector holding NaN or infinity, is refused before a single row
+is written. A shard's paths are only words: a server reads none of them unless they lie inside a folder
+the importer named (`roots`).
 """
 from __future__ import annotations
 
@@ -15,11 +18,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from mmsearch.errors import DatasetError, ModelMismatchError
+from mmsearch.storage.fsnames import display, from_db, is_exact, to_db
+from mmsearch.storage.roots import is_under_roots, normalise_roots, record_roots, recorded_roots
+from mmsearch.storage.schema import check_finite
 
 MODEL_RECORD = "mmsearch_model.json"
 _RECORD_KEYS = ("model", "arch", "fingerprint", "dim", "image_size", "text_width", "vision_width")
@@ -54,8 +60,11 @@ def export_embeddings(store, out, shard_size: int = 100_000, float16: bool = Fal
     done = 0
     for ids, emb in cat.iter_embeddings(store.dim, chunk=shard_size):
         rows = cat.rows(ids)
-        cols = {"image_path": [rows[i]["path"] for i in ids.tolist()], "id": ids}
-        extra = _row_extras(cat, ids)
+        paths = [rows[i]["path"] for i in ids.tolist()]
+        cols = {"image_path": [display(p) for p in paths], "id": ids}
+        if not all(is_exact(p) for p in paths):  # parquet strings are UTF-8: the exact bytes go beside them
+            cols["image_path_bytes"] = pa.array([None if is_exact(p) else to_db(p) for p in paths], pa.binary())
+        extra = cat.columns(ids, _ROW_COLUMNS)
         for c in _ROW_COLUMNS:
             cols[c] = [extra[i].get(c) for i in ids.tolist()]
         np.save(out / "img_emb" / f"img_emb_{shard}.npy", emb.astype(np.float16 if float16 else np.float32))
@@ -67,17 +76,6 @@ def export_embeddings(store, out, shard_size: int = 100_000, float16: bool = Fal
     (out / MODEL_RECORD).write_text(json.dumps(model_record(store), indent=1))
     return {"images": done, "shards": shard, "dim": store.dim, "dtype": "float16" if float16 else "float32",
             "out": str(out)}
-
-
-def _row_extras(cat, ids: np.ndarray) -> dict:
-    out = {}
-    idl = ids.tolist()
-    for s in range(0, len(idl), 900):
-        chunk = idl[s:s + 900]
-        q = (f"SELECT id, {', '.join(_ROW_COLUMNS)} FROM images WHERE id IN ({','.join('?' * len(chunk))})")
-        for r in cat.conn.execute(q, chunk):
-            out[r[0]] = dict(zip(_ROW_COLUMNS, r[1:]))
-    return out
 
 
 def _shards(src: Path) -> list[tuple[Path, Path]]:
@@ -106,7 +104,8 @@ def read_record(src) -> Optional[dict]:
 
 def check_compatible(store, src, expected_model=None) -> list[tuple[Path, Path, int]]:
     """Every shard's (embedding file, metadata file, rows), after checking dimension and model against
-    the index. Reads headers only (memory-mapped), so a refused import has touched nothing."""
+    the index and that every vector is finite. Reads the shards memory-mapped and writes nothing, so a
+    refused import has touched nothing."""
     pa = _pyarrow()
     src = Path(src)
     record = read_record(src)
@@ -132,8 +131,18 @@ def check_compatible(store, src, expected_model=None) -> list[tuple[Path, Path, 
         rows = pa.parquet.ParquetFile(meta_path).metadata.num_rows
         if rows != arr.shape[0]:
             raise DatasetError(f"{meta_path} has {rows} rows for {arr.shape[0]} vectors; nothing was imported")
+        for s in range(0, len(arr), 50_000):
+            check_finite(arr[s:s + 50_000], lambda j, s=s: f"{emb_path} row {s + j} ({_shard_path(meta_path, s + j)})",
+                         "embedding")
         out.append((emb_path, meta_path, rows))
     return out
+
+
+def _shard_path(meta_path: Path, row: int) -> str:
+    """The image a shard's row names, for a message."""
+    table = _pyarrow().parquet.read_table(meta_path)
+    col = next((c for c in _PATH_COLUMNS if c in table.column_names), None)
+    return "no path" if col is None else display(str(table.column(col)[row].as_py()))
 
 
 def _names_model(spec, store) -> bool:
@@ -142,13 +151,32 @@ def _names_model(spec, store) -> bool:
     return same_model(spec.normalised(), store.spec)
 
 
-def import_embeddings(store, src, expected_model=None, batch: int = 50_000, progress: Progress = None) -> dict:
+def import_embeddings(store, src, expected_model=None, batch: int = 50_000, progress: Progress = None,
+                      roots: Sequence = ()) -> dict:
     """Upsert every shard row into the catalog (by path: a re-import updates, never duplicates), then
-    rebuild the vector index from the stored embeddings. Refused, changing nothing, on a model mismatch."""
+    rebuild the vector index from the stored embeddings. Refused, changing nothing, on a model mismatch
+    or a vector that is not finite. Holds the index's writer lock.
+
+    `roots`: folders of this machine the imported files may be served from (storage/roots.py), added to
+    the index's recorded roots. A shard's paths are anyone's words: with no root, a server serves none of
+    them. `unservable` in the result counts imported rows outside every recorded root."""
+    with store.writing():
+        return _import(store, src, expected_model, batch, progress, roots)
+
+
+def _import(store, src, expected_model, batch: int, progress: Progress, roots: Sequence) -> dict:
     pa = _pyarrow()
+    roots = normalise_roots(roots)
+    missing = [r for r in roots if not os.path.isdir(r)]
+    if missing:
+        raise DatasetError(f"root {missing[0]} is not a folder on this machine; nothing was imported")
     shards = check_compatible(store, src, expected_model)
     total = sum(n for *_, n in shards)
-    cat, done = store.catalog, 0
+    cat, done, unservable = store.catalog, 0, 0
+    if roots:
+        with cat.transaction():
+            record_roots(cat, roots)
+    served = recorded_roots(cat.meta())
     for emb_path, meta_path, _ in shards:
         table = pa.parquet.read_table(meta_path)
         names = table.column_names
@@ -156,6 +184,8 @@ def import_embeddings(store, src, expected_model=None, batch: int = 50_000, prog
         if col is None:
             raise DatasetError(f"{meta_path} names no image (looked for {', '.join(_PATH_COLUMNS)})")
         paths = [str(p) for p in table.column(col).to_pylist()]
+        if "image_path_bytes" in names:  # names that are not UTF-8, exported byte for byte
+            paths = [p if b is None else from_db(b) for p, b in zip(paths, table.column("image_path_bytes").to_pylist())]
         extras = {c: table.column(c).to_pylist() for c in _ROW_COLUMNS if c in names}
         emb = np.load(emb_path, mmap_mode="r")
         for s in range(0, len(paths), batch):
@@ -168,6 +198,7 @@ def import_embeddings(store, src, expected_model=None, batch: int = 50_000, prog
                 r = {c: extras[c][s + j] for c in extras}
                 r.setdefault("ext", os.path.splitext(p)[1].lower())
                 rows.append(dict(r, path=p))
+                unservable += not is_under_roots(p, served)
             with cat.transaction():
                 cat.upsert_images(rows, vecs)
                 cat.bump_generation()
@@ -176,7 +207,7 @@ def import_embeddings(store, src, expected_model=None, batch: int = 50_000, prog
                 progress(done, total, stage="import")
     store.save_vectors(_Rebuild(), progress=progress)
     return {"imported": done, "shards": len(shards), "images": cat.count_images(),
-            "structure": (store.ann_info() or {}).get("structure")}
+            "structure": (store.ann_info() or {}).get("structure"), "roots": served, "unservable": unservable}
 
 
 class _Rebuild:
@@ -189,11 +220,19 @@ def open_for_import(index_dir, src, spec=None, max_index_memory=None):
     """The index to import into: an existing one, or a new one for the shards' recorded model (or `spec`).
     A new index loads that model once to check its fingerprint against the record."""
     from mmsearch.storage.catalog import Catalog
-    from mmsearch.config import ModelSpec
+    from mmsearch.storage.lock import writer_lock
     from mmsearch.storage.store import IndexStore
 
     if Catalog.exists(index_dir):
         return IndexStore.open(index_dir)
+    with writer_lock(index_dir):
+        return _create_for_import(index_dir, src, spec, max_index_memory)
+
+
+def _create_for_import(index_dir, src, spec, max_index_memory):
+    from mmsearch.config import ModelSpec
+    from mmsearch.storage.store import IndexStore
+
     record = read_record(src)
     if spec is None and record is None:
         raise ModelMismatchError(f"{src} has no {MODEL_RECORD}: name the model it was computed with "

@@ -1,9 +1,11 @@
 """The catalog's schema, its ordered migrations, and how vectors are stored in it (blobs)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
+
+from mmsearch.errors import NonFiniteVectorError
 
 CATALOG_NAME = "catalog.db"
 # A 512-d float32 embedding makes an image row ~2.2 KB: with SQLite's default 4 KB pages only one row
@@ -53,6 +55,25 @@ CREATE TABLE IF NOT EXISTS texts (
     added_at REAL
 );
 """
+
+
+def non_finite_rows(vectors) -> np.ndarray:
+    """Row numbers of `vectors` ([n, d], or one [d] vector as row 0) holding NaN or +-inf."""
+    arr = np.asarray(vectors)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    return np.flatnonzero(~np.isfinite(arr).all(axis=1))
+
+
+def check_finite(vectors, name_row: Optional[Callable[[int], str]] = None, what: str = "vector") -> None:
+    """The one check every door for vectors uses (imports, the catalog's inserts, query and upload
+    embeddings, query weights): NonFiniteVectorError naming the first bad row, else nothing."""
+    bad = non_finite_rows(vectors)
+    if len(bad):
+        row = int(bad[0])
+        where = name_row(row) if name_row else f"row {row}"
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise NonFiniteVectorError(f"{where}: the {what} holds NaN or infinity{more}; refused")
 
 
 def to_blob(vec: np.ndarray, dtype=np.float32) -> bytes:

@@ -6,6 +6,8 @@ tower only; torch and open_clip load when something must be embedded by the real
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +17,7 @@ from mmsearch.config import VERSION
 from mmsearch.storage.catalog import Catalog
 from mmsearch.config import DEFAULT_FACTORY, ModelSpec, same_model
 from mmsearch.errors import EmptyIndexError, ModelMismatchError, UnknownModelError, VectorIndexError
+from mmsearch.storage.lock import may_write_caches, writer_lock
 from mmsearch.towers.choice import TowerChoice
 from mmsearch.towers.devices import PRECISIONS
 
@@ -114,6 +117,15 @@ class IndexStore(TowerChoice):
 
             towercache.save(self.spec, self.meta, self.dir)
 
+    @contextmanager
+    def writing(self):
+        """Hold this index's writer lock (mmsearch.storage.lock) for a change; the outermost hold checks the
+        catalog's integrity first, so a damaged catalog is refused before anything is written to it."""
+        with writer_lock(self.dir, create=False) as outer:
+            if outer:
+                self.catalog.check_integrity()
+            yield
+
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec.from_dict(self.meta["model"])
@@ -152,14 +164,14 @@ class IndexStore(TowerChoice):
                 f"re-ranker {path} was trained for encoder weights {rr.encoder_fingerprint}, but index {self.dir} "
                 f"uses {self.meta['fingerprint']} ({self.spec.describe()})")
         info = {"path": os.path.abspath(path), "token_grid": int(rr.token_grid)}
-        with self.catalog.transaction():
+        with self.writing(), self.catalog.transaction():
             self.catalog.set_meta(reranker=info)
         self.meta["reranker"] = info
         self._reranker = rr
 
     def disable_reranker(self) -> None:
-        with self.catalog.transaction():
-            self.catalog.conn.execute("DELETE FROM meta WHERE key='reranker'")
+        with self.writing(), self.catalog.transaction():
+            self.catalog.delete_meta("reranker")
         self.meta.pop("reranker", None)
         self._reranker = None
 
@@ -189,15 +201,21 @@ class IndexStore(TowerChoice):
                                 text_vectors=texts, progress=progress)
         return index, info
 
-    def _save_built(self, index, info: dict) -> None:
-        gen = self.catalog.generation()
+    def _save_built(self, index, info: dict, gen: Optional[int] = None) -> None:
+        """Save a built image index labelled `gen` (read before its rows were), by a writer, or by a reader
+        while no writer holds the index (else the reader's rebuild is used from memory only)."""
+        from mmsearch.errors import MmsearchError
+
+        if not may_write_caches(self.dir):
+            return
+        gen = self.catalog.generation() if gen is None else gen
         index.save(self.dir / IMAGE_VECTORS, gen, extra={"ann": info})
         info["bytes_per_vector"] = round((self.dir / IMAGE_VECTORS).stat().st_size / max(1, index.ntotal), 1)
         self.meta["ann"] = info
         try:
             with self.catalog.transaction():
                 self.catalog.set_meta(ann=info)
-        except Exception:  # sqlite3.OperationalError on a read-only catalog: the sidecar still has it
+        except (MmsearchError, sqlite3.Error):  # a read-only catalog: the sidecar still has it
             pass
 
     def vectors_fresh(self) -> bool:
@@ -205,6 +223,34 @@ class IndexStore(TowerChoice):
         from mmsearch.storage.vectors import VectorIndex
 
         return VectorIndex.is_fresh(self.dir / IMAGE_VECTORS, self.catalog.generation())
+
+    def vectors_complete(self) -> bool:
+        """The cheap half of `repair_vectors`: whether the FAISS file's sidecar counts as many vectors as the
+        catalog has images (a count, no file read)."""
+        from mmsearch.storage.vectors import VectorIndex
+
+        return VectorIndex.sidecar(self.dir / IMAGE_VECTORS).get("ntotal") == self.catalog.count_images()
+
+    def repair_vectors(self, pending: PendingVectors) -> int:
+        """Make the vector index hold exactly the catalog's ids: add the vectors of rows it lacks (from the
+        stored embeddings, no re-embedding) and drop ids the catalog no longer has. Counts first; the id
+        sets are compared only when the counts differ. Returns how many ids were added or dropped."""
+        import numpy as np
+
+        index = pending.index
+        if index is None or pending.needs_rebuild:
+            return 0  # rebuilt from the catalog anyway
+        if index.ntotal == self.catalog.count_images():
+            return 0
+        have, want = index.ids(), self.catalog.image_ids()
+        if len(np.unique(have)) != len(have):  # an id twice: only a rebuild makes it whole
+            pending.needs_rebuild = True
+            return int(abs(len(have) - len(want))) or 1
+        missing, extra = np.setdiff1d(want, have), np.setdiff1d(have, want)
+        for s in range(0, len(missing), 50_000):
+            pending.add(*self.catalog.embeddings(self.dim, missing[s:s + 50_000].tolist()))
+        pending.remove(extra.tolist())
+        return int(len(missing) + len(extra))
 
     def vectors_for_update(self) -> PendingVectors:
         from mmsearch.storage.vectors import VectorIndex
@@ -235,7 +281,7 @@ class IndexStore(TowerChoice):
         if index is None:
             index, info = self._build_image_vectors()
             try:
-                self._save_built(index, info)
+                self._save_built(index, info, gen)
             except OSError:
                 pass  # a read-only index still answers; the rebuild just is not kept
         self.attach_refine(index)
@@ -263,31 +309,40 @@ class IndexStore(TowerChoice):
 
         if self.catalog.count_images() == 0:
             raise EmptyIndexError(f"index {self.dir} has no images to build vectors from")
-        if max_index_memory is not None:
-            self.meta["max_index_memory"] = parse_size(max_index_memory)
-        index, info = self._build_image_vectors(factory, progress=progress)
-        with self.catalog.transaction():
-            self.catalog.set_meta(factory=factory, max_index_memory=self.max_index_memory)
-        self.meta["factory"] = factory
-        self._save_built(index, info)
+        with self.writing():
+            if max_index_memory is not None:
+                self.meta["max_index_memory"] = parse_size(max_index_memory)
+            index, info = self._build_image_vectors(factory, progress=progress)
+            with self.catalog.transaction():
+                self.catalog.set_meta(factory=factory, max_index_memory=self.max_index_memory)
+            self.meta["factory"] = factory
+            self._save_built(index, info)
         return index.ntotal
 
     def text_vectors(self):
+        """The corpus's vector index, following the catalog's text generation on every call (one read of the
+        meta), as image_vectors follows the image generation: texts added while a server runs are searched."""
         from mmsearch.storage.vectors import VectorIndex
 
-        gen = int(self.meta.get("text_generation", 0))
+        gen = self.catalog.text_generation()
+        cached = getattr(self, "_text_vectors", None)
+        if cached is not None and cached[0] == gen:
+            return cached[1]
         index = VectorIndex.load(self.dir / TEXT_VECTORS, gen)
         if index is None:
-            ids, emb = self.catalog.text_embeddings(self.dim)
+            gen, ids, emb = self.catalog.text_snapshot(self.dim)  # the label is the generation of these rows
             index = VectorIndex.build("Flat", self.dim, ids, emb)
-            try:
-                index.save(self.dir / TEXT_VECTORS, gen)
-            except OSError:
-                pass
+            if may_write_caches(self.dir):
+                try:
+                    index.save(self.dir / TEXT_VECTORS, gen)
+                except OSError:
+                    pass  # a read-only index: used from memory
+        self.meta["text_generation"] = gen
+        self._text_vectors = (gen, index)
         return index
 
     def bump_text_generation(self) -> None:
-        gen = int(self.catalog.meta().get("text_generation", 0)) + 1
+        gen = self.catalog.text_generation() + 1
         self.catalog.set_meta(text_generation=gen)
         self.meta["text_generation"] = gen
 

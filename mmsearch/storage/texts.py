@@ -4,12 +4,13 @@ A mixin of Catalog: it uses the catalog's connection (`self.conn`) and its trans
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Iterable, Optional
 
 import numpy as np
 
-from mmsearch.storage.schema import from_blobs, to_blob
+from mmsearch.storage.schema import check_finite, from_blobs, to_blob
 
 
 class TextRows:
@@ -20,6 +21,7 @@ class TextRows:
         return {r[0] for r in self.conn.execute("SELECT text FROM texts")}
 
     def insert_text(self, text: str, embedding: np.ndarray, states: Optional[np.ndarray] = None) -> int:
+        check_finite(embedding, lambda _: f"text {text[:60]!r}", "embedding")
         cur = self.conn.execute(
             "INSERT INTO texts(text, embedding, states, state_len, added_at) VALUES (?,?,?,?,?) RETURNING id",
             (text, to_blob(embedding), None if states is None else to_blob(states, np.float16),
@@ -35,6 +37,22 @@ class TextRows:
         if like:
             q, args = q + " WHERE text LIKE ?", [f"%{like}%"]
         return [dict(id=r[0], text=r[1]) for r in self.conn.execute(q + " ORDER BY id", args)]
+
+    def text_generation(self) -> int:
+        """Bumped by every change of the corpus; the text vector cache records it (one indexed read)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key='text_generation'").fetchone()
+        return int(json.loads(row[0])) if row else 0
+
+    def text_snapshot(self, dim: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(text generation, ids, embeddings) where the vectors are those of that generation: the generation is
+        read before and after (each commit of the corpus bumps it), so a change in between is seen and retried.
+        No explicit transaction: a server's threads share one connection."""
+        for _ in range(3):
+            gen = self.text_generation()
+            ids, emb = self.text_embeddings(dim)
+            if self.text_generation() == gen:
+                break
+        return gen, ids, emb  # still moving: labelled with the older generation, so it is rebuilt next time
 
     def text_embeddings(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
         pairs = self.conn.execute("SELECT id, embedding FROM texts ORDER BY id").fetchall()

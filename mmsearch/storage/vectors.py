@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -17,8 +18,13 @@ import numpy as np
 from mmsearch.errors import VectorIndexError
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name of its own per writer: two processes saving at once never share a half-written file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = _tmp_name(path)
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 
@@ -206,6 +212,17 @@ class VectorIndex:
             lims = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
             return lims, scores[keep], ids[keep]
 
+    def ids(self) -> np.ndarray:
+        """Every id the index holds (unsorted, duplicates kept), read from its id map or inverted lists."""
+        index = faiss.downcast_index(self.index)
+        if isinstance(index, faiss.IndexIDMap):
+            return faiss.vector_to_array(index.id_map).astype(np.int64)
+        from faiss.contrib.inspect_tools import get_invlist
+
+        invlists = faiss.extract_index_ivf(index).invlists
+        parts = [get_invlist(invlists, lst)[0] for lst in range(invlists.nlist) if invlists.list_size(lst)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
     def reconstruct(self, image_id: int) -> np.ndarray:
         return self.index.reconstruct(int(image_id))
 
@@ -216,9 +233,16 @@ class VectorIndex:
     # ---- persistence --------------------------------------------------------------------------
     def save(self, path: Path, generation: int, extra: Optional[dict] = None) -> None:
         path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, path)
+        tmp = _tmp_name(path)
+        try:
+            faiss.write_index(self.index, str(tmp))
+            os.replace(tmp, path)
+        except RuntimeError as exc:  # FAISS's own I/O errors (a read-only folder, a full disk)
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         _atomic_write_json(path.with_suffix(".json"), {
             "generation": generation, "factory": self.factory, "ntotal": self.ntotal, "params": self.params,
             **(extra or {})})

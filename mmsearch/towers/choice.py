@@ -11,7 +11,7 @@ import os
 import sqlite3
 from typing import Optional
 
-from mmsearch.errors import ModelMismatchError, UnknownModelError
+from mmsearch.errors import IndexReadOnlyError, ModelMismatchError, UnknownModelError
 
 
 class TowerChoice:
@@ -129,7 +129,8 @@ class TowerChoice:
             with self.catalog.transaction():
                 self.catalog.set_meta(text_path=record)
             self.meta["text_path"] = record
-        except (OSError, sqlite3.Error):  # a read-only catalog keeps answering; the record is an optimisation
+        except (OSError, sqlite3.Error, IndexReadOnlyError):  # a read-only catalog keeps answering; the record
+            # is an optimisation
             pass
 
 

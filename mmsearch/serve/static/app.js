@@ -11,7 +11,7 @@ let info = null;
 let lastFocus = null;
 
 function blank() {
-  return { q: "", ids: [], folder: "", ext: "", after: "", before: "", rerank: null, upload: null };
+  return { q: "", ids: [], folder: "", ext: "", after: "", until: "", rerank: null, upload: null };
 }
 
 // ---- query terms: the same grammar as the CLI ("2:dog + beach - people") ----------------------
@@ -45,7 +45,7 @@ function stateFromURL() {
   const s = blank();
   s.q = p.get("q") || "";
   s.ids = p.getAll("id").map(Number).filter((n) => Number.isInteger(n) && n >= 0);
-  for (const k of ["folder", "ext", "after", "before"]) s[k] = p.get(k) || "";
+  for (const k of ["folder", "ext", "after", "until"]) s[k] = p.get(k) || "";
   s.rerank = p.has("rerank") ? p.get("rerank") === "1" : null;
   const key = history.state && history.state.upload;
   s.upload = key && uploads.has(key) ? key : null;
@@ -56,7 +56,7 @@ function queryString(s, extra) {
   const p = new URLSearchParams();
   if (s.q) p.set("q", s.q);
   for (const i of s.ids) p.append("id", i);
-  for (const k of ["folder", "ext", "after", "before"]) if (s[k]) p.set(k, s[k]);
+  for (const k of ["folder", "ext", "after", "until"]) if (s[k]) p.set(k, s[k]);
   if (s.rerank !== null) p.set("rerank", s.rerank ? "1" : "0");
   for (const [k, v] of Object.entries(extra || {})) p.set(k, v);
   return p.toString();
@@ -79,7 +79,7 @@ function showState() {
   $("folder").value = state.folder;
   $("ext").value = state.ext;
   $("after").value = state.after;
-  $("before").value = state.before;
+  $("until").value = state.until;
   $("rerank").checked = state.rerank !== false;
   renderChips();
 }
@@ -263,7 +263,7 @@ function bytes(n) {
 }
 
 function filtersOf(s) {
-  return { folder: s.folder, ext: s.ext, after: s.after, before: s.before, rerank: s.rerank };
+  return { folder: s.folder, ext: s.ext, after: s.after, until: s.until, rerank: s.rerank };
 }
 
 // ---- image queries: picker, drop, paste -----------------------------------------------------------
@@ -310,7 +310,7 @@ function wire() {
     f.hidden = !f.hidden;
     $("toggle-filters").setAttribute("aria-expanded", String(!f.hidden));
   });
-  for (const id of ["folder", "ext", "after", "before"]) {
+  for (const id of ["folder", "ext", "after", "until"]) {
     $(id).addEventListener("change", () => {
       const next = Object.assign({}, state, { [id]: $(id).value.trim() });
       hasQuery(next) ? go(next) : (state = next);
@@ -344,7 +344,7 @@ async function loadInfo() {
   }
   sel.value = state.folder;
   $("rerank-wrap").hidden = !info.rerank_available;
-  if (state.folder || state.ext || state.after || state.before) $("filters").hidden = false;
+  if (state.folder || state.ext || state.after || state.until) $("filters").hidden = false;
 }
 
 wire();

@@ -165,9 +165,12 @@ def _evaluate(row, index, qi, qt, gi, gt, work: Path, ids_offset: int = 0) -> di
 
 
 def structures_for(n: int) -> list[tuple[str, str]]:
-    auto = ann.plan(n, 512).factory
+    p = ann.plan(n, 512)
+    auto = p.factory
     nlist = ann._nlist_of(auto) or 1024
-    out = [("Flat", "Flat"), (f"auto = {auto}", auto)]
+    # past PQ_FROM auto is the coarse-code tier, measured with its catalog by coarse_tier(); Flat at 10M is
+    # 20 GB and seconds a query
+    out = ([] if n > 2_000_000 else [("Flat", "Flat")]) + ([] if p.refine else [(f"auto = {auto}", auto)])
     if n <= 200_000:  # the alternatives, measured where they are affordable to build
         out += [(f"IVF{nlist},PQ64", f"IVF{nlist},PQ64"), (f"IVF{nlist},SQ4", f"IVF{nlist},SQ4"),
                 ("HNSW32", "HNSW32")]
@@ -269,7 +272,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--cli", action="store_true", help="Also time import, fresh-process search and dupes.")
-    ap.add_argument("--only", default=None, help="Comma-separated structure names to run (default: all for n).")
+    ap.add_argument("--only", default=None, help="Comma-separated structure names to run (default: all for n); "
+                                                 "'tier' is the 10M tier through a catalog.")
     ap.add_argument("--keep", action="store_true", help="Keep the work folder (index, shards) and say where.")
     ap.add_argument("--dupes", type=float, default=0.01, help="Share of images planted as near-duplicates.")
     args = ap.parse_args()
@@ -304,6 +308,9 @@ def main():
         row = measure(name, factory, x, qi, qt, gi, gt, work, stand_in)
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
+    if not wanted or "tier" in wanted:
+        result["tier"] = coarse_tier(x, qi, qt, gi, gt, work)
+        print(json.dumps(result["tier"]), flush=True)
     result["ten_million_on_paper"] = ten_million()
     result["machine"] = machine()
     print(render(result))
@@ -319,12 +326,100 @@ def main():
 def ten_million(n: int = 10_000_000, dim: int = 512) -> dict:
     p = ann.plan(n, dim)
     nlist = ann._nlist_of(p.factory)
-    return {"structure": p.factory, "codes_gb": round(n * dim / 1e9, 2), "ids_gb": round(n * 8 / 1e9, 2),
+    return {"structure": p.factory, "codes_gb": round(n * dim / 8 / 1e9, 2), "ids_gb": round(n * 8 / 1e9, 2),
             "quantizer_mb": round(nlist * dim * 4 / 1e6, 1), "bytes_per_vector": p.bytes_per_vector,
-            "ram_gb_in_memory": round(n * p.bytes_per_vector / 1e9, 2),
+            "ram_gb_in_memory": round(n * p.bytes_per_vector / 1e9, 2), "sq8_gb": round(n * (dim + 8) / 1e9, 2),
             "flat_gb": round(n * dim * 4 / 1e9, 1),
-            "mmap_note": "mapped read-only: resident = the quantizer + the lists a query probes "
-                         f"(nprobe x {n // nlist} vectors x {dim + 8} B per query), paged in by the OS"}
+            "refine_note": "candidates re-scored from the catalog's float32 embeddings (read per query, "
+                           f"refine x 10 rows): a float16 refine file would add {n * dim * 2 / 1e9:.1f} GB"}
+
+
+_TIER_FRESH = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+from mmsearch.storage.store import IndexStore
+store = IndexStore.open(sys.argv[1])
+index = store.image_vectors()
+q = np.load(sys.argv[2])[:1]
+scores, ids = index.search(q, 10)
+rows = store.catalog.rows(ids[0].tolist())
+t1 = time.perf_counter()
+print(json.dumps({"first_query_s": round(t1 - t0, 3), "rows": len(rows),
+                  "rss_mb": int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20}))
+"""
+
+_TIER_RSS = r"""
+import json, sys
+import faiss
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+r0 = rss()
+idx = faiss.read_index(sys.argv[1])
+print(json.dumps({"rss_load": rss() - r0, "ntotal": idx.ntotal}))
+"""
+
+
+def coarse_tier(x, qi, qt, gi, gt, work: Path) -> dict:
+    """The 10M tier through a real catalog (model-less, the vectors as rows), as `auto` builds it past
+    PQ_FROM: build, resident bytes per vector (a fresh process reading the FAISS file; the catalog, read
+    for re-scoring, is not resident), recall@10 with the catalog re-scoring, warm p50/p99, a fresh
+    process's first query, and the disk bytes per image of the whole index."""
+    import faiss
+
+    from mmsearch.storage.catalog import Catalog
+    from mmsearch.storage.store import IMAGE_VECTORS, IndexStore
+
+    n, dim = x.shape
+    nlist = next((nl for t, nl in ann.IVF_TIERS if n <= t), ann.IVF_TIERS[-1][1]) if n > ann.PQ_FROM else \
+        min(ann.IVF_TIERS[-2][1], 2 ** int(np.log2(max(64, n // 100))))  # below the tier: ~100 vectors a list
+    factory = ann.fast_scan(nlist, dim)
+    idx = work / "tier"
+    t = time.perf_counter()
+    cat = Catalog.create(idx, {"dim": dim, "fingerprint": "synthetic", "model": {"model": "synthetic"},
+                               "factory": factory})
+    for s in range(0, n, 50_000):
+        rows = [dict(path=f"/img/{i // 1000:05d}/{i:08d}.jpg", size=1, mtime_ns=i, ext=".jpg")
+                for i in range(s, min(n, s + 50_000))]
+        with cat.transaction():
+            cat.upsert_images(rows, x[s:s + 50_000])
+    with cat.transaction():
+        cat.bump_generation()
+    cat.close()
+    catalog_s = time.perf_counter() - t
+    store = IndexStore.open(idx)
+    store.reindex(factory)
+    info = store.ann_info()
+    index = store.image_vectors()
+    row = {"structure": f"10M tier = {factory} + catalog re-scoring", "factory": factory, "n": n,
+           "catalog_s": round(catalog_s, 1), "build_s": info["build_seconds"], "params": info["params"],
+           "stand_in_recall": info["recall_heldout"]}
+    row["image_recall"] = recall(gi, index.search(qi, K)[1] - 1)
+    row["text_recall"] = recall(gt, index.search(qt, K)[1] - 1)
+    faiss.omp_set_num_threads(1)
+    ts = []
+    for q in qt:
+        t = time.perf_counter()
+        index.search(q[None], K)
+        ts.append(time.perf_counter() - t)
+    row.update(p50_ms=round(1000 * float(np.median(ts)), 2), p99_ms=round(1000 * float(np.percentile(ts, 99)), 2))
+    res = subprocess.run([sys.executable, "-c", _TIER_RSS, str(idx / IMAGE_VECTORS)], capture_output=True,
+                         text=True, check=True)
+    row["bytes_per_vector_rss"] = round(json.loads(res.stdout)["rss_load"] / n, 1)
+    np.save(work / "tier_q.npy", qt[:1])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    fresh = []
+    for _ in range(3):
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", _TIER_FRESH, str(idx), str(work / "tier_q.npy")],
+                             capture_output=True, text=True, check=True, env=env)
+        fresh.append({"process_s": round(time.perf_counter() - t, 3), **json.loads(out.stdout.strip().splitlines()[-1])})
+    row["fresh_process"] = fresh
+    files = {p.name: p.stat().st_size for p in idx.iterdir() if p.is_file()}
+    row["disk_bytes_per_image"] = round(sum(files.values()) / n, 1)
+    row["disk_bytes_per_image_by_file"] = {k: round(v / n, 1) for k, v in sorted(files.items())}
+    row["float16_refine_file_would_add_bytes_per_image"] = dim * 2
+    row["load_avg"] = load_avg()
+    return row
 
 
 def render(r: dict) -> str:
@@ -339,6 +434,16 @@ def render(r: dict) -> str:
         lines.append(f"| {w['structure']} | {w['build_s']} | {w['bytes_per_vector_rss']} | {w['p50_ms']} | "
                      f"{w['p99_ms']} | {w.get('params') or 'exact'} | {w['image_recall']:.3f} | "
                      f"{w['text_recall']:.3f} | {fixed} | {w['mmap_load_s']}, {w['mmap_rss_after_300_queries_mb']} MB |")
+    if "tier" in r:
+        t = r["tier"]
+        f = t["fresh_process"]
+        lines += ["", f"**{t['structure']}**: build {t['build_s']} s (catalog rows {t['catalog_s']} s), params {t['params']}; "
+                      f"resident {t['bytes_per_vector_rss']} B/vector; recall@10 text {t['text_recall']:.3f}, image "
+                      f"{t['image_recall']:.3f}; warm p50 {t['p50_ms']} ms, p99 {t['p99_ms']} ms; fresh-process first "
+                      f"query {min(x['first_query_s'] for x in f)} s (whole process {min(x['process_s'] for x in f)} s); "
+                      f"disk {t['disk_bytes_per_image']} B/image {t['disk_bytes_per_image_by_file']} "
+                      f"(a float16 refine file would add {t['float16_refine_file_would_add_bytes_per_image']}); "
+                      f"load {t['load_avg']}"]
     if "cli" in r:
         c = r["cli"]
         lines += ["", f"import: {c['import_s']} s; fresh-process search: {c['fresh_search_s']} s "

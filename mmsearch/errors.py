@@ -70,6 +70,15 @@ class TrainingError(MmsearchError):
     """A training run cannot start or continue as asked (bad batch split, precision, world size)."""
 
 
+class ShardMapError(ModelMismatchError):
+    """A sharded index and its shards disagree (a shard of another model, a shard missing, a bad shard map):
+    refused like a model mismatch, before anything is searched or changed."""
+
+
+class ShardUnavailableError(MmsearchError):
+    """A shard needed to answer (the owner of an image asked for by id) does not answer right now."""
+
+
 class NotServableError(MmsearchError):
     """A stored file may not be read by a server: the index records no folder holding it (storage/roots.py)."""
 

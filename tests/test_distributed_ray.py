@@ -166,6 +166,29 @@ def test_worker_node_killed_mid_run_loses_nothing(cluster, tiny_checkpoint, synt
     assert sorted(rows) == sorted(str(p) for p in folder.glob("*.png"))
 
 
+def test_indexing_into_shards_on_ray_gives_the_local_shards(cluster, tiny_checkpoint, synth_dir, tmp_path):
+    """Issue 30: `mmsearch index --shards DIR --ray`: the same executor runs each shard's plan, each against
+    its own catalog; every photo lands in the shard its path routes to, as on the local path."""
+    from mmsearch.indexing.sharded import index_sharded
+    from mmsearch.storage.shardmap import ShardMap, shard_of
+
+    folder = _images(synth_dir, tmp_path / "photos", 24)
+    spec = ModelSpec(checkpoint=str(tiny_checkpoint))
+    local = index_sharded(tmp_path / "local", [folder], count=2, spec=spec, precision="fp32")
+    executor = _executor(batch_size=16)
+    dist = index_sharded(tmp_path / "ray", [folder], count=2, spec=spec, executor=executor)
+    assert (dist.added, dist.failed) == (local.added, local.failed) == (24, 0)
+    assert executor.stats["tower"] == "onnx fp32"
+    for i, name in enumerate(ShardMap.load(tmp_path / "ray").names):
+        _, rows_ray, _, vec_ray = _state(ShardMap.load(tmp_path / "ray").folder(name))
+        _, rows_local, _, vec_local = _state(ShardMap.load(tmp_path / "local").folder(name))
+        assert rows_ray == rows_local and all(shard_of(p, 2) == i for p in rows_ray)
+        for path, v in vec_local.items():
+            np.testing.assert_allclose(vec_ray[path], v, atol=1e-4)
+    again = index_sharded(tmp_path / "ray", [folder], executor=_executor())
+    assert (again.embedded, again.unchanged) == (0, 24)
+
+
 # ---- the worker and the driver's commit, without a cluster ----------------------------------------
 def _batch(files):
     return {"path": np.array([str(f) for f in files], dtype=object),

@@ -81,9 +81,11 @@ def test_health_and_info(client, served):
 def test_text_search_matches_the_library(client, served):
     idx, _ = served
     data = ok(client.get("/api/search", params={"q": "a red circle", "k": 5}))
-    assert set(data) == {"query", "hits", "more", "reranked", "took_ms", "calibrated", "good_threshold", "no_good_match"}
+    assert set(data) == {"query", "hits", "more", "reranked", "took_ms", "calibrated", "good_threshold", "no_good_match",
+                         "partial", "missing"}
     assert data["calibrated"] is False and data["no_good_match"] is False  # 31 images: too few to calibrate
     assert data["more"] is True and data["reranked"] is False and data["query"]["q"] == "a red circle"
+    assert (data["partial"], data["missing"]) == (False, [])  # one index is never partial (sharded: issue 30)
     ref = Searcher(IndexStore.open(idx)).search("a red circle", k=5)
     assert [h["id"] for h in data["hits"]] == [h.id for h in ref]
     assert np.allclose([h["score"] for h in data["hits"]], [h.score for h in ref], atol=1e-5)

@@ -6,4 +6,4 @@ modules (torch, open_clip, faiss, web and cluster stacks) are imported inside co
 """
 from mmsearch.cli.app import cli, main  # noqa: F401
 from mmsearch.cli import (albums_cmds, index_cmds, models_cmds, scale_cmds, search_cmds, serve_cmds,  # noqa: F401,E402
-                          train_cmds, watch_cmds, words_cmds)
+                          shard_cmds, train_cmds, watch_cmds, words_cmds)

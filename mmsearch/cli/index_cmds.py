@@ -66,10 +66,16 @@ def ray_executor(address, actors, device, precision, batch_size, workers):
                    "the index: --ocr on an index built without it reads its images once [default: the index's "
                    "setting; for a new index on when rapidocr is installed].")
 @ray_options
+@click.option("--shards", "shards_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Index into the sharded layout in this folder instead of --index: each photo goes to the shard "
+                   "its path routes to, each shard is planned against its own catalog.")
+@click.option("--shard-count", type=click.IntRange(1, 4096), default=None,
+              help="With --shards, for a new layout: how many shards to make.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @with_bar("embed")
 def index(paths, index_dir, model, pretrained, checkpoint, device, precision, batch_size, workers, video_frames,
-          exclude, hidden, factory, max_index_memory, reranker, ocr, ray_address, ray_actors, as_json, progress):
+          exclude, hidden, factory, max_index_memory, reranker, ocr, ray_address, ray_actors, shards_dir, shard_count,
+          as_json, progress):
     """Index image and video folders (or files): new and changed files are embedded (a video as its
     shots), moved ones reuse their embedding, deleted ones are removed. Re-running on an unchanged folder
     embeds nothing."""
@@ -78,11 +84,23 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
     from mmsearch.video import DEFAULT_FRAMES
 
     executor = ray_executor(ray_address, ray_actors, device, precision, batch_size, workers)
-    summary = index_folders(index_dir_of(index_dir), paths, spec=model_spec(model, pretrained, checkpoint),
-                            batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden,
-                            factory=factory, reranker=reranker, device=device, precision=precision,
-                            executor=executor, progress=progress, max_index_memory=max_index_memory, ocr=ocr,
-                            video_frames=video_frames or DEFAULT_FRAMES)
+    options = dict(batch_size=batch_size, workers=workers, exclude=exclude, include_hidden=hidden, factory=factory,
+                   reranker=reranker, device=device, precision=precision, max_index_memory=max_index_memory,
+                   ocr=ocr, video_frames=video_frames or DEFAULT_FRAMES)
+    spec = model_spec(model, pretrained, checkpoint)
+    if shards_dir is not None:
+        if index_dir is not None:
+            raise click.UsageError("give --index or --shards, not both")
+        from mmsearch.indexing.sharded import index_sharded
+
+        summary = index_sharded(shards_dir, paths, count=shard_count, spec=spec, executor=executor,
+                                progress=progress, **options)
+        index_dir = shards_dir
+    elif shard_count is not None:
+        raise click.UsageError("--shard-count needs --shards")
+    else:
+        summary = index_folders(index_dir_of(index_dir), paths, spec=spec, executor=executor, progress=progress,
+                                **options)
     progress.close()
     for note in summary.notes:  # on stderr, so --json output stays one object
         click.secho(note, fg="yellow", err=True)
@@ -97,7 +115,7 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
         why = {"amp-bf16": "" if summary.notes else " (bfloat16 products: this CPU has them; --precision fp32 "
                                                      "for full precision)",
                "int8": " (int8 products, as asked)"}.get(summary.precision, "")
-        click.echo(f"new index {index_dir_of(index_dir)}: precision {summary.precision}{why}", err=True)
+        click.echo(f"new {'sharded ' if shards_dir else ''}index {index_dir_of(index_dir)}: precision {summary.precision}{why}", err=True)
     for path, reason in summary.failures[:20]:
         click.secho(f"failed: {shown(path)}: {shown(reason)}", fg="red", err=True)
     if len(summary.failures) > 20:

@@ -10,6 +10,7 @@ still to do. This module imports no Ray at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -100,6 +101,17 @@ class RayExecutor:
                 ray.shutdown()
 
     # ---- cluster --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self):
+        """One connection to the cluster for several runs (the shards of a sharded index, one run each)."""
+        ray = import_ray()
+        owns = self._connect(ray)
+        try:
+            yield self
+        finally:
+            if owns:
+                ray.shutdown()
+
     def _connect(self, ray) -> bool:
         """Connect unless the caller already did; True when this call made the connection."""
         if ray.is_initialized():

@@ -36,7 +36,8 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
                   factory: Optional[str] = None, reranker: Optional[str] = None, device="cpu",
                   precision: Optional[str] = None, executor=None, progress: Progress = None,
                   max_index_memory=None, ocr: Optional[bool] = None, watched: Optional[Sequence] = None,
-                  store: Optional[IndexStore] = None, video_frames: int = video.DEFAULT_FRAMES) -> IndexSummary:
+                  store: Optional[IndexStore] = None, video_frames: int = video.DEFAULT_FRAMES,
+                  keep=None) -> IndexSummary:
     """Index `roots` (folders or files) into `index_dir`. See the module docstring for the rules.
 
     `device` runs the encoder (batch size and decode workers default to what suits it); `precision`
@@ -50,6 +51,7 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     deleted or moved path rather than an error, nothing under a watched folder that is away is touched
     (plan.root_away), and the watched folders are what the index records as its roots. `store`: an
     IndexStore of `index_dir` kept open between runs, so a watcher loads its image tower once.
+    `keep(path)`: the files that belong to this index (one shard of a sharded index: indexing/sharded.py).
     The whole run holds the index's writer lock: IndexBusyError at once when another writer has it."""
     batch_size = count("batch_size", batch_size, 1, MAX_BATCH)  # before anything is opened or created
     workers = count("workers", workers, 1, MAX_WORKERS)
@@ -66,12 +68,12 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
     with writer_lock(index_dir):
         return _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory,
                              reranker, device, precision, executor, progress, max_index_memory, ocr, watched, store,
-                             video_frames)
+                             video_frames, keep)
 
 
 def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, include_hidden, factory, reranker,
                   device, precision, executor, progress, max_index_memory, ocr, watched, store,
-                             video_frames) -> IndexSummary:
+                  video_frames, keep=None) -> IndexSummary:
     from mmsearch.towers.devices import check_precision, default_precision, device_type, select_device
 
     # the driver of a remote executor embeds nothing itself: its workers resolve the device
@@ -100,7 +102,7 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
     extractor = Extractor(ocr=ocr_settings["enabled"], max_side=ocr_settings["max_side"],
                           max_boxes=ocr_settings["max_boxes"])
     cat = store.catalog
-    plan = plan_changes(cat, roots, exclude, include_hidden, watched=watched)
+    plan = plan_changes(cat, roots, exclude, include_hidden, watched=watched, keep=keep)
     recorded = watched if watched is not None else roots
     if "relevance" not in store.meta or not set(normalise_roots(recorded)) <= set(recorded_roots(store.meta)):
         # the folders ever indexed: a server serves files only from inside them (no write when unchanged)

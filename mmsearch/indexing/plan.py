@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from mmsearch import video
 from mmsearch.errors import MmsearchError
@@ -64,10 +64,12 @@ def watched_root_of(path: str, watched: Sequence[str]) -> Optional[str]:
 
 
 def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool,
-                 watched: Optional[Sequence[str]] = None) -> Plan:
+                 watched: Optional[Sequence[str]] = None, keep: Optional[Callable[[str], bool]] = None) -> Plan:
     """The diff between the folders and the catalog, as a merge of two path-ordered streams (the walk
     and the catalog's covering index): memory grows with the changes, not with the collection.
-    `watched`: the folders a watcher watches, each of `roots` inside one (see the module docstring)."""
+    `watched`: the folders a watcher watches, each of `roots` inside one (see the module docstring).
+    `keep(path)`: only the files it keeps belong to this catalog (a shard of a sharded index); the
+    others are neither planned nor reported, and a row it does not keep is planned away."""
     scan_failures: list = []
     failed = cat.failure_states()
     failed_now: dict = {}  # path -> (size, mtime) of files on record as failed, as they are now
@@ -92,6 +94,8 @@ def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool,
         covered.append(root)
         files = scan.scan([root], exclude=exclude, include_hidden=include_hidden,
                           on_error=lambda p, reason: scan_failures.append((str(p), reason)))
+        if keep is not None:
+            files = (f for f in files if keep(f.path))
         for f, row in merge_by_path(files, cat.image_states_under(root)):
             if f is None:
                 gone[row[0]] = row[1:]
@@ -118,6 +122,8 @@ def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool,
             del gone[hit[0]]
         else:
             embed.append(f)
+    if keep is not None:  # a folder that cannot be read is reported by the shard its path routes to
+        scan_failures = [(p, r) for p, r in scan_failures if keep(p)]
     # a walk failure already on record (same path, same reason) is not news: count it, don't repeat it
     recorded = cat.failure_reasons()
     known_scan = [(p, r) for p, r in scan_failures if recorded.get(p) == r]

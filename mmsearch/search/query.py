@@ -7,179 +7,28 @@ embedding, so image->image search of an indexed photo needs no model at all.
 from __future__ import annotations
 
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 
-from mmsearch.checks import MAX_K, MAX_RERANK_K, count, number
-from mmsearch.rerank.blend import blend
-from mmsearch.config import IMAGE_EXTENSIONS
-from mmsearch.errors import EmptyIndexError, NonFiniteVectorError, QueryError
+from mmsearch.errors import EmptyIndexError, QueryError
 from mmsearch.search import moments as video_moments
 from mmsearch.search.filters import Filters
 from mmsearch.search.hybrid import FUSE_DEPTH, MODES, TEXT_DEPTH, fuse, refuse_reranked, text_ranking
-from mmsearch.search.lexical import matches, parse_lexical, strip_quotes
+from mmsearch.search.hits import Hit, build_hits, order_hits  # noqa: F401 (build_hits: for callers)
+from mmsearch.search.lexical import matches, parse_lexical
 from mmsearch.storage.catalog import filter_sql
 from mmsearch.search.relevance import CalibrationCache, date_of, good_pairs  # noqa: F401 (date_of: for callers)
 from mmsearch.storage.fsnames import display
-from mmsearch.storage.schema import check_finite
+from mmsearch.search.terms import (MAX_QUERY_CHARS, MAX_TERMS, MAX_WEIGHT, Term, check_depths,  # noqa: F401
+                                   combine, embed_terms, finite_query, parse_query)
 from mmsearch.storage.store import IndexStore
 
 DEFAULT_RERANK_K = 32
-MAX_TERMS = 32  # text, image and id terms of one query
-MAX_QUERY_CHARS = 2000  # the text tower reads ~77 tokens a term: more characters only cost parsing
-MAX_WEIGHT = 100.0  # |weight| of one term: past this a term is not "more important", it is a typo or an attack
 SORTS = ("relevance", "date")
 GOOD_DEPTH = 1000  # the most good matches a date-sorted search orders
 DATE_DEPTH = 100  # an index without a calibration orders its closest 100 by date
-_SPLIT = re.compile(r"(?:^|\s+)([+-])(?:\s+|$)")
-# anything float() reads as a number counts as a weight, so '1e40:red' or 'nan:red' is refused, not read as text
-_WEIGHT = re.compile(r"^\s*([-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|inf(?:inity)?|nan))\s*:\s*(.+?)\s*$",
-                     re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Term:
-    weight: float
-    text: Optional[str] = None
-    image: Optional[str] = None
-    image_id: Optional[int] = None  # an indexed image by catalog id: its stored embedding, no file read
-    pixels: Optional[object] = field(default=None, repr=False, compare=False)  # an image decoded by the caller
-
-
-@dataclass
-class Hit:
-    """One result, an image or a text of the corpus (then `text` is set and `path` is None). `row` is the
-    catalog row it was hydrated from, so renderers need not read it again."""
-
-    rank: int
-    score: float
-    id: int
-    similarity: float
-    itm: Optional[float] = None
-    path: Optional[str] = None
-    text: Optional[str] = None
-    taken_at: Optional[float] = None
-    width: Optional[int] = None
-    height: Optional[int] = None
-    row: Optional[dict] = field(default=None, repr=False, compare=False)
-    matches: Optional[list] = None  # where the query's words are in the image (search/lexical.py), when they matched
-    text_score: Optional[float] = None  # the words side's bm25 score, when they matched
-    calibrated: Optional[float] = None  # the good-match score (relevance.py); None: the index cannot say
-    good: Optional[bool] = None
-    # a video's moment: its video (the id of the file's row), the shot's times and its other matching moments
-    video_id: Optional[int] = None
-    start_s: Optional[float] = None
-    end_s: Optional[float] = None
-    frame_s: Optional[float] = None
-    duration_s: Optional[float] = None
-    moments: Optional[list] = None
-
-    def __getitem__(self, key: str):
-        """hit["text"], as when search_texts returned dicts: scripts written then keep working."""
-        return self.to_dict()[key]
-
-    @property
-    def kind(self) -> str:
-        return "text" if self.text is not None else "video" if self.video_id is not None else "image"
-
-    def to_dict(self) -> dict:
-        if self.kind == "text":
-            return {"rank": self.rank, "score": self.score, "text": self.text, "id": self.id,
-                    "similarity": self.similarity, "itm": self.itm}
-        d = {"rank": self.rank, "score": self.score, "path": self.path, "id": self.id,
-             "similarity": self.similarity, "itm": self.itm}
-        d.update((k, v) for k, v in (("taken_at", self.taken_at), ("width", self.width), ("height", self.height),
-                                     ("text_score", self.text_score), ("matches", self.matches),
-                                     ("calibrated", self.calibrated), ("good", self.good)) if v is not None)
-        if self.video_id is not None:
-            d.update(kind="video", video_id=self.video_id, start_s=self.start_s, end_s=self.end_s,
-                     frame_s=self.frame_s, duration_s=self.duration_s, moments=self.moments or [])
-        return d
-
-
-def _is_image_path(s: str) -> bool:
-    return os.path.splitext(s)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(s)
-
-
-def parse_query(query: Optional[str], images: Sequence = (), ids: Sequence[int] = (),
-                paths: bool = True) -> list[Term]:
-    """'2:dog + beach - people' -> [Term(2,'dog'), Term(1,'beach'), Term(-1,'people')]; --image files (or
-    images the caller decoded: PIL images) and indexed image ids add terms. paths=False reads every term
-    as text (a server never opens a named path). At most MAX_TERMS terms and MAX_QUERY_CHARS characters:
-    each term is one encoder pass, and a query is a request anyone can send to a server."""
-    terms: list[Term] = []
-    if query and len(query) > MAX_QUERY_CHARS:
-        raise QueryError(f"query too long ({len(query):,} characters; at most {MAX_QUERY_CHARS:,})")
-    if query and query.strip():
-        parts = _SPLIT.split(" " + query.strip())
-        signs = ["+"] + parts[1::2]
-        for sign, raw in zip(signs, parts[0::2]):
-            raw = raw.strip()
-            if not raw:
-                if sign != "+" or len(parts) > 1:
-                    raise QueryError(f"empty term in query {query!r}")
-                continue
-            if re.match(r"^[+-](\s|$)", raw):
-                raise QueryError(f"empty term in query {query!r}")
-            weight, body = 1.0, raw
-            m = _WEIGHT.match(raw)
-            if m:
-                weight, body = check_weight(m.group(1), m.group(2)), m.group(2)
-            if sign == "-":
-                weight = -weight
-            is_path = paths and _is_image_path(body)
-            terms.append(Term(weight, image=os.path.abspath(body)) if is_path else Term(weight, text=body))
-    for path in images:
-        if not isinstance(path, (str, os.PathLike)):  # already decoded (an upload): embedded as it is
-            terms.append(Term(1.0, pixels=path))
-            continue
-        if not os.path.isfile(path):
-            raise QueryError(f"query image not found: {path}")
-        terms.append(Term(1.0, image=os.path.abspath(path)))
-    terms += [Term(1.0, image_id=int(i)) for i in ids]
-    if len(terms) > MAX_TERMS:
-        raise QueryError(f"too many query terms ({len(terms):,}; at most {MAX_TERMS})")
-    if not terms:
-        raise QueryError("empty query: give text, an image file, or --image FILE")
-    return terms
-
-
-def check_weight(text: str, body: str) -> float:
-    """A term's weight: a finite number with |w| <= MAX_WEIGHT (float32 sums overflow far below 1e39)."""
-    w = float(text)
-    if not (np.isfinite(w) and abs(w) <= MAX_WEIGHT):
-        shown = text if len(text) <= 24 else text[:20] + "..."
-        raise QueryError(f"the weight of term {body!r} ({shown}) is out of range: a weight is a finite number "
-                         f"from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
-    return w
-
-
-def check_depths(k, offset, rerank_k, alpha, min_score):
-    """The numeric arguments of a search, refused (ArgumentError) outside what the CLI's options allow."""
-    return (count("k", k, 1, MAX_K, optional=False), count("offset", offset, 0, optional=False),
-            count("rerank_k", rerank_k, 1, MAX_RERANK_K, optional=False), number("alpha", alpha, 0.0, 1.0),
-            number("min_score", min_score))
-
-
-def combine(weighted) -> np.ndarray:
-    """sum(w * e) over (weight, embedding) pairs, L2-normalised, summed in float64 so no weight or
-    embedding can overflow it; non-finite input or terms that cancel out are a QueryError."""
-    vec = None
-    for w, e in weighted:
-        e = np.asarray(e, np.float64)
-        vec = w * e if vec is None else vec + w * e
-    if vec is None:
-        raise QueryError("empty query: give text, an image file, or --image FILE")
-    _finite(vec, "the query vector (a term's embedding)")
-    norm = float(np.linalg.norm(vec))
-    if not np.isfinite(norm) or norm < 1e-8:  # norm overflows only past ~1e154 per component
-        raise QueryError("the query terms cancel out; nothing to search for" if norm < 1e-8 else
-                         "the query vector is too large to normalise")
-    return (vec / norm).astype(np.float32)
 
 
 class Searcher:
@@ -224,28 +73,14 @@ class Searcher:
             img = load_image(path, min_size=enc.image_size)
         out = enc.encode_images([img], token_grid=token_grid)
         vec, toks = (out[0][0], out[1][0]) if token_grid else (out[0], None)
-        _finite(vec, f"the embedding of image {display(os.path.basename(path))}" if path else
+        finite_query(vec, f"the embedding of image {display(os.path.basename(path))}" if path else
                 "the embedding of the uploaded image")
         return vec, toks
 
     def embed(self, terms: list[Term], want_states: bool = False):
         """(query vector [d], text token states of a single-text query or None)."""
-        texts = [t for t in terms if t.text is not None]
-        weighted = []
-        states = None
-        if texts:
-            enc = self.store.text_encoder()
-            plain = [strip_quotes(t.text) or t.text for t in texts]  # quote marks are for the words side
-            if want_states:
-                emb, st = enc.encode_texts(plain, return_states=True)
-                states = st[0] if len(terms) == 1 else None
-            else:
-                emb = enc.encode_texts(plain)
-            weighted += [(t.weight, e) for t, e in zip(texts, emb)]
-        for t in terms:
-            if t.text is None:  # an image file, an indexed id, or an upload's decoded pixels
-                weighted.append((t.weight, self._image_embedding(t.image, image_id=t.image_id, pixels=t.pixels)[0]))
-        return combine(weighted), states
+        return embed_terms(terms, self.store.text_encoder, want_states,
+                           lambda t: self._image_embedding(t.image, image_id=t.image_id, pixels=t.pixels)[0])
 
     # ---- text -> image, image -> image --------------------------------------------------------
     def search(self, query: Optional[str] = None, images: Sequence[str] = (), k: int = 10,
@@ -325,7 +160,7 @@ class Searcher:
             top = max(k, rerank_k)
             self._similarities(vec, ranked[:top])
             itm = self._rerank_images(states, [r.id for r in ranked[:top]])
-            order = _order([(r.id, r.similarity) for r in ranked[:top]], itm,
+            order = order_hits([(r.id, r.similarity) for r in ranked[:top]], itm,
                            self._alpha(alpha, "text_to_image") if itm else 0.0)
             by_id = {r.id: r for r in ranked[:top]}
             for i, final, _, logit in order:
@@ -425,6 +260,21 @@ class Searcher:
                            frame_s=row.get("frame_s"), duration_s=row.get("duration_s"), moments=moments.get(r.id)))
         return out
 
+    def nearest(self, vec: np.ndarray, depth: int, filters: Optional[Filters] = None):
+        """(scores [n], ids [n]) of the `depth` nearest images kept by `filters`, best first (a shard of a
+        sharded index answers a router with this)."""
+        selection = None
+        if filters is not None and filters.active:
+            cat = self.store.catalog
+            total = self.store.query_vectors().ntotal
+            selection = cat.filter_selection(total, filters.under, list(filters.exts) if filters.exts else None,
+                                             filters.after, filters.before)
+            ids, excluded = selection
+            if (len(ids) >= total) if excluded else (len(ids) == 0):
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        scores, found = self._search_vectors(vec, depth, selection)
+        return scores[0], found[0]
+
     def _pairs(self, vec: np.ndarray, depth: int, selection) -> list[tuple[int, float]]:
         scores, found = self._search_vectors(vec, depth, selection)
         return [(int(i), float(s)) for i, s in zip(found[0], scores[0]) if i >= 0]
@@ -475,7 +325,7 @@ class Searcher:
         scores, ids = self.store.text_vectors().search(np.asarray(vec, np.float32)[None, :], depth)
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         itm = self._rerank_texts(qtoks, [i for i, _ in pairs]) if rerank and pairs else {}
-        hits = _order(pairs, itm, self._alpha(alpha, "image_to_text") if itm else 0.0)[:k]
+        hits = order_hits(pairs, itm, self._alpha(alpha, "image_to_text") if itm else 0.0)[:k]
         rows = {r["id"]: r for r in cat.text_rows([i for i, *_ in hits])}
         return [Hit(rank=n + 1, score=final, id=i, similarity=sim, itm=logit, text=rows[i]["text"], row=rows[i])
                 for n, (i, final, sim, logit) in enumerate(hits) if i in rows]
@@ -492,28 +342,6 @@ class Searcher:
             states.update(zip(missing, st))
         scores = self.store.reranker().score_image_to_texts(image_tokens, [states[i] for i in ids])
         return dict(zip(ids, map(float, scores)))
-
-
-def _order(pairs: list[tuple[int, float]], itm: dict[int, float], alpha: float):
-    """[(id, final, similarity, itm)] best first. With a re-ranker the final score is the ITM
-    probability blended with the embedding similarity (blend.py)."""
-    if not itm:
-        return [(i, s, s, None) for i, s in pairs]
-    scored = []
-    for i, s in pairs:
-        if i in itm:
-            scored.append((i, float(blend(itm[i], s, alpha)), s, itm[i]))
-        else:  # no cached tokens: rank after every re-scored candidate
-            scored.append((i, s - 10.0, s, None))
-    return sorted(scored, key=lambda t: -t[1])
-
-
-def _finite(values, what: str) -> None:
-    """The shared finite check (mmsearch.storage.schema.check_finite), as a query error: a 400, one line."""
-    try:
-        check_finite(np.asarray(values, dtype=np.float64), lambda _: what, "value")
-    except NonFiniteVectorError as exc:
-        raise QueryError(str(exc)) from None
 
 
 def timed_search(searcher: Searcher, *args, **kwargs):

@@ -21,8 +21,8 @@ def require_web_stack() -> None:
                 f"`mmsearch serve` needs the serve extra ({name} is missing): pip install 'mmsearch[serve]'") from None
 
 
-def create_app(index_dir, **options):
-    """The FastAPI app for one index; options as mmsearch.serve.app.build_app."""
+def create_app(index_dir=None, **options):
+    """The FastAPI app for one index (or `state=`: a sharded one); options as mmsearch.serve.app.build_app."""
     require_web_stack()
     from mmsearch.serve.app import build_app
 

@@ -1,11 +1,8 @@
 """Index information and a health check."""
 from __future__ import annotations
 
-import sys
-
 from fastapi import APIRouter, Request
 
-from mmsearch.config import VERSION
 from mmsearch.serve.api_search import state
 from mmsearch.storage.fsnames import json_safe
 
@@ -14,23 +11,12 @@ router = APIRouter(prefix="/api", tags=["info"])
 
 @router.get("/info")
 def info(request: Request):
-    """What the index holds, which models it uses, and the folders the page can filter on."""
-    st = state(request)
-    data = st.store.info()
-    calibration = st.searcher.calibration.get()
-    data.update(version=VERSION, roots=st.roots(), folders=st.folders(),
-                rerank_available=st.store.reranker_info() is not None,
-                max_upload_bytes=st.max_upload_bytes, calibrated=calibration is not None,
-                good_threshold=None if calibration is None else calibration.threshold,
-                watching=st.watcher is not None)
-    return json_safe(data)
+    """What the index holds, which models it uses, and the folders the page can filter on (a sharded
+    index: each shard, and `partial`/`missing` when a shard does not answer)."""
+    return json_safe(state(request).info())
 
 
 @router.get("/health")
 def health(request: Request):
-    """Liveness: answers as soon as the server is up, without loading any model. With `serve --watch`,
-    `watcher` says what the watcher is doing (state, folders and whether each is away, runs, errors)."""
-    st = state(request)
-    return {"status": "ok", "images": st.store.catalog.count_images(), "generation": st.store.catalog.generation(),
-            "torch_loaded": "torch" in sys.modules,  # torch loads only to embed an upload (or for a watcher)
-            "watcher": None if st.watcher is None else st.watcher.status()}
+    """Liveness: answers as soon as the server is up, without loading any model."""
+    return state(request).health()

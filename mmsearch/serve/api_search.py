@@ -49,15 +49,19 @@ def run_search(st: ServeState, p: SearchParams, images: Sequence = (), upload: b
 def hits_reply(st: ServeState, hits, k: int, good_only: bool, started: float, **extra) -> JSONResponse:
     """The JSON of a page of hits; `no_good_match`: good matches were asked for and there is none (the
     hits are then the closest results)."""
-    calibration = st.searcher.calibration.get()
+    cache = getattr(st.searcher, "calibration", None)  # a sharded index has no good-match calibration yet
+    calibration = cache.get() if cache is not None else None
     out = [hit_json(h) for h in hits]
+    missing = list(getattr(hits, "missing", ()))  # a sharded index: the shards that did not answer
+    body = dict(extra, hits=out, more=len(hits) == k, reranked=any(h.itm is not None for h in hits),
+                calibrated=calibration is not None,
+                good_threshold=None if calibration is None else calibration.threshold,
+                no_good_match=bool(good_only and hits and hits[0].good is False and not any(h.good for h in hits)),
+                partial=bool(missing), missing=missing, took_ms=round((time.perf_counter() - started) * 1000, 2))
+    if getattr(hits, "timing", None):  # a sharded index: where the time went (embed, scatter, slowest shard)
+        body["timing"] = {name: round(v, 3) for name, v in hits.timing.items()}
     # a plain JSONResponse: FastAPI's generic encoder walking every hit cost more than the search itself
-    return JSONResponse(dict(extra, hits=out, more=len(hits) == k, reranked=any(h.itm is not None for h in hits),
-                             calibrated=calibration is not None,
-                             good_threshold=None if calibration is None else calibration.threshold,
-                             no_good_match=bool(good_only and hits and hits[0].good is False
-                                                and not any(h.good for h in hits)),
-                             took_ms=round((time.perf_counter() - started) * 1000, 2)))
+    return JSONResponse(body)
 
 
 def hit_json(h) -> dict:
@@ -94,6 +98,6 @@ def upload_texts(request: Request, image: UploadFile = File(..., description="Th
 
 
 def texts_reply(st: ServeState, k: int, ids: Sequence[int] = (), images: Sequence = ()) -> dict:
-    corpus = st.store.catalog.count_texts()
+    corpus = st.count_texts()
     texts = [h.to_dict() for h in st.searcher.search_texts(None, images, k=k, ids=ids)] if corpus else []
     return {"texts": texts, "corpus": corpus}

@@ -20,15 +20,16 @@ STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 
 
-def build_app(index_dir, token: Optional[str] = None, allowed_hosts: Optional[Iterable[str]] = None,
+def build_app(index_dir=None, token: Optional[str] = None, allowed_hosts: Optional[Iterable[str]] = None,
               bind: str = "127.0.0.1", cors_origins: Iterable[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-              device: str = "cpu", warm: bool = True, watcher=None) -> FastAPI:
+              device: str = "cpu", warm: bool = True, watcher=None, state=None) -> FastAPI:
     """allowed_hosts: added to the loopback names (and this machine's names for a non-loopback `bind`); "*" turns
     the Host check off.
     token: required on every /api call when set. cors_origins: none unless asked for. warm: load the
     vectors and the text tower in the background after start-up, so the first query is fast too.
-    watcher: a Watcher of the index's folders, run in a thread while the server runs (/api/health shows it)."""
-    st = ServeState(index_dir, device=device, max_upload_bytes=max_upload_bytes)
+    watcher: a Watcher of the index's folders, run in a thread while the server runs (/api/health shows it).
+    state: what the routes talk to instead of one index (serve/sharded.py: the shards of a sharded index)."""
+    st = state if state is not None else ServeState(index_dir, device=device, max_upload_bytes=max_upload_bytes)
     st.watcher = watcher
 
     @contextlib.asynccontextmanager
@@ -70,11 +71,9 @@ def build_app(index_dir, token: Optional[str] = None, allowed_hosts: Optional[It
     return app
 
 
-def _warm(st: ServeState) -> None:
+def _warm(st) -> None:
     try:
-        if st.store.catalog.count_images():
-            st.store.image_vectors()
-            st.store.text_encoder().encode_texts(["warm up"])
+        st.warm()
     except Exception:  # a broken model shows up on the first real query, with its message
         log.debug("warm-up failed", exc_info=True)
 

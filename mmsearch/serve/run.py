@@ -29,10 +29,11 @@ class Launch:
 
 def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
             allow_hosts: Sequence[str] = (), cors_origins: Sequence[str] = (), max_upload_mb: int = 20,
-            device: str = "cpu", watch: Optional[dict] = None) -> Launch:
+            device: str = "cpu", watch: Optional[dict] = None, shards_dir=None) -> Launch:
     """Everything short of serving. Off loopback a token is mandatory: one is generated when none is given.
     `watch` (Watcher options: poll, ignore, debounce): also keep the index current with the folders it
-    records, from a thread of this process."""
+    records, from a thread of this process. shards_dir: serve the sharded layout there (every shard in
+    this process) instead of `index_dir`."""
     if device not in (None, "auto", "cpu"):  # a GPU asked for: refuse a missing one now, not at the first upload
         from mmsearch.towers.devices import resolve_device
 
@@ -42,15 +43,20 @@ def prepare(index_dir, host: str = "127.0.0.1", port: int = 8000, token: Optiona
     if not is_loopback(host) and not token:
         token = new_token()
     watcher = None if watch is None else _watcher(index_dir, watch)
+    state = None
+    if shards_dir is not None:
+        from mmsearch.serve.sharded import local_state
+
+        state = local_state(shards_dir, max_upload_bytes=max_upload_mb * 2**20)
     app = create_app(index_dir, token=token, allowed_hosts=list(allow_hosts), bind=host, cors_origins=cors_origins,
-                     max_upload_bytes=max_upload_mb * 2**20, device=device, watcher=watcher)
+                     max_upload_bytes=max_upload_mb * 2**20, device=device, watcher=watcher, state=state)
     import uvicorn
 
     sock = _bind(host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
     url = f"http://{shown}:{sock.getsockname()[1]}/" + (f"?token={token}" if token else "")
-    return Launch(uvicorn.Server(config), sock, url, token, app.state.mm.store.catalog.count_images())
+    return Launch(uvicorn.Server(config), sock, url, token, app.state.mm.count_images())
 
 
 def _watcher(index_dir, options: dict):

@@ -286,6 +286,7 @@ class IndexStore(TowerChoice):
                 self._save_built(index, info, gen)
             except OSError:
                 pass  # a read-only index still answers; the rebuild just is not kept
+        self.attach_refine(index)
         self._vectors = (gen, index)
         return index
 
@@ -306,6 +307,13 @@ class IndexStore(TowerChoice):
                 self._exact = (gen, flat.ExactVectors(ids, vectors))
                 return self._exact[1]
         return self.image_vectors()
+
+    def attach_refine(self, index):
+        """A structure of coarse codes (the 10M tier) re-scores its candidates with the catalog's own
+        embeddings: the one copy of them, not a second refine file."""
+        if index is not None and index.params.get("refine"):
+            index.refine_source = self.stored_vectors
+        return index
 
     def stored_vectors(self, ids) -> np.ndarray:
         """Exact stored embeddings of these ids, in the order given (the exact path of small filters)."""

@@ -40,6 +40,9 @@ class VectorIndex:
         self.index = index
         self.factory = factory
         self.params: dict = {}
+        # with params["refine"] = R: ids -> their exact stored vectors (the catalog's), to re-score the
+        # R x k candidates coarse codes (PQ fast-scan) find; the store attaches it (IndexStore.attach_refine)
+        self.refine_source: Optional[Callable[[np.ndarray], np.ndarray]] = None
         self.set_params(**(params or {}))
 
     @property
@@ -77,12 +80,22 @@ class VectorIndex:
         return out
 
     def set_params(self, nprobe: Optional[int] = None, efSearch: Optional[int] = None,
-                   k_factor: Optional[float] = None, **_) -> None:
-        """Apply tuned search parameters (those the structure does not have are ignored)."""
+                   k_factor: Optional[float] = None, refine: Optional[int] = None, **_) -> None:
+        """Apply tuned search parameters (those the structure does not have are ignored). `refine`: search
+        refine x k candidates in the codes, return the k best by their exact stored vectors (0: off)."""
         inner = _inner(self.index)
         if nprobe is not None and _ivf_lists(inner):
-            faiss.extract_index_ivf(inner).nprobe = int(nprobe)
+            ivf = faiss.extract_index_ivf(inner)
+            ivf.nprobe = int(nprobe)
+            quantizer = faiss.downcast_index(ivf.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):  # the lists to probe must be found by the quantizer
+                quantizer.hnsw.efSearch = max(64, 2 * int(nprobe))
             self.params["nprobe"] = int(nprobe)
+        if refine is not None:
+            if int(refine) > 0:
+                self.params["refine"] = int(refine)
+            else:
+                self.params.pop("refine", None)
         if efSearch is not None and isinstance(inner, faiss.IndexHNSW):
             inner.hnsw.efSearch = int(efSearch)
             self.params["efSearch"] = int(efSearch)
@@ -112,7 +125,21 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int, allowed_ids: Optional[np.ndarray] = None,
                stored: Optional[Callable[[np.ndarray], np.ndarray]] = None, widen: float = 1.0,
                excluded_ids: Optional[np.ndarray] = None):
-        """(scores [n,k], ids [n,k]); missing slots have id -1.
+        """(scores [n,k], ids [n,k]); missing slots have id -1. With a refine factor R (and its source
+        attached), the codes give R x k candidates and their exact stored vectors the k best: coarse
+        codes in RAM, the embeddings read once from where they already are (the catalog)."""
+        refine = self.params.get("refine")
+        if not refine or self.refine_source is None:
+            return self._search_codes(queries, k, allowed_ids, stored, widen, excluded_ids)
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = int(min(k, self.ntotal))
+        scores, ids = self._search_codes(queries, k * int(refine), allowed_ids, stored, widen, excluded_ids)
+        return refine_exact(queries, ids, k, self.refine_source)
+
+    def _search_codes(self, queries: np.ndarray, k: int, allowed_ids: Optional[np.ndarray] = None,
+                      stored: Optional[Callable[[np.ndarray], np.ndarray]] = None, widen: float = 1.0,
+                      excluded_ids: Optional[np.ndarray] = None):
+        """The search of the structure itself (search() without the refine step).
 
         allowed_ids restricts the search to those ids, so a filter still yields k hits when k exist:
         a small subset is searched exactly over its stored vectors (`stored(ids)` -> float32 [n, d],
@@ -176,10 +203,12 @@ class VectorIndex:
         """(lims, scores, ids): for query j, ids[lims[j]:lims[j+1]] score > threshold (inner product)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         try:
+            if self.params.get("refine") and self.refine_source is not None:
+                raise RuntimeError("coarse codes: their scores are not the ones to cut at")
             return self.index.range_search(queries, float(threshold))
-        except RuntimeError:  # structures without range search (HNSW, PQ fast-scan): k-NN, then cut
+        except RuntimeError:  # structures without range search (HNSW), coarse codes: k-NN (refined), then cut
             k = min(self.ntotal, 64)
-            scores, ids = self.index.search(queries, k)
+            scores, ids = self.search(queries, k)
             keep = (scores > threshold) & (ids >= 0)
             lims = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
             return lims, scores[keep], ids[keep]
@@ -259,6 +288,25 @@ KMEANS_ITERATIONS = 10
 # at 1M (benchmarks/ann_scale.py), fetching 20k embeddings by id and scoring them costs about what a
 # widened selector search costs, and is exact.
 EXACT_SUBSET_MAX = 20_000
+
+
+def refine_exact(queries: np.ndarray, ids: np.ndarray, k: int, source: Callable[[np.ndarray], np.ndarray]):
+    """The k best of each query's candidate ids by exact inner product with their stored vectors,
+    fetched once for the whole batch."""
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    uniq = np.unique(ids[ids >= 0])
+    if not len(uniq) or k <= 0:
+        return out_s, out_i
+    vecs = np.asarray(source(uniq), np.float32)
+    for q in range(len(queries)):
+        cand = ids[q][ids[q] >= 0]
+        if not len(cand):
+            continue
+        sc = vecs[np.searchsorted(uniq, cand)] @ queries[q]
+        top = np.argsort(-sc, kind="stable")[:k]
+        out_s[q, :len(top)], out_i[q, :len(top)] = sc[top], cand[top]
+    return out_s, out_i
 
 
 def _empty(n: int):

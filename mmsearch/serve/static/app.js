@@ -153,9 +153,11 @@ async function search(append) {
     const what = data.no_good_match ? "closest results" : (goodOnly(state) && data.calibrated ? "good matches" : "results");
     const head = data.album ? `Album “${data.album.name}” (“${data.album.query}”): ` : "";
     const fresh = data.album && data.added_since_saved ? ` · ${data.added_since_saved} new since it was saved` : "";
-    setStatus(n ? `${head}${n}${data.more ? "+" : ""} ${what}${fresh} · ${Math.round(data.took_ms)} ms` +
+    // a sharded index answers without the shards that are down, and says which: so does the page
+    const partial = data.partial ? ` · partial: ${data.missing.join(", ")} did not answer` : "";
+    setStatus((n ? `${head}${n}${data.more ? "+" : ""} ${what}${fresh} · ${Math.round(data.took_ms)} ms` +
       (data.reranked ? " · re-ranked" : "") + (state.sort === "date" && !data.album ? " · newest first" : "")
-      : head + "No results. Try other words or fewer filters.");
+      : head + "No results. Try other words or fewer filters.") + partial, Boolean(data.partial));
   } catch (err) {
     if (mine === busy) setStatus(err.message, true);
   } finally {

@@ -18,7 +18,7 @@ from mmsearch.search.filters import Filters
 from mmsearch.search.hybrid import FUSE_DEPTH, MODES, TEXT_DEPTH, fuse, refuse_reranked, text_ranking
 from mmsearch.search.hits import Hit, build_hits, order_hits  # noqa: F401 (build_hits: for callers)
 from mmsearch.search.lexical import matches, parse_lexical
-from mmsearch.storage.catalog import filter_sql
+from mmsearch.storage.filtersql import filter_sql
 from mmsearch.search.relevance import CalibrationCache, date_of, good_pairs  # noqa: F401 (date_of: for callers)
 from mmsearch.storage.fsnames import display
 from mmsearch.search.terms import (MAX_QUERY_CHARS, MAX_TERMS, MAX_WEIGHT, Term, check_depths,  # noqa: F401

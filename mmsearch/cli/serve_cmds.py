@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import EchoLog, index_dir_of, index_option
+from mmsearch.cli.options import EchoLog, index_dir_of, index_option, number
 from mmsearch.cli.watch_cmds import watch_options
 
 
@@ -37,7 +37,7 @@ from mmsearch.cli.watch_cmds import watch_options
               help="With --ray: replicas of each shard (a killed one is replaced while the others answer).")
 @click.option("--router-replicas", default=1, show_default=True, type=click.IntRange(1, 1024),
               help="With --ray: replicas of the router (the API).")
-@click.option("--replica-cpus", default=0.5, show_default=True, type=click.FloatRange(0.01, 64),
+@click.option("--replica-cpus", default=0.5, show_default=True, type=number(0.01, 64),
               help="With --ray: CPUs Ray reserves for each replica (fractions are fine).")
 @click.option("--pin-shards", is_flag=True,
               help="With --ray: a shard's replicas run only on nodes declaring the resource mmsearch-shard-N "

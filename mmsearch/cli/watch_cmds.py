@@ -5,18 +5,19 @@ from pathlib import Path
 
 import click
 
+from mmsearch.checks import MAX_BATCH, MAX_WORKERS
 from mmsearch.cli.app import cli
-from mmsearch.cli.options import EchoLog, device_option, index_dir_of, index_option, model_options, model_spec
+from mmsearch.cli.options import EchoLog, count, device_option, number, index_dir_of, index_option, model_options, model_spec
 
 
 def watch_options(f):
     """--poll, --ignore, --debounce: shared by `watch` and `serve --watch`."""
-    f = click.option("--debounce", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+    f = click.option("--debounce", type=number(0.01, 3600), default=1.0, show_default=True,
                      help="Seconds a path must be quiet, and its size and mtime still, before it is indexed.")(f)
     f = click.option("--ignore", "ignore", multiple=True, metavar="NAME",
                      help="Also ignore files or folders of this name or glob (repeatable), besides the defaults "
                           "(@eaDir, #recycle, .thumbnails, $RECYCLE.BIN, lost+found, ...).")(f)
-    return click.option("--poll", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+    return click.option("--poll", type=number(0.1, 86400), default=None, metavar="SECONDS",
                         help="Poll every SECONDS instead of using file events [default: events, except on network "
                              "and FUSE mounts, which are polled every 60 s].")(f)
 
@@ -35,8 +36,9 @@ def watcher_for(index_dir, roots, poll, ignore, debounce, hidden=False, **index_
 @device_option
 @watch_options
 @click.option("--hidden", is_flag=True, help="Also index hidden files and folders.")
-@click.option("--batch-size", default=None, type=int, help="Images per encoder batch [default: 32, 256 on CUDA].")
-@click.option("--workers", default=None, type=int, help="Decoding threads [default: CPU count, max 4].")
+@click.option("--batch-size", default=None, type=count(1, MAX_BATCH),
+              help="Images per encoder batch [default: 32, 256 on CUDA].")
+@click.option("--workers", default=None, type=count(1, MAX_WORKERS), help="Decoding threads [default: CPU count, max 4].")
 def watch(folders, index_dir, model, pretrained, checkpoint, device, poll, ignore, debounce, hidden, batch_size,
           workers):
     """Index FOLDERS, then keep the index current as files are added, changed, renamed or deleted.

@@ -126,7 +126,7 @@ def test_quoted_phrase_must_appear_in_order(catalog):
 
 def test_the_one_filter_applies_to_the_words_side(catalog):
     from mmsearch.search.filters import Filters
-    from mmsearch.storage.catalog import filter_sql
+    from mmsearch.storage.filtersql import filter_sql
 
     cat, ids = catalog
     f = Filters.parse(exts="jpg")

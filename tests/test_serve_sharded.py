@@ -35,7 +35,9 @@ def test_the_api_is_the_same_over_shards(served):
     res = c.get("/api/search", params={"id": by_path[paths[11]], "k": 6, "ext": "jpg"})
     assert res.status_code == 200, res.text
     data = res.json()
-    assert set(data) == {"query", "hits", "more", "reranked", "partial", "missing", "took_ms", "timing"}
+    assert set(data) == {"query", "hits", "more", "reranked", "partial", "missing", "took_ms", "timing", "calibrated",
+                         "good_threshold", "no_good_match"}
+    assert data["calibrated"] is False and data["no_good_match"] is False  # no calibration over shards yet
     assert set(data["timing"]) == {"embed_ms", "scatter_ms", "slowest_shard_ms", "total_ms"}
     assert data["timing"]["total_ms"] >= data["timing"]["scatter_ms"] >= data["timing"]["slowest_shard_ms"] > 0
     assert (data["partial"], data["missing"]) == (False, [])

@@ -231,7 +231,7 @@ def test_without_pyav_videos_are_skipped_with_one_notice(folder, tiny_checkpoint
     summary = index_folders(tmp_path / "idx", [photos], spec=ModelSpec(model="mmsearch-tiny", pretrained=None,
                                                                        checkpoint=str(tiny_checkpoint)))
     assert summary.added == 8 and summary.failures == [] and summary.skipped_videos == 4
-    assert len(summary.notices) == 1 and "mmsearch[video]" in summary.notices[0]
+    assert len(summary.notes) == 1 and "mmsearch[video]" in summary.notes[0]
     res = CliRunner().invoke(cli, ["index", str(photos), "--index", str(tmp_path / "idx")])
     assert res.exit_code == 0 and res.output.count("video support is not installed") == 1
 

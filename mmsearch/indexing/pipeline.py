@@ -84,6 +84,7 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
         precision = default_precision(dev, reranker=bool(reranker))
     if precision is not None and executor is None:
         check_precision(precision, dev)
+    own_store = store is None  # a watcher's store stays open between its runs
     if store is None:
         store = IndexStore.open_or_create(index_dir, spec=spec, factory=factory or DEFAULT_FACTORY, device=dev,
                                           precision=precision, max_index_memory=max_index_memory)
@@ -176,7 +177,8 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
     summary.seconds = time.perf_counter() - t0
     # closed here, not by the garbage collector: sqlite3's statement cache holds its connection in a
     # cycle, and until the last connection closes the WAL's -wal and -shm files stay beside the catalog
-    cat.close()
+    if own_store:
+        cat.close()
     return summary
 
 

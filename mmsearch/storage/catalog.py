@@ -186,6 +186,8 @@ class Catalog(TextRows, FailureRows, LexicalRows, VideoRows, FilterRows):
 
     def image_ids(self) -> np.ndarray:
         """Every image id, ascending (from the table's own b-tree of row ids: 8 bytes an image)."""
+        import numpy as np
+
         return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
 
     def image_states(self) -> dict[str, tuple]:

@@ -183,3 +183,30 @@ def test_imported_rows_get_their_name_words_and_wait_for_ocr(catalog):
     (i,) = _found(cat, "sunflower")
     assert cat.rows([i])[i]["path"] == "/p/imported/sunflower-field.jpg"
     assert (i, "/p/imported/sunflower-field.jpg") in cat.ids_needing_ocr()
+
+
+def test_coverage_from_the_stored_words_equals_fts5s_own_count(tmp_path):
+    """The words side keeps images covering half the query's words; it counts them from the stored
+    documents (hybrid.unit_coverage) instead of one FTS5 lookup per word. FTS5's own count
+    (Catalog.match_counts) is the reference, over random documents mixing Latin, accents, CJK and names."""
+    from mmsearch.search.hybrid import unit_coverage
+
+    rng = random.Random(1)
+    vocab = ["red", "Circle", "café", "cafe", "blue", "square", "invoice", "2023", "发票", "密码", "total",
+             "naïve", "IMG", "scan", "left"]
+    cat = Catalog.create(tmp_path / "idx", {"dim": 4})
+    with cat.transaction():
+        for n in range(120):
+            path = f"/p/{rng.choice(vocab)}/{rng.choice(vocab)}_{n}.png"
+            i = cat.insert_image(dict(path=path, size=1, mtime_ns=1, quick_hash=None, width=1, height=1,
+                                      taken_at=None, ext=".png"), np.ones(4, np.float32) / 2)
+            lines = [(" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 5))), 0.9, None)
+                     for _ in range(rng.randint(0, 3))]
+            cat.put_words(i, path, {"keywords": [rng.choice(vocab)]} if n % 3 == 0 else None, lines, "ok")
+    ids = [i for i, in cat.conn.execute("SELECT id FROM images")]
+    for trial in range(40):
+        q = parse_lexical([" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 4)))])
+        if not q.words:
+            continue
+        assert unit_coverage(q, cat.documents(ids)) == {i: cat.match_counts(q.unit_matches(), ids).get(i, 0)
+                                                        for i in ids}, (trial, q.words)

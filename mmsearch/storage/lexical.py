@@ -134,6 +134,17 @@ class LexicalRows:
             return None
         return {"ocr_status": row[0], "ocr_error": row[1], "meta": json.loads(row[2]) if row[2] else {}}
 
+    def documents(self, ids: Iterable[int]) -> dict[int, str]:
+        """{id: the words FTS5 indexed for it (name, metadata, OCR text), one text}."""
+        ids = [int(i) for i in ids]
+        out = {}
+        for s in range(0, len(ids), 900):
+            chunk = ids[s:s + 900]
+            for i, n, m, o in self.conn.execute(f"SELECT image_id, name, meta, ocr FROM image_text WHERE image_id IN "
+                                                f"({','.join('?' * len(chunk))})", chunk):
+                out[i] = "\n".join(x or "" for x in (n, m, o))
+        return out
+
     def metas_of(self, ids: Iterable[int]) -> dict[int, dict]:
         ids = [int(i) for i in ids]
         out = {}

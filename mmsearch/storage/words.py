@@ -46,6 +46,8 @@ def query_words(text: str) -> list[str]:
 
 def fold(text: str) -> str:
     """Case and diacritics folded, one output character per input character (so offsets carry over)."""
+    if text.isascii():
+        return text.lower()
     out = []
     for ch in text:
         base = unicodedata.normalize("NFKD", ch)
@@ -54,30 +56,21 @@ def fold(text: str) -> str:
     return "".join(out)
 
 
-def find_words(text: str, words: list[str]) -> Iterator[tuple[int, int]]:
-    """(start, end) offsets in `text` of each query word found there as a whole word (CJK: anywhere),
-    case- and diacritic-insensitive, as FTS5 matched it."""
-    folded = fold(text)
-    seen = set()
-    for w in words:
-        fw = fold(w)
-        if not fw:
-            continue
-        if all(is_cjk(c) for c in fw):
-            pat = re.escape(fw)
-        else:
-            pat = r"(?<![^\W_])" + re.escape(fw) + r"(?![^\W_])"
-        for m in re.finditer(pat, folded):
-            if m.span() not in seen:
-                seen.add(m.span())
-                yield m.span()
+def word_pattern(word: str) -> "re.Pattern | None":
+    """The pattern of one query word in folded text: a whole word (CJK: anywhere), as FTS5 matches it."""
+    fw = fold(word)
+    if not fw:
+        return None
+    if all(is_cjk(c) for c in fw):
+        return re.compile(re.escape(fw))
+    return re.compile(r"(?<![^\W_])" + re.escape(fw) + r"(?![^\W_])")
 
 
-def find_phrase(text: str, words: list[str]) -> Iterator[tuple[int, int]]:
-    """(start, end) of each place where `words` follow one another (separated by non-word characters
+def phrase_pattern(words: list[str]) -> "re.Pattern | None":
+    """The pattern of words that follow one another in folded text (separated by non-word characters
     only, or nothing between CJK characters): a quoted phrase as FTS5 matches it."""
     if not words:
-        return
+        return None
     parts = []
     for i, w in enumerate(words):
         fw = re.escape(fold(w))
@@ -85,8 +78,30 @@ def find_phrase(text: str, words: list[str]) -> Iterator[tuple[int, int]]:
             cjk_join = is_cjk(fold(words[i - 1])[-1:] or "a") and is_cjk(fold(w)[:1] or "a")
             parts.append(r"[\W_]*" if cjk_join else r"[\W_]+")
         parts.append(fw)
-    pat = r"(?<![^\W_])" + "".join(parts) + r"(?![^\W_])"
     if all(is_cjk(c) for w in words for c in fold(w)):
-        pat = "".join(parts)
-    for m in re.finditer(pat, fold(text)):
+        return re.compile("".join(parts))
+    return re.compile(r"(?<![^\W_])" + "".join(parts) + r"(?![^\W_])")
+
+
+def find_words(text: str, words: list[str]) -> Iterator[tuple[int, int]]:
+    """(start, end) offsets in `text` of each query word found there as a whole word (CJK: anywhere),
+    case- and diacritic-insensitive, as FTS5 matched it."""
+    folded = fold(text)
+    seen = set()
+    for w in words:
+        pat = word_pattern(w)
+        if pat is None:
+            continue
+        for m in pat.finditer(folded):
+            if m.span() not in seen:
+                seen.add(m.span())
+                yield m.span()
+
+
+def find_phrase(text: str, words: list[str]) -> Iterator[tuple[int, int]]:
+    """(start, end) of each place where `words` follow one another: phrase_pattern in `text`."""
+    pat = phrase_pattern(words)
+    if pat is None:
+        return
+    for m in pat.finditer(fold(text)):
         yield m.span()

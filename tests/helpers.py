@@ -278,3 +278,19 @@ def build_video_index(root, synth_dir, checkpoint, ext=".webm"):
     idx = Path(root) / "idx"
     index_folders(idx, [photos], spec=ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(checkpoint)))
     return idx, photos, info
+
+
+def untrained_reranker(index_dir, out):
+    """A re-ranker file for the index's encoder with seeded random weights (what the tests of its plumbing
+    need: the tokens and scores flow, not their quality)."""
+    import torch
+
+    from mmsearch.rerank.model import RERANKER_FORMAT, TOKEN_GRID, FusionModel
+
+    store = IndexStore.open(index_dir)
+    torch.manual_seed(0)
+    model = FusionModel(int(store.meta["text_width"]), int(store.meta["vision_width"]), 1 + TOKEN_GRID ** 2)
+    torch.save({"format": RERANKER_FORMAT, "config": model.config, "state_dict": model.state_dict(),
+                "encoder_fingerprint": store.meta["fingerprint"], "token_grid": TOKEN_GRID,
+                "alpha": {"text_to_image": 0.5, "image_to_text": 0.5}}, out)
+    return out

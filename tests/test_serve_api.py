@@ -17,7 +17,7 @@ from mmsearch.indexing.pipeline import index_folders
 from mmsearch.search.query import Searcher, parse_query
 from mmsearch.serve import create_app
 from mmsearch.storage.store import IndexStore
-from helpers import build_served_index, exif_rotated_jpeg
+from helpers import build_served_index, exif_rotated_jpeg, untrained_reranker
 
 HIT_KEYS = {"rank", "score", "path", "id", "similarity", "itm", "width", "height", "taken_at", "name", "thumbnail",
             "text_score", "matches",  # where the query's words are in the image (issue 27), else null
@@ -416,19 +416,11 @@ def test_busy_port_is_a_clear_error(served):
 def test_rerank_switch_and_stable_pages(served, tmp_path):
     """A re-ranker (random weights: the plumbing is under test, not its quality) is used by default, can be
     switched off, and pages of a re-ranked query concatenate to the same list as one long page."""
-    import torch
-
     from mmsearch.indexing.backfill import enable_reranker
-    from mmsearch.rerank.model import RERANKER_FORMAT, TOKEN_GRID, FusionModel
 
     idx = tmp_path / "idx"
     shutil.copytree(served[0], idx)
-    store = IndexStore.open(idx)
-    torch.manual_seed(0)
-    model = FusionModel(int(store.meta["text_width"]), int(store.meta["vision_width"]), 1 + TOKEN_GRID ** 2)
-    torch.save({"format": RERANKER_FORMAT, "config": model.config, "state_dict": model.state_dict(),
-                "encoder_fingerprint": store.meta["fingerprint"], "token_grid": TOKEN_GRID,
-                "alpha": {"text_to_image": 0.5, "image_to_text": 0.5}}, tmp_path / "rr.pt")
+    untrained_reranker(idx, tmp_path / "rr.pt")
     enable_reranker(idx, tmp_path / "rr.pt")
     with TestClient(create_app(idx, warm=False), base_url=LOCAL) as c:
         assert ok(c.get("/api/info"))["rerank_available"] is True

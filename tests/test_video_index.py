@@ -21,6 +21,8 @@ from mmsearch.search.query import Searcher
 from mmsearch.storage.catalog import Catalog
 from mmsearch.storage.store import IndexStore
 
+from helpers import untrained_reranker
+
 STEP = video.SAMPLE_STEP_S
 
 
@@ -145,19 +147,11 @@ def test_grouping_filters_and_json(indexed, folder):
 def test_reranker_tokens_of_shots(indexed, tmp_path, tiny_checkpoint):
     """A re-ranker (random weights: the plumbing is under test) back-fills each shot's tokens from its frame,
     which are the tokens the indexer stores for it, and re-ranks video moments like photos."""
-    import torch
-
     from mmsearch.indexing.backfill import enable_reranker
-    from mmsearch.rerank.model import RERANKER_FORMAT, TOKEN_GRID, FusionModel
 
     idx = tmp_path / "idx"
     shutil.copytree(indexed[0], idx)
-    store = IndexStore.open(idx)
-    torch.manual_seed(0)
-    model = FusionModel(int(store.meta["text_width"]), int(store.meta["vision_width"]), 1 + TOKEN_GRID ** 2)
-    torch.save({"format": RERANKER_FORMAT, "config": model.config, "state_dict": model.state_dict(),
-                "encoder_fingerprint": store.meta["fingerprint"], "token_grid": TOKEN_GRID,
-                "alpha": {"text_to_image": 0.5, "image_to_text": 0.5}}, tmp_path / "rr.pt")
+    untrained_reranker(idx, tmp_path / "rr.pt")
     res = enable_reranker(idx, tmp_path / "rr.pt")
     assert res["failed"] == 0 and res["images"] == 11
     store = IndexStore.open(idx)

@@ -1,6 +1,7 @@
 """Issue 32: defaults chosen per CPU, from one probe (mmsearch.towers.cpu) that MMSEARCH_CPU_FLAGS
 simulates, and an amp-bf16 index that stays usable (searches and updates) on a CPU without bf16."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -159,10 +160,47 @@ def test_runs_use_the_idle_cores_and_give_the_thread_count_back(monkeypatch):
     assert threads.run_threads() == before  # the user's choice
 
 
-def test_idle_cores_subtract_the_load(monkeypatch):
+def test_idle_cores_subtract_what_other_processes_use_now(monkeypatch):
     monkeypatch.setattr(cpu, "cores", lambda: 2)
+    for busy, idle in ((0.1, 2), (0.7, 1), (1.4, 1), (7.0, 1)):
+        monkeypatch.setattr(cpu, "busy_elsewhere", lambda busy=busy: busy)
+        cpu.idle_cores.cache_clear()
+        assert cpu.idle_cores() == idle, busy
+    # without /proc/stat the 1-minute load average stands in
+    monkeypatch.setattr(cpu, "busy_elsewhere", lambda: None)
     for load, idle in ((0.2, 2), (0.6, 1), (1.4, 1), (7.0, 1)):
         monkeypatch.setattr(cpu.os, "getloadavg", lambda load=load: (load, load, load))
         cpu.idle_cores.cache_clear()
         assert cpu.idle_cores() == idle, load
     cpu.idle_cores.cache_clear()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc/stat")
+def test_busy_elsewhere_sees_another_process_and_not_this_one():
+    """A process spinning on a core counts as busy; this process's own spinning thread does not (the load
+    average counted both, and for a minute after they stopped)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()+5\nwhile time.time()<t: pass"])
+    try:
+        time.sleep(0.3)
+        other = cpu.busy_elsewhere(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    stop = time.monotonic() + 1.0
+
+    def spin():
+        while time.monotonic() < stop:
+            pass
+
+    th = threading.Thread(target=spin)
+    th.start()
+    time.sleep(0.1)
+    own = cpu.busy_elsewhere(0.5)
+    th.join()
+    assert other >= 0.6, other
+    assert own < other - 0.4, (own, other)

@@ -152,16 +152,43 @@ def describe() -> dict:
             "load": [round(x, 2) for x in load] if load else None, "native_bf16": native_bf16(), "held": held}
 
 
+BUSY_WINDOW_S = 0.1  # how long idle_cores watches the other processes' CPU use
+
+
+def busy_elsewhere(window: float = BUSY_WINDOW_S):
+    """Cores other processes keep busy now: the CPU time /proc/stat counts over `window` seconds less this
+    process's own, per second. None where /proc/stat is missing (macOS, Windows)."""
+    import time
+
+    def busy_ticks():
+        with open("/proc/stat", encoding="ascii") as fh:
+            v = [int(x) for x in fh.readline().split()[1:8]]
+        return v[0] + v[1] + v[2] + v[5] + v[6]  # user, nice, system, irq, softirq (not idle, iowait, steal)
+
+    try:
+        t0, b0, own0 = time.monotonic(), busy_ticks(), os.times()
+        time.sleep(window)
+        t1, b1, own1 = time.monotonic(), busy_ticks(), os.times()
+    except (OSError, ValueError, IndexError):
+        return None
+    own = (own1.user + own1.system) - (own0.user + own0.system)
+    return max(0.0, ((b1 - b0) / os.sysconf("SC_CLK_TCK") - own) / max(t1 - t0, 1e-6))
+
+
 @functools.lru_cache(maxsize=1)
 def idle_cores() -> int:
-    """The cores other work leaves free, decided once per process (later in a run the load average
-    counts this process's own threads): cores() less the 1-minute load average, rounded, at least 1.
+    """The cores other work leaves free, decided once per process: cores() less the cores other processes
+    use right now (busy_elsewhere), a core counted busy from 0.6 of it, at least 1. Without /proc/stat,
+    the 1-minute load average stands in; it lags by a minute, so a job that has just ended still counts
+    (the demo's training got 1 thread after its own data preparation).
     Torch's threads meet at a barrier after every operator, so a thread on a core something else uses
     holds up all of them: training mmsearch-tiny on 2 cores with 1 busy took 21-24 s on 2 threads and
     10 s on 1 (emulated AVX2; 6.8 s on 2 threads with both cores free)."""
     n = cores()
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return n
-    return max(1, min(n, n - int(load + 0.5)))
+    busy = busy_elsewhere()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0] + 0.1
+        except (OSError, AttributeError):
+            return n
+    return max(1, min(n, n - int(busy + 0.4)))

@@ -126,7 +126,7 @@ def test_unchanged_rerun_reads_nothing_changed_file_is_read_again_deleted_leaves
     before = lines_by_name(idx)
     reads = []
     real = OcrEngine.read
-    monkeypatch.setattr(OcrEngine, "read", lambda self, img: reads.append(img.size) or real(self, img))
+    monkeypatch.setattr(OcrEngine, "read", lambda self, img, full=None: reads.append(img.size) or real(self, img, full))
     s = index_folders(idx, [photos])
     assert reads == [] and s.ocr_read == 0 and lines_by_name(idx) == before
 
@@ -172,11 +172,11 @@ def test_an_ocr_failure_is_an_error_row_not_a_stopped_run(folder, tmp_path, tiny
     shutil.copytree(folder / "screens", photos)
     real = OcrEngine.read
 
-    def flaky(self, img):
+    def flaky(self, img, full=None):
         if img.size == (480, 200) and getattr(flaky, "n", 0) == 0:
             flaky.n = 1
             raise RuntimeError("detector exploded")
-        return real(self, img)
+        return real(self, img, full)
 
     monkeypatch.setattr(OcrEngine, "read", flaky)
     idx = tmp_path / "idx"
@@ -196,7 +196,7 @@ def test_a_detector_that_finds_ten_thousand_boxes_is_bounded(monkeypatch):
     xy = rng.uniform(0, 300, size=(10_000, 1, 2)).astype(np.float32)
     boxes = np.concatenate([xy, xy + [[8, 0]], xy + [[8, 6]], xy + [[0, 6]]], axis=1)
     scores = rng.uniform(0.5, 1, size=10_000).tolist()
-    monkeypatch.setattr(eng, "has_text", lambda bgr: True)
+    monkeypatch.setattr(eng, "has_text", lambda bgr, side=None: True)
     monkeypatch.setattr(eng, "detect", lambda bgr: (boxes, scores))
     seen = []
     monkeypatch.setattr(eng, "recognize", lambda crops: seen.append(len(crops)) or [("x1", 0.9)] * len(crops))
@@ -217,9 +217,57 @@ def test_ocr_input_is_capped_and_plain_images_stop_at_the_gate(monkeypatch):
     monkeypatch.setattr(eng, "detect", lambda bgr: sizes.append(bgr.shape[:2]) or real(bgr))
     res = eng.read(Image.new("RGB", (4000, 1000), (90, 140, 200)))  # a plain sky: no text
     assert res.gated and res.lines == [] and sizes == []
-    monkeypatch.setattr(eng, "has_text", lambda bgr: True)
+    monkeypatch.setattr(eng, "has_text", lambda bgr, side=None: True)
     eng.read(Image.new("RGB", (4000, 1000), (90, 140, 200)))
     assert max(sizes[0]) == ocr.DEFAULT_MAX_SIDE
+
+
+def test_a_small_photo_is_gated_at_half_its_size():
+    """The gate runs at about half the OCR input (256 to 640 px): a 500 x 375 photo at 256, a 1600 px input
+    at 640; an input barely larger than the smallest gate is read whole."""
+    need_ocr()
+    from mmsearch.indexing import ocr
+
+    eng = ocr.shared_engine()
+    assert eng.gate_size(375, 500) == 256 and eng.gate_size(1200, 1600) == 640 and eng.gate_size(600, 800) == 416
+    assert eng.gate_size(240, 320) == 256 > 0.75 * 320  # so read() skips the gate there
+
+
+def test_a_big_jpeg_is_decoded_once_unless_it_has_text(tmp_path, monkeypatch):
+    """With OCR on, a 12 MP JPEG is decoded once (at 1/4 scale) and its gate runs on that picture; only a
+    photo with text is decoded again at OCR size, and what is read then equals reading that decode directly."""
+    need_ocr()
+    from mmsearch import media
+    from mmsearch.indexing import stage
+    from mmsearch.indexing.extract import Extractor
+    from mmsearch.indexing.ocr import DEFAULT_MAX_SIDE, GATE_DECODE_SIDE, shared_engine
+    from mmsearch.indexing.scan import FileInfo
+
+    plain, texty = tmp_path / "sky.jpg", tmp_path / "sign.jpg"
+    Image.new("RGB", (4000, 3000), (90, 140, 200)).save(plain, quality=90)
+    sign = Image.new("RGB", (4000, 3000), (250, 250, 250))
+    render(tmp_path / "line.png", ["Harbour Station"], size=(2400, 400), font_size=200)
+    sign.paste(Image.open(tmp_path / "line.png").convert("RGB"), (600, 1200))
+    sign.save(texty, quality=90)
+    decodes = []
+    real_load = media.load_image
+    monkeypatch.setattr(media, "load_image", lambda p, min_size=None, **kw: decodes.append(min_size) or
+                        real_load(p, min_size=min_size, **kw))
+    ex = Extractor(ocr=True)
+    for path in (plain, texty):
+        decodes.clear()
+        st = os.stat(path)
+        info = FileInfo(str(path), st.st_size, st.st_mtime_ns)
+        pixels, orig, _, _, words = stage.decode_file(info, 64, lambda im: im.size, ex)
+        assert orig == (4000, 3000) and pixels == (1000, 750)  # one draft decode at 1/4 for both
+        assert decodes[0] == GATE_DECODE_SIDE
+        if path == plain:
+            assert decodes == [GATE_DECODE_SIDE] and words.status == "none"
+        else:
+            assert len(decodes) == 2 and "Harbour Station" in " ".join(t for t, _, _ in words.lines)
+            direct = shared_engine().read(real_load(path, min_size=decodes[1]))
+            assert [t for t, _, _ in words.lines] == [t for t, _, _ in direct.lines]
+            assert max(real_load(path, min_size=decodes[1]).size) >= DEFAULT_MAX_SIDE
 
 
 KILL_SCRIPT = """
@@ -280,10 +328,29 @@ def test_kill_9_mid_index_leaves_catalog_fts_and_faiss_consistent(tmp_path, tiny
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 0 < seen < len(words)
-    partial = _words_consistent(idx).catalog.count_images()
-    assert 0 < partial < len(words)
+    cat = _words_consistent(idx).catalog
+    partial, unread = cat.count_images(), len(cat.ids_needing_ocr())  # on a CPU OCR follows the embed phase
+    assert 0 < partial < len(words) and unread <= partial
     s = index_folders(idx, [photos])
-    assert s.added == len(words) - partial and s.ocr_read == len(words) - partial
+    assert s.added == len(words) - partial and s.ocr_read == s.added + unread
     store = _words_consistent(idx)
     found = Searcher(store).search("november", mode="text")
     assert [os.path.basename(h.path) for h in found] == ["13.png"]
+
+
+def test_on_a_cpu_ocr_follows_the_embed_phase(folder, tmp_path, tiny_checkpoint, monkeypatch):
+    """On a CPU the words are read after every image is embedded and the vectors saved (inside the embed
+    phase OCR's threads slowed the encoder's), and a crash there loses no embedding."""
+    from mmsearch.indexing.ocr import OcrEngine
+    from mmsearch.storage.store import IndexStore as Store
+
+    events, real = [], OcrEngine.read
+    monkeypatch.setattr(OcrEngine, "read", lambda self, img, full=None: events.append("read") or real(self, img, full))
+    real_save = Store.save_vectors
+    monkeypatch.setattr(Store, "save_vectors", lambda self, *a, **kw: events.append("saved") or real_save(self, *a, **kw))
+    s = index_folders(tmp_path / "idx", [folder], spec=spec(tiny_checkpoint),
+                      progress=lambda done, total, stage=None, **kw: events.append(stage))
+    assert s.ocr_read > 0 and "read" in events
+    first_read = events.index("read")
+    assert "saved" in events[:first_read] and "embed" not in events[first_read:]
+    assert events[-1] == "ocr"

@@ -204,3 +204,15 @@ def test_busy_elsewhere_sees_another_process_and_not_this_one():
     th.join()
     assert other >= 0.6, other
     assert own < other - 0.4, (own, other)
+
+
+def test_a_new_fp32_index_says_what_int8_would_gain_on_this_kind_of_cpu(monkeypatch):
+    """Issue 32: fp32 stays the default without bf16 (int8's quality is reported, not assumed); the index
+    command says in one line how much faster --precision int8 measured on a CPU of this kind."""
+    from mmsearch.cli.index_cmds import int8_hint
+
+    for flags, want in (("avx,avx2,fma,f16c", "~1.6x"), ("avx2,avx512f,avx512_vnni", "~2.9x"),
+                        ("avx2,avx512f,avx512_vnni,avx512_bf16", None), ("sse4_2", None)):
+        monkeypatch.setenv(cpu.ENV_FLAGS, flags)
+        hint = int8_hint()
+        assert (want in hint and "--precision int8" in hint) if want else hint == "", (flags, hint)

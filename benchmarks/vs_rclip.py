@@ -161,7 +161,7 @@ class Tools:
             f.unlink()
 
     def index_dir(self, name, tag):
-        return self.work / f"idx-{name.split()[-1]}-{tag}"
+        return self.work / f"idx-{name.split()[-1].replace('/', '-')}-{tag}"
 
     def index(self, name, folder, tag, cold):
         if name == "rclip":
@@ -171,9 +171,9 @@ class Tools:
         idx = self.index_dir(name, tag)
         if cold:
             shutil.rmtree(idx, ignore_errors=True)
-        prec = name.split()[-1]
+        prec, _, flag = name.split()[-1].partition("/")  # "fp32/no-ocr": like rclip, no words read
         return timed(self.mm + ["index", folder, "--index", idx, "--model", MODEL, "--pretrained", "none",
-                                "--precision", prec, "--json"], env=self.menv)
+                                "--precision", prec, "--json"] + ([f"--{flag}"] if flag else []), env=self.menv)
 
     def query(self, name, folder, tag):
         if name == "rclip":
@@ -184,7 +184,9 @@ class Tools:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--precisions", default="fp32,int8", help="mmsearch precisions to time (comma-separated)")
+    ap.add_argument("--precisions", default="fp32,int8",
+                    help="mmsearch precisions to time (comma-separated); P/no-ocr: P without reading the words "
+                         "(rclip reads none; OCR is on by default)")
     ap.add_argument("--n-big", type=int, default=200)
     ap.add_argument("--n-small", type=int, default=500)
     ap.add_argument("--n-new", type=int, default=10)

@@ -155,6 +155,10 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
         encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu")
         if store.precision.startswith("amp-") and not hasattr(encoder, "runtime"):
             encoder.precision = torch_precision(store.precision, dev)  # the torch encoder runs under autocast
+        if hasattr(encoder, "runtime"):  # the exported tower: its threads were decided when it loaded
+            from mmsearch.towers.runtime import threads
+
+            summary.threads = threads()
         note = bf16_fallback_note(store.precision, dev)
         if note:
             summary.notes.append(note)

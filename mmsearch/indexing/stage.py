@@ -40,6 +40,7 @@ class IndexSummary:
     embed_seconds: float = 0.0  # decoding + encoding only, without model loading
     encode_seconds: float = 0.0  # of which the image tower itself ran (the rest: waiting for decodes, commits)
     wait_seconds: float = 0.0  # of which the encoder waited for decode threads
+    threads: int = 0  # the CPU threads the exported image tower ran on (towers.runtime.threads), 0: none ran
     repaired: int = 0  # vectors added to (or dropped from) the FAISS file to match the catalog's rows
     failures: list = field(default_factory=list)  # (path, reason) of this run's new failures
     videos: int = 0  # of the files embedded, videos

@@ -163,7 +163,9 @@ def busy_elsewhere(window: float = BUSY_WINDOW_S):
     def busy_ticks():
         with open("/proc/stat", encoding="ascii") as fh:
             v = [int(x) for x in fh.readline().split()[1:8]]
-        return v[0] + v[1] + v[2] + v[5] + v[6]  # user, nice, system, irq, softirq (not idle, iowait, steal)
+        # user and nice only: the kernel's system time right after a big process exits (freeing its memory,
+        # writing back its files) kept a core "busy" for a fraction of a second, and is no job of anyone's
+        return v[0] + v[1]
 
     try:
         t0, b0, own0 = time.monotonic(), busy_ticks(), os.times()
@@ -171,7 +173,7 @@ def busy_elsewhere(window: float = BUSY_WINDOW_S):
         t1, b1, own1 = time.monotonic(), busy_ticks(), os.times()
     except (OSError, ValueError, IndexError):
         return None
-    own = (own1.user + own1.system) - (own0.user + own0.system)
+    own = own1.user - own0.user
     return max(0.0, ((b1 - b0) / os.sysconf("SC_CLK_TCK") - own) / max(t1 - t0, 1e-6))
 
 

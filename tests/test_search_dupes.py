@@ -6,7 +6,7 @@ from mmsearch.search.dupes import brute_force_groups, find_duplicates
 from helpers import SYNTH_DIM, mixture_vectors, synthetic_store
 
 # ---- near-duplicates --------------------------------------------------------------------------
-@pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8", "IVF16,Flat", "IVF16,PQ16"])
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8", "IVF16,Flat"])
 def test_dupes_equal_brute_force(tmp_path, factory):
     rng = np.random.default_rng(3)
     mix, x = mixture_vectors(1500, seed=3)
@@ -36,12 +36,14 @@ def test_ivf_lists_decode_to_what_faiss_reconstructs(tmp_path, factory):
     _, x = mixture_vectors(600, seed=5)
     store = synthetic_store(tmp_path, x)
     store.reindex(factory)
-    ivf = faiss.extract_index_ivf(store.image_vectors().index)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(store.image_vectors().index))
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     seen = 0
     for lst in range(ivf.nlist):
         ids, vecs = decode_list(ivf, ivf.invlists, lst, centroids[lst])
         for o, (i, v) in enumerate(zip(ids, vecs)):
-            np.testing.assert_allclose(v, ivf.reconstruct_from_offset(lst, o), atol=1e-5)
+            ref = np.empty(ivf.d, np.float32)
+            ivf.reconstruct_from_offset(lst, o, faiss.swig_ptr(ref))
+            np.testing.assert_allclose(v, ref, atol=1e-5)
         seen += len(ids)
     assert seen == len(x)

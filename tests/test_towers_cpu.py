@@ -216,3 +216,21 @@ def test_a_new_fp32_index_says_what_int8_would_gain_on_this_kind_of_cpu(monkeypa
         monkeypatch.setenv(cpu.ENV_FLAGS, flags)
         hint = int8_hint()
         assert (want in hint and "--precision int8" in hint) if want else hint == "", (flags, hint)
+
+
+def test_fp32_towers_run_where_they_measured_faster(monkeypatch):
+    """Issue 32: fp32 on an AVX2-only CPU runs on ONNX Runtime (faster there, measured), on OpenVINO with
+    AVX-512; bf16 products stay OpenVINO's; MMSEARCH_TOWER_RUNTIME chooses."""
+    pytest.importorskip("openvino")
+    from mmsearch.towers.runtime import runtime_for
+
+    monkeypatch.delenv("MMSEARCH_TOWER_RUNTIME", raising=False)
+    monkeypatch.setenv(cpu.ENV_FLAGS, "avx,avx2,fma,f16c")
+    assert runtime_for("fp32") == runtime_for("amp-bf16") == "onnxruntime" and runtime_for("int8") == "onnxruntime"
+    monkeypatch.setenv(cpu.ENV_FLAGS, "avx2,avx512f,avx512_vnni")
+    assert runtime_for("fp32") == "openvino"
+    monkeypatch.setenv(cpu.ENV_FLAGS, "avx2,avx512f,avx512_bf16")
+    assert runtime_for("amp-bf16") == "openvino"
+    monkeypatch.setenv(cpu.ENV_FLAGS, "avx,avx2,fma,f16c")
+    monkeypatch.setenv("MMSEARCH_TOWER_RUNTIME", "openvino")
+    assert runtime_for("fp32") == "openvino"

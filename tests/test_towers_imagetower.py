@@ -98,7 +98,7 @@ def test_int8_keeps_direction_and_is_refused_across_precisions(tiny_checkpoint, 
 
 
 def test_bf16_runs_bfloat16_products_where_the_cpu_has_them(tiny_checkpoint, tmp_path):
-    """amp-bf16 on a CPU: OpenVINO with bf16 products where the CPU multiplies bf16, else torch autocast;
+    """amp-bf16 on a CPU: OpenVINO with bf16 products where the CPU multiplies bf16, else the exported graph in fp32;
     either way the vectors stay within cosine 0.999 of fp32, really differ, and the precision is kept."""
     from mmsearch.towers.runtime import cpu_has_bf16
 
@@ -107,13 +107,17 @@ def test_bf16_runs_bfloat16_products_where_the_cpu_has_them(tiny_checkpoint, tmp
         index_folders(tmp_path / "amp-bf16", [photos], spec=spec, precision="fp32")
     b = IndexStore.open(tmp_path / "amp-bf16")
     enc = b.image_encoder()
+    from mmsearch.towers.runtime import products
+
     if cpu_has_bf16():
         assert isinstance(enc, OnnxImageTower) and enc.runtime == "openvino" and enc.precision == "amp-bf16"
-    else:
-        assert not isinstance(enc, OnnxImageTower)
+    else:  # the exported graph in fp32 products: no dead end, and the closest a CPU gets without bf16
+        assert isinstance(enc, OnnxImageTower) and enc.precision == "amp-bf16" and products("amp-bf16") == "fp32"
     ea, eb = _by_path(IndexStore.open(tmp_path / "fp32")), _by_path(b)
     cos = np.array([ea[p] @ eb[p] for p in ea])
-    assert cos.min() > 0.999 and max(np.abs(ea[p] - eb[p]).max() for p in ea) > 1e-5
+    assert cos.min() > 0.999
+    if cpu_has_bf16():  # really bf16 products
+        assert max(np.abs(ea[p] - eb[p]).max() for p in ea) > 1e-5
 
 
 def test_missing_stale_or_damaged_export_is_rebuilt(tiny_checkpoint, tmp_path):

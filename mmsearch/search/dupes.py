@@ -78,7 +78,7 @@ def ivf_pairs(index, threshold: float, nprobe: int = DUPES_NPROBE,
     nearest its centroid (itself included), one matrix product a list."""
     import faiss
 
-    ivf = faiss.extract_index_ivf(index.index)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index.index))
     nlist, invl = ivf.nlist, ivf.invlists
     centroids = ivf.quantizer.reconstruct_n(0, nlist)
     near = ivf.quantizer.search(centroids, min(nprobe, nlist))[1]
@@ -107,6 +107,16 @@ def ivf_pairs(index, threshold: float, nprobe: int = DUPES_NPROBE,
     return sorted(set(pairs))
 
 
+def self_joinable(index) -> bool:
+    """An IVF whose codes decode within SCORE_MARGIN of the vectors (flat or 8-bit scalar codes); product
+    codes (the 10M tier's) are too lossy for that margin, and range-search every vector as before."""
+    import faiss
+
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index.index))
+    return isinstance(ivf, faiss.IndexIVFFlat) or (isinstance(ivf, faiss.IndexIVFScalarQuantizer)
+                                                   and ivf.sq.qtype == faiss.ScalarQuantizer.QT_8bit)
+
+
 def decode_list(ivf, invl, lst: int, centroid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 vectors) of one IVF list, decoded from its codes (plus the centroid when the codes
     are residuals)."""
@@ -125,8 +135,10 @@ def decode_list(ivf, invl, lst: int, centroid: np.ndarray) -> tuple[np.ndarray, 
     elif isinstance(ivf, faiss.IndexIVFPQ):
         x = ivf.pq.decode(codes)
     else:  # another IVF: one vector at a time
-        x = np.stack([ivf.reconstruct_from_offset(lst, o) for o in range(n)])
-        return ids, x.astype(np.float32)
+        x = np.empty((n, d), np.float32)
+        for o in range(n):
+            ivf.reconstruct_from_offset(lst, o, faiss.swig_ptr(x[o]))
+        return ids, x
     if getattr(ivf, "by_residual", False) and not isinstance(ivf, faiss.IndexIVFFlat):
         x = x + centroid
     return ids, np.ascontiguousarray(x, np.float32)
@@ -153,7 +165,7 @@ def find_duplicates(store, threshold: float = DEFAULT_THRESHOLD, nprobe: Optiona
     threshold = number("threshold", threshold, -1.0, 1.0, optional=False)
     nprobe = count("nprobe", nprobe)
     index = store.image_vectors()
-    if index.nlist:
+    if index.nlist and self_joinable(index):
         pairs = exact_scores(store, ivf_pairs(index, threshold - SCORE_MARGIN, max(1, nprobe or DUPES_NPROBE),
                                               progress=progress), threshold)
     else:

@@ -233,9 +233,10 @@ def test_a_small_photo_is_gated_at_half_its_size():
     assert eng.gate_size(240, 320) == 256 > 0.75 * 320  # so read() skips the gate there
 
 
-def test_a_big_jpeg_is_decoded_once_unless_it_has_text(tmp_path, monkeypatch):
-    """With OCR on, a 12 MP JPEG is decoded once (at 1/4 scale) and its gate runs on that picture; only a
-    photo with text is decoded again at OCR size, and what is read then equals reading that decode directly."""
+def test_a_big_jpeg_is_read_from_a_small_decode_unless_it_has_text(tmp_path, monkeypatch):
+    """OCR of an indexed 12 MP JPEG decodes it once at 1/4 scale for the gate; only a photo with text is
+    decoded again at OCR size, and what is read then equals reading that decode directly. The encoder's
+    decode is the same with OCR on or off (the embedding never depends on OCR)."""
     need_ocr()
     from mmsearch import media
     from mmsearch.indexing import stage
@@ -254,20 +255,19 @@ def test_a_big_jpeg_is_decoded_once_unless_it_has_text(tmp_path, monkeypatch):
     monkeypatch.setattr(media, "load_image", lambda p, min_size=None, **kw: decodes.append(min_size) or
                         real_load(p, min_size=min_size, **kw))
     ex = Extractor(ocr=True)
-    for path in (plain, texty):
-        decodes.clear()
-        st = os.stat(path)
-        info = FileInfo(str(path), st.st_size, st.st_mtime_ns)
-        pixels, orig, _, _, words = stage.decode_file(info, 64, lambda im: im.size, ex)
-        assert orig == (4000, 3000) and pixels == (1000, 750)  # one draft decode at 1/4 for both
-        assert decodes[0] == GATE_DECODE_SIDE
-        if path == plain:
-            assert decodes == [GATE_DECODE_SIDE] and words.status == "none"
-        else:
-            assert len(decodes) == 2 and "Harbour Station" in " ".join(t for t, _, _ in words.lines)
-            direct = shared_engine().read(real_load(path, min_size=decodes[1]))
-            assert [t for t, _, _ in words.lines] == [t for t, _, _ in direct.lines]
-            assert max(real_load(path, min_size=decodes[1]).size) >= DEFAULT_MAX_SIDE
+    st = os.stat(plain)
+    info = FileInfo(str(plain), st.st_size, st.st_mtime_ns)
+    with_ocr = stage.decode_file(info, 64, lambda im: im.size, ex)
+    assert with_ocr[0] == stage.decode_file(info, 64, lambda im: im.size, None)[0] == (500, 375)
+    decodes.clear()
+    assert ex(str(plain)).status == "none" and decodes == [GATE_DECODE_SIDE]
+    decodes.clear()
+    words = ex(str(texty))
+    assert len(decodes) == 2 and decodes[0] == GATE_DECODE_SIDE
+    assert "Harbour Station" in " ".join(t for t, _, _ in words.lines)
+    direct = shared_engine().read(real_load(texty, min_size=decodes[1]))
+    assert [t for t, _, _ in words.lines] == [t for t, _, _ in direct.lines]
+    assert max(real_load(texty, min_size=decodes[1]).size) >= DEFAULT_MAX_SIDE
 
 
 KILL_SCRIPT = """

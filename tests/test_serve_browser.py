@@ -457,4 +457,11 @@ def test_an_album_opens_and_gains_a_photo_the_watcher_indexed(browser, watch_ser
                            arg=str(new), timeout=60000)
     assert len(_cards(page)) == len(before) + 1
     assert "1 new since it was saved" in page.text_content("#status")
+    # the photo is searchable once its vector is saved; the watcher's totals count it when its run ends,
+    # after OCR has read the photo (on a CPU, OCR follows the embed phase)
+    import time
+
+    deadline = time.monotonic() + 30
+    while _health(url)["watcher"]["totals"]["added"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _health(url)["watcher"]["totals"]["added"] >= 1

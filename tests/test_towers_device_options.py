@@ -106,7 +106,13 @@ def test_amp_bf16_is_recorded_close_to_fp32_keeps_recall_and_refuses_mixing(tiny
     va = a[np.searchsorted(ids_a, [pa[p] for p in files])]
     vb = b[np.searchsorted(ids_b, [pb[p] for p in files])]
     cos = np.sum(va * vb, axis=1)
-    assert cos.min() > 0.99 and not np.allclose(va, vb, atol=1e-6)  # close, but not the same vectors
+    from mmsearch.towers.runtime import cpu_has_bf16
+
+    assert cos.min() > 0.99
+    if cpu_has_bf16():  # close, but not the same vectors: bf16 products
+        assert not np.allclose(va, vb, atol=1e-6)
+    else:  # no bf16 arithmetic here: the graph runs in fp32 products, the vectors are fp32's
+        assert np.allclose(va, vb, atol=1e-4)
     for k in (1, 5):
         r32, r16 = _recall_at(fp32, test_split, k), _recall_at(amp, test_split, k)
         assert r32 > 0.1 and abs(r32 - r16) <= 0.03, (k, r32, r16)

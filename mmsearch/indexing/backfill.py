@@ -93,16 +93,8 @@ def read_missing_words(store: IndexStore, extractor, summary=None, batch_size: i
     if not todo:
         return 0
 
-    def read(item):  # never raises: an unreadable file gets its error from the extractor's own decode
-        img = None
-        if extractor.ocr:  # decoded small first: the OCR gate reads it, and only text is decoded again
-            from mmsearch import media
-
-            try:
-                img = media.load_image(item[1], min_size=extractor.decode_side)
-            except MediaError:
-                pass
-        return extractor(item[1], img)
+    def read(item):  # the extractor decodes the file itself, and never raises
+        return extractor(item[1], None)
 
     with ThreadPoolExecutor(max_workers=workers or max(1, min(4, os.cpu_count() or 1))) as pool:
         for start in range(0, len(todo), batch_size):

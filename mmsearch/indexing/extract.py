@@ -67,18 +67,16 @@ class Extractor:
         """This extractor without OCR: what the embed phase reads on a CPU (OCR follows it)."""
         return Extractor(ocr=False, max_side=self.max_side, max_boxes=self.max_boxes) if self.ocr else self
 
-    @property
-    def decode_side(self) -> int:
-        """The short side decode workers draft-decode to at least, so the OCR gate can run on their picture."""
-        from mmsearch.indexing.ocr import GATE_DECODE_SIDE
-
-        return GATE_DECODE_SIDE if self.ocr else 0
-
     def __call__(self, path: str, img=None) -> Extract:
         out = Extract(meta=read_metadata(path))
         if not self.ocr:
             return out
         try:
+            if img is None:  # a back-fill: decoded small first (the gate reads it), again only for text
+                from mmsearch import media
+                from mmsearch.indexing.ocr import GATE_DECODE_SIDE
+
+                img = media.load_image(path, min_size=GATE_DECODE_SIDE)
             res = self.engine.read(*ocr_input(path, img, self.max_side))
             out.lines = [(t, s, b) for t, s, b in res.lines]
             out.status = OCR_OK if out.lines else OCR_NONE
@@ -89,22 +87,23 @@ class Extractor:
 
 
 def ocr_input(path: str, img, max_side: int) -> tuple:
-    """(image, full) for OcrEngine.read: the image already decoded when it is at full size (or at least
-    `max_side`), with no `full`; else that smaller decode (a big JPEG draft-decoded for the encoder) for
-    the gate, and `full`, which decodes again with draft scaling to about `max_side`."""
+    """(image, full) for OcrEngine.read: `img` when it is at full size (or at least `max_side`), with no
+    `full`; else, when it is large enough for the gate (a JPEG draft-decoded at GATE_DECODE_SIDE), `img` for
+    the gate and `full`, which decodes again with draft scaling to about `max_side`; else that full decode
+    now (the encoder's 1/8 copy of a big JPEG is too small for the gate)."""
     from mmsearch import media
+    from mmsearch.indexing.ocr import GATE_DECODE_SIDE
 
-    if img is not None:
-        orig = img.info.get("original_size", img.size)
-        if max(img.size) >= min(max(orig), max_side):
-            return img, None
-    w, h = img.info.get("original_size", img.size) if img is not None else (0, 0)
-    short = math.ceil(max_side * min(w, h) / max(w, h)) if w and h else None
+    orig = img.info.get("original_size", img.size)
+    if max(img.size) >= min(max(orig), max_side):
+        return img, None
+    w, h = orig
+    short = math.ceil(max_side * min(w, h) / max(w, h))
 
     def full():
         return media.load_image(path, min_size=short)
 
-    return (img, full) if img is not None else (full(), None)
+    return (img, full) if min(img.size) >= GATE_DECODE_SIDE else (full(), None)
 
 
 # ---- metadata ---------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ ARM: the detector measured ~10x faster there than on ONNX Runtime on 2 cores), e
 The work per image is bounded: the input is scaled down to `max_side` pixels on its longest side,
 at most `max_boxes` text boxes are recognised (the most confident), and a first detector pass at about
 half the input's size (256 to 640 pixels on its longest side) decides whether there is text at all: an
-image without text costs that one small pass and nothing else. That pass runs on the picture the
-indexer already decoded for the encoder (a 12 MP JPEG is decoded once, at 1/4 scale: its entropy
-decoding, not the scale, is most of the cost), so only an image with text is decoded again at OCR size. Everything rapidocr-specific is in this module (imported only when OCR runs).
+image without text costs that one small pass and nothing else. When OCR reads an indexed image (after
+the embed phase on a CPU), a big JPEG is decoded at 1/4 scale for that pass (its entropy decoding, not
+the scale, is most of the cost), and only an image with text is decoded again at OCR size. Everything rapidocr-specific is in this module (imported only when OCR runs).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ GATE_SIDE = 640  # the first, cheap detector pass: at most this long side,
 GATE_SCALE = 0.5  # about half the OCR input's (text 20 px high is 10 px there, which the detector still finds),
 GATE_MIN_SIDE = 256  # and at least this: a 500 x 375 photo is gated at 256 x 192, not read whole at 512 x 384
 GATE_THRESHOLD = 0.3  # a text pixel of the gate's probability map (the detector's own binarisation threshold)
-GATE_DECODE_SIDE = 480  # the short side the indexer decodes to when OCR is on (a 4:3 gate input of 640)
+GATE_DECODE_SIDE = 480  # the short side OCR first decodes a file to (a 4:3 gate input of 640)
 GATE_MIN_PIXELS = 6  # this many text pixels at gate size send the image to the full pass
 MIN_LINE_SCORE = 0.5  # recognised lines below this confidence are dropped (rapidocr's default text_score)
 INSTALL = "pip install 'mmsearch[ocr]'"

@@ -95,8 +95,7 @@ def decode_file(info: scan.FileInfo, image_size: int, pil_transform, extractor=N
             v = video.read_shots(info.path, image_size, frames=video_frames, prepare=pil_transform)
             return DecodedVideo([s.image for s in v.shots], [(s.start_s, s.end_s, s.frame_s) for s in v.shots],
                                 (v.width, v.height), v.duration_s, v.taken_at, safe_hash(info.path))
-        # with OCR on, a JPEG is decoded once at a size its gate can read too (extract.Extractor.decode_side)
-        img = media.load_image(info.path, min_size=max(image_size, getattr(extractor, "decode_side", 0)))
+        img = media.load_image(info.path, min_size=image_size)  # what OCR reads never changes the embedding
         orig = img.info.get("original_size", img.size)
         pixels = pil_transform(img)
         words = extractor(info.path, img) if extractor is not None else None

@@ -7,7 +7,8 @@ at most `max_boxes` text boxes are recognised (the most confident), and a first 
 half the input's size (256 to 640 pixels on its longest side) decides whether there is text at all: an
 image without text costs that one small pass and nothing else. When OCR reads an indexed image (after
 the embed phase on a CPU), a big JPEG is decoded at 1/4 scale for that pass (its entropy decoding, not
-the scale, is most of the cost), and only an image with text is decoded again at OCR size. Everything rapidocr-specific is in this module (imported only when OCR runs).
+the scale, is most of the cost), and only an image with text is decoded again at OCR size.
+Everything rapidocr-specific is in this module (imported only when OCR runs).
 """
 from __future__ import annotations
 

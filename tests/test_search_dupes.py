@@ -25,25 +25,3 @@ def test_dupes_equal_brute_force(tmp_path, factory):
     assert [g["ids"] for g in got] == ref
     assert len(ref) >= 60 and all(g["min_score"] >= 0.97 for g in got)
 
-
-@pytest.mark.parametrize("factory", ["IVF16,SQ8", "IVF16,Flat"])
-def test_ivf_lists_decode_to_what_faiss_reconstructs(tmp_path, factory):
-    """The self-join reads each IVF list's codes itself: they decode to faiss's own reconstruction."""
-    import faiss
-
-    from mmsearch.search.dupes import decode_list
-
-    _, x = mixture_vectors(600, seed=5)
-    store = synthetic_store(tmp_path, x)
-    store.reindex(factory)
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(store.image_vectors().index))
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    seen = 0
-    for lst in range(ivf.nlist):
-        ids, vecs = decode_list(ivf, ivf.invlists, lst, centroids[lst])
-        for o, (i, v) in enumerate(zip(ids, vecs)):
-            ref = np.empty(ivf.d, np.float32)
-            ivf.reconstruct_from_offset(lst, o, faiss.swig_ptr(ref))
-            np.testing.assert_allclose(v, ref, atol=1e-5)
-        seen += len(ids)
-    assert seen == len(x)

@@ -240,7 +240,10 @@ def test_the_page_marks_the_matched_word_and_boxes_it(browser, words_server):
     page.wait_for_selector("#d-words li mark")
     assert page.text_content("#d-words li.matched mark") == "Invoice"
     assert page.text_content("#d-words li.matched") == "Invoice 2023 total"
-    assert "Thank you" in page.text_content("#d-words")  # every line OCR read, the matched one marked
+    # the hit's matched line shows at once; every line OCR read follows from /words, the matched one marked
+    page.wait_for_function("() => document.querySelectorAll('#d-words li').length === 2", timeout=15000)
+    assert "Thank you" in page.text_content("#d-words")
+    assert page.text_content("#d-words li.matched") == "Invoice 2023 total"
     assert page.eval_on_selector_all("#d-boxes polygon", "els => els.length") == 1
     page.wait_for_function("() => document.querySelector('#d-img').naturalWidth > 0")
     # the box lies over the word: inside the image, in its upper left part, where the line was drawn

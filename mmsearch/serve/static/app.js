@@ -271,11 +271,13 @@ async function openDetail(hit, card) {
   panel.dataset.id = hit.id;
   document.body.classList.add("with-detail");
   $("close").focus();
+  // every line OCR read shows as soon as it arrives: the captions below may wait on the image tower
+  api(`/api/images/${hit.id}/words`).then((words) => {
+    if (panel.dataset.id === String(hit.id)) showWords(hit, words);
+  }).catch(() => {});
   try {
-    const [meta, texts, words] = await Promise.all([api(`/api/images/${hit.id}`),
-      api(`/api/images/${hit.id}/texts?k=5`), api(`/api/images/${hit.id}/words`)]);
+    const [meta, texts] = await Promise.all([api(`/api/images/${hit.id}`), api(`/api/images/${hit.id}/texts?k=5`)]);
     if (panel.dataset.id !== String(hit.id)) return;
-    showWords(hit, words);
     const when = meta.taken_at || meta.mtime;
     $("d-date").textContent = new Date(when * 1000).toLocaleString() + (meta.taken_at ? " (EXIF)" : " (file date)");
     $("d-size").textContent = `${meta.width} × ${meta.height} px · ${bytes(meta.size)}` +

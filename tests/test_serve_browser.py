@@ -275,8 +275,9 @@ def test_a_video_hit_plays_from_its_moment(browser, video_server):
     _decoded(page, 1)
     card.click()
     page.wait_for_selector("#d-video:not([hidden])")
-    page.wait_for_function("() => { const v = document.querySelector('#d-video');"
-                           " return v.readyState >= 1 && Math.abs(v.currentTime - +v.dataset.start) < 0.05; }",
+    # it plays once seeked, so under load a poll may first see it a few frames past the start
+    page.wait_for_function("() => { const v = document.querySelector('#d-video'), s = +v.dataset.start;"
+                           " return v.readyState >= 1 && v.currentTime >= s - 0.05 && v.currentTime < s + 1.0; }",
                            timeout=20000)
     t = page.evaluate("() => document.querySelector('#d-video').currentTime")
     shot = json.loads(_get(url + "api/search?" + urllib.parse.urlencode({"q": caption, "k": 24}))[1])["hits"]  # the page asks for 24
@@ -292,8 +293,8 @@ def test_a_video_hit_plays_from_its_moment(browser, video_server):
     if len(hit["moments"]) > 1:  # another moment seeks the same player
         other = hit["moments"][1]
         page.click("#d-timeline .moment >> nth=1")
-        page.wait_for_function("t => Math.abs(document.querySelector('#d-video').currentTime - t) < 0.05",
-                               arg=other["start_s"], timeout=10000)
+        page.wait_for_function("t => { const c = document.querySelector('#d-video').currentTime;"
+                               " return c >= t - 0.05 && c < t + 1.0; }", arg=other["start_s"], timeout=10000)
     assert problems == []
 
 

@@ -274,7 +274,9 @@ async function openDetail(hit, card) {
   // every line OCR read shows as soon as it arrives: the captions below may wait on the image tower
   api(`/api/images/${hit.id}/words`).then((words) => {
     if (panel.dataset.id === String(hit.id)) showWords(hit, words);
-  }).catch(() => {});
+  }).catch((err) => {  // the matched lines stay; say why the rest is missing, as the request below does
+    if (panel.dataset.id === String(hit.id)) $("d-path").textContent = hit.path + " — " + err.message;
+  });
   try {
     const [meta, texts] = await Promise.all([api(`/api/images/${hit.id}`), api(`/api/images/${hit.id}/texts?k=5`)]);
     if (panel.dataset.id !== String(hit.id)) return;

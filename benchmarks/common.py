@@ -57,6 +57,17 @@ def parse_cpuinfo(text: str) -> tuple[str | None, list[str]]:
     return model, flags or []
 
 
+def cpu_id(text: str) -> str | None:
+    """'family F model M' of the first processor: a VM often names its CPU only 'AMD EPYC', and two
+    such hosts (Zen 2 and Zen 3, say) differ in speed more than any change we measure."""
+    fields: dict = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("cpu family", "model"):
+            fields.setdefault(key.strip().lower(), value.strip())
+    return f"family {fields['cpu family']} model {fields['model']}" if len(fields) == 2 else None
+
+
 def machine(cpuinfo: str | None = None) -> dict:
     """What a measurement depends on. `cpuinfo`: /proc/cpuinfo's text (read here when None)."""
     if cpuinfo is None:
@@ -69,6 +80,8 @@ def machine(cpuinfo: str | None = None) -> dict:
          "flags": [f for f in FLAGS if f in flags], "arch": platform.machine(), "cpu_count": os.cpu_count(),
          "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
          "load": load_average(), "python": platform.python_version()}
+    if cpu_id(cpuinfo):
+        m["cpu_id"] = cpu_id(cpuinfo)
     torch = sys.modules.get("torch")  # only when the benchmark imported it: never imported just for this
     if torch is not None and hasattr(torch, "__version__"):
         m["torch"] = str(torch.__version__)
@@ -82,7 +95,8 @@ def machine_line(m: dict | None = None) -> str:
     """One line for a table: 'machine: CPU (flags); N cores (M usable); load a b c; python X, torch Y'."""
     m = m if m is not None else machine()
     cores = f"{m['cpu_count']} cores" + (f" ({m['usable_cores']} usable)" if m["usable_cores"] != m["cpu_count"] else "")
-    parts = [f"{m['cpu']} ({', '.join(m['flags']) or 'no AVX2, AVX-512, AMX or VNNI'})", cores,
+    name = m["cpu"] + (f" {m['cpu_id']}" if m.get("cpu_id") and not any(c.isdigit() for c in m["cpu"]) else "")
+    parts = [f"{name} ({', '.join(m['flags']) or 'no AVX2, AVX-512, AMX or VNNI'})", cores,
              "load " + " ".join(f"{v:.2f}" for v in m["load"]),
              f"python {m['python']}" + (f", torch {m['torch']}" if "torch" in m else "")]
     parts += [f"{k}={v}" for k, v in m.get("env", {}).items()]

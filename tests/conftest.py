@@ -21,6 +21,15 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
+def idle_torch_threads():
+    """The session's big training fixtures on the cores idle right now, as `mmsearch train` runs
+    (train/threads.py): two on a quiet 2-core machine (the re-ranker's 600 steps took 60 s there
+    against 90 s on one), one where the suite shares its core with other work."""
+    from mmsearch.train.threads import cpu_threads
+
+    return cpu_threads()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tower_cache(tmp_path_factory):
     """Exported towers shared between indexes (mmsearch.towers.cache) go to a temporary folder, not ~/.cache."""
@@ -41,7 +50,7 @@ def trained(synth_dir, tmp_path_factory):
     from mmsearch.train import train_encoder
 
     out = tmp_path_factory.mktemp("model") / "tiny.pt"
-    with one_torch_thread():
+    with idle_torch_threads():
         res = train_encoder(synth_dir / "captions.csv", ModelSpec(model="mmsearch-tiny", pretrained=None), out,
                             steps=160, batch_size=48, lr=1e-3)
     return out, res

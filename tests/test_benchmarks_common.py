@@ -54,6 +54,17 @@ def test_an_avx512_cpu_lists_its_avx512_bf16_vnni_and_amx_flags():
     assert f"{m['cpu_count']} cores" in line and "load " in line and f"python {m['python']}" in line
 
 
+def test_a_cpu_named_only_by_its_brand_is_told_apart_by_family_and_model():
+    zen3 = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: avx2\n\n" \
+           "processor\t: 1\ncpu family\t: 23\nmodel\t\t: 49\n"
+    m = common.machine(zen3)
+    assert m["cpu_id"] == "family 25 model 1"  # the first processor's, and 'model' is not 'model name'
+    assert common.machine_line(m).startswith("machine: AMD EPYC family 25 model 1 (avx2)")
+    named = common.machine(AVX2_ONLY.replace("vendor_id", "cpu family\t: 23\nmodel\t\t: 49\nvendor_id"))
+    assert named["cpu_id"] == "family 23 model 49"
+    assert common.machine_line(named).startswith("machine: AMD EPYC 7B12 (avx2)")  # a real model name says it
+
+
 def test_without_a_model_name_or_flags_the_machine_is_still_described(monkeypatch):
     monkeypatch.setattr(common.platform, "processor", lambda: "arm")
     m = common.machine("processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n")

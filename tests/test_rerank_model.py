@@ -24,7 +24,7 @@ from mmsearch.search.query import Searcher, parse_query
 from mmsearch.rerank.model import TOKEN_GRID, FusionModel, Reranker
 from mmsearch.train.reranker import train_reranker
 from mmsearch.storage.store import IndexStore
-from conftest import one_torch_thread
+from conftest import idle_torch_threads, one_torch_thread
 from helpers import filter_kwargs
 
 DAY = 86400
@@ -33,7 +33,7 @@ BASE = time.mktime((2021, 3, 1, 0, 0, 0, 0, 0, 0))
 
 RERANKER_STEPS = 600
 # The first test here pays for the session's re-ranker (and perhaps encoder) training in its setup:
-# ~220 s on one quiet core. Leave a loaded CI machine room under pytest-timeout's hang guard.
+# ~90 s on a quiet 2-core machine. Leave a loaded CI machine room under pytest-timeout's hang guard.
 pytestmark = pytest.mark.timeout(1500)
 
 
@@ -50,7 +50,7 @@ def swap_data(tmp_path_factory):
 def reranker_file(swap_data, tiny_checkpoint, tmp_path_factory):
     """A small re-ranker trained on the swap pairs' training split over the session's tiny encoder."""
     out = tmp_path_factory.mktemp("reranker") / "reranker.pt"
-    with one_torch_thread():
+    with idle_torch_threads():
         res = train_reranker(swap_data / "captions.csv", tiny_checkpoint, out, steps=RERANKER_STEPS, batch_size=32,
                              lr=1e-3)
     return out, res

@@ -1,7 +1,7 @@
 """Video indexing: decode + embed speed as a multiple of real time, peak memory against length, shots per
 minute, and moment recall on the synthetic set.
 
-    python benchmarks/video.py [--sizes 480p,1080p,2160p] [--seconds 60] [--rss-minutes 1,5,20,60]
+    python benchmarks/video.py [--sizes 480p,1080p,2160p] [--seconds 60] [--rss-minutes 1,5,20,60,120]
                                [--rss-size 1080p] [--model ViT-B-32] [--recall-videos 40]
     python benchmarks/video.py --sizes 144p --seconds 6 --rss-minutes 0.1,0.2 --rss-size 144p \\
                                --recall-videos 3 --checkpoint tiny.pt --data SYNTH_DIR   # a quick check
@@ -110,11 +110,14 @@ def long_video(size_name: str, seconds: float, base_s: float = 120.0) -> Path:
         with av.open(str(tmp), "w") as dst:
             ost = dst.add_stream_from_template(ist)
             copies = int(-(-seconds // base_s))
+            end = int(seconds / ist.time_base)  # cut on the first keyframe at or past the length asked for
             for c in range(copies):
                 src.seek(0)
                 for p in src.demux(ist):
                     if p.dts is None:  # the demuxer's flush packet
                         continue
+                    if p.is_keyframe and p.pts + c * span >= end:
+                        break
                     p.pts, p.dts, p.stream = p.pts + c * span, p.dts + c * span, ost
                     dst.mux(p)
     os.replace(tmp, out)
@@ -191,7 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="480p,1080p,2160p")
     ap.add_argument("--seconds", type=float, default=60.0, help="Length of each speed video.")
-    ap.add_argument("--rss-minutes", default="1,5,20,60", help="Lengths of the memory videos, in minutes.")
+    ap.add_argument("--rss-minutes", default="1,5,20,60,120", help="Lengths of the memory videos, in minutes.")
     ap.add_argument("--rss-size", default="1080p")
     ap.add_argument("--model", default="ViT-B-32", help="Tower for speed and memory (random weights).")
     ap.add_argument("--frames", type=int, default=300, help="--video-frames of the indexer.")

@@ -31,7 +31,8 @@ DAY = 86400
 BASE = time.mktime((2021, 3, 1, 0, 0, 0, 0, 0, 0))
 
 
-RERANKER_STEPS = 600
+# 400 steps: held-out swap pairs 0.956 preferred (the test asks >= 0.8; chance is 0.5), 40 s on 2 cores
+RERANKER_STEPS = 400
 # The first test here pays for the session's re-ranker (and perhaps encoder) training in its setup:
 # ~90 s on a quiet 2-core machine. Leave a loaded CI machine room under pytest-timeout's hang guard.
 pytestmark = pytest.mark.timeout(1500)

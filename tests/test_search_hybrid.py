@@ -208,5 +208,5 @@ def test_coverage_from_the_stored_words_equals_fts5s_own_count(tmp_path):
         q = parse_lexical([" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 4)))])
         if not q.words:
             continue
-        assert unit_coverage(q, cat.documents(ids)) == {i: cat.match_counts(q.unit_matches(), ids).get(i, 0)
-                                                        for i in ids}, (trial, q.words)
+        counts = cat.match_counts(q.unit_matches(), ids)  # one FTS5 count for every id (not one per id)
+        assert unit_coverage(q, cat.documents(ids)) == {i: counts.get(i, 0) for i in ids}, (trial, q.words)

@@ -24,6 +24,7 @@ Prints Markdown tables with the machine line and writes benchmarks/results/video
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -107,19 +108,25 @@ def long_video(size_name: str, seconds: float, base_s: float = 120.0) -> Path:
     with av.open(str(base)) as src:
         ist = src.streams.video[0]
         span = max(p.pts + (p.duration or 0) for p in src.demux(ist) if p.pts is not None)  # in ist.time_base
-        with av.open(str(tmp), "w") as dst:
-            ost = dst.add_stream_from_template(ist)
-            copies = int(-(-seconds // base_s))
-            end = int(seconds / ist.time_base)  # cut on the first keyframe at or past the length asked for
-            for c in range(copies):
+        end = int(seconds / ist.time_base)  # cut on the first keyframe at or past the length asked for
+
+        def packets():
+            """The base clip's packets again and again, shifted by one span a copy, until `end`."""
+            for shift in itertools.count(0, span):
                 src.seek(0)
                 for p in src.demux(ist):
                     if p.dts is None:  # the demuxer's flush packet
                         continue
-                    if p.is_keyframe and p.pts + c * span >= end:
-                        break
-                    p.pts, p.dts, p.stream = p.pts + c * span, p.dts + c * span, ost
-                    dst.mux(p)
+                    if p.is_keyframe and p.pts + shift >= end:
+                        return
+                    p.pts, p.dts = p.pts + shift, p.dts + shift
+                    yield p
+
+        with av.open(str(tmp), "w") as dst:
+            ost = dst.add_stream_from_template(ist)
+            for p in packets():
+                p.stream = ost
+                dst.mux(p)
     os.replace(tmp, out)
     return out
 

@@ -54,17 +54,16 @@ def trained(synth_dir, tmp_path_factory):
 
     # `make test` runs the suite in two processes (Makefile); the second takes the first's run from
     # MMSEARCH_TEST_SHARE, a folder that make test creates and removes, instead of training it again (20 s)
-    share = os.environ.get("MMSEARCH_TEST_SHARE")
-    shared_ckpt, shared_res = (Path(share) / "tiny.pt", Path(share) / "tiny.json") if share else (None, None)
-    if shared_ckpt is not None and shared_ckpt.exists() and shared_res.exists():
-        return shared_ckpt, dict(json.loads(shared_res.read_text()), checkpoint=str(shared_ckpt))
+    share = Path(os.environ["MMSEARCH_TEST_SHARE"]) if os.environ.get("MMSEARCH_TEST_SHARE") else None
+    if share is not None and (share / "tiny.json").exists():  # written after the checkpoint: both are whole
+        return share / "tiny.pt", dict(json.loads((share / "tiny.json").read_text()), checkpoint=str(share / "tiny.pt"))
     out = tmp_path_factory.mktemp("model") / "tiny.pt"
     with idle_torch_threads():
         res = train_encoder(synth_dir / "captions.csv", ModelSpec(model="mmsearch-tiny", pretrained=None), out,
                             steps=160, batch_size=48, lr=1e-3)
-    if shared_ckpt is not None:
-        shutil.copy(out, shared_ckpt)
-        shared_res.write_text(json.dumps(res, default=str))
+    if share is not None:
+        shutil.copy(out, share / "tiny.pt")
+        (share / "tiny.json").write_text(json.dumps(res, default=str))
     return out, res
 
 

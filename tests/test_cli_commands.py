@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from mmsearch.cli import cli
+from mmsearch.cli import cli, load_all
+from mmsearch.cli.app import COMMAND_MODULES
 
 TINY = ["--model", "mmsearch-tiny", "--pretrained", "none"]
 
@@ -127,6 +128,19 @@ def test_texts_add_dedupe_search_remove(setup, tmp_path):
     assert "added 1 texts" in run("texts", "add", csvf, "--index", idx).output
 
 
+def test_commands_load_from_their_own_module_only():
+    """The lazy command table is complete and true, and a command loads no other command's module."""
+    group = load_all()
+    assert set(group.commands) == set(COMMAND_MODULES)
+    for name, cmd in group.commands.items():
+        sub = next(iter(cmd.commands.values())) if isinstance(cmd, click.Group) else cmd
+        assert sub.callback.__module__ == f"mmsearch.cli.{COMMAND_MODULES[name]}", name
+    code = ("import sys; from mmsearch.cli.app import cli; cli.get_command(None, 'search'); "
+            "print(sorted(m for m in sys.modules if m.endswith('_cmds')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['mmsearch.cli.search_cmds']"
+
+
 def _all_commands(group, prefix=()):
     for name, cmd in group.commands.items():
         yield prefix + (name,), cmd
@@ -135,7 +149,7 @@ def _all_commands(group, prefix=()):
 
 
 def test_every_command_has_help():
-    for path, cmd in _all_commands(cli):
+    for path, cmd in _all_commands(load_all()):
         assert cmd.help and cmd.help.strip(), path
         res = run(*path, "--help")
         assert "Usage:" in res.output

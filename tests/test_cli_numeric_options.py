@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mmsearch.cli import cli
+from mmsearch.cli import load_all
+
+cli = load_all()  # every command module, so `cli.commands` is whole
 from mmsearch.errors import ArgumentError, MmsearchError, VectorIndexError
 
 # (command path, parameter name) -> why it takes any number of its type. None today: add one only with a reason.

@@ -17,7 +17,9 @@ from pathlib import Path
 import click
 import pytest
 
-from mmsearch.cli import cli
+from mmsearch.cli import load_all
+
+cli = load_all()  # every command module, so `cli.commands` is whole
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -40,6 +40,14 @@ def test_embeddings_and_states_equal_torch(exported):
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
 
 
+def test_forward_stays_float32(exported):
+    # states are returned as computed (no cast): a float64 scalar anywhere promotes them, and every
+    # layer after it would cast its weight matrices to float64 (3x the time of a query)
+    _, tower, _ = exported
+    emb, states = tower.encode(TEXTS)
+    assert emb.dtype == np.float32 and all(s.dtype == np.float32 for s in states)
+
+
 def test_fresh_process_does_not_import_torch(exported):
     _, _, d = exported
     code = ("import sys; from mmsearch.towers.textnp import NumpyTextTower; "
@@ -70,7 +78,7 @@ def test_ascii_words_with_re_equal_open_clips_regex_pattern():
 
     import regex
 
-    from mmsearch.towers.textnp import BPETokenizer
+    from mmsearch.towers.texttokens import BPETokenizer
 
     ours = re.compile(BPETokenizer.ASCII_PATTERN, re.IGNORECASE | re.ASCII)
     theirs = regex.compile(BPETokenizer.PATTERN, regex.IGNORECASE)
@@ -84,3 +92,22 @@ def test_ascii_words_with_re_equal_open_clips_regex_pattern():
     tok = BPETokenizer(["h e", "l l", "he ll"], 16)
     assert tok.words("hello, world") == theirs.findall("hello, world") and tok._pat is None
     assert tok.words("café") == ["café"] and tok._pat is not None  # non-ASCII: open_clip's own pattern
+
+
+def test_ids_by_merge_rank_equal_open_clips_encoder_dict():
+    """A merged symbol's id taken from its merge's rank (no 49k-entry dict) is open_clip's id, over
+    open_clip's own vocabulary: every merged symbol spelled as a word, plus mixed text."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from mmsearch.towers.texttokens import BPETokenizer, ids_by_rank_hold, open_clip_merges
+
+    merges = open_clip_merges()
+    assert ids_by_rank_hold(merges)
+    by_rank, by_dict, ref = BPETokenizer(merges, 77, True), BPETokenizer(merges, 77, False), SimpleTokenizer()
+    words = [m.replace(" ", "").replace("</w>", "") for m in merges[::37]]
+    texts = TEXTS + [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
+    for t in texts:
+        ours = by_rank.encode(t)
+        assert ours == by_dict.encode(t) and ours[1:-1] == ref.encode(t)[:len(ours) - 2], t
+    assert by_rank.encoder is None and by_dict.encoder is not None
+    assert not ids_by_rank_hold(["a b", "ab c", "a bc"])  # "abc" twice: ids must come from the dict

@@ -9,11 +9,12 @@ the padded context is run as torch does), SigLIP / SigLIP 2 (bidirectional, last
 Hugging Face tokenizer run by the `tokenizers` package, which needs no torch). Hugging Face text
 towers (XLM-R, NLLB) are not exported: `text_path_for_config` says so and the store falls back to
 torch with a notice. The export checks itself: the numpy embedding of probe texts must equal
-torch's, or nothing is written (tests/test_textnp.py, tests/test_families.py).
+torch's, or nothing is written (tests/test_towers_textnp.py, tests/test_towers_families.py).
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -22,150 +23,11 @@ import numpy as np
 
 from mmsearch.errors import CheckpointError, UnknownModelError
 from mmsearch.towers.exported import read_export_meta, write_export
+from mmsearch.towers.texttokens import CLEAN_NAMES, BPETokenizer, HFTokenizer, ids_by_rank_hold, open_clip_merges
 
 DIR_NAME = "text_tower"
 FORMAT = "mmsearch-text-tower-2"
 WEIGHTS = "weights.f32"
-
-
-# ---- tokenizer: a faithful copy of open_clip's SimpleTokenizer (clean='lower') --------------------
-@functools.lru_cache()
-def _bytes_to_unicode() -> dict:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(2 ** 8):
-        if b not in bs:
-            bs.append(b)
-            cs.append(2 ** 8 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-def _clean(text: str) -> str:
-    if not text.isascii() or "&" in text or not text.isprintable():
-        import ftfy  # only needed for text ASCII-clean would not leave unchanged
-
-        text = ftfy.fix_text(text)
-    if "&" in text:  # html.entities is a 2,000-entry table: imported only for text that may hold one
-        import html
-
-        text = html.unescape(html.unescape(text))
-    return " ".join(text.strip().split()).strip().lower()
-
-
-class BPETokenizer:
-    # open_clip's pattern needs `regex` (\p{L}, \p{N}); on printable ASCII they are [a-z], [0-9] and \s the
-    # space, so `re` finds the same words and a query skips importing `regex` (tests/test_towers_textnp.py)
-    PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    ASCII_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+"""
-
-    def __init__(self, merges: Sequence[str], context_length: int):
-        import re
-
-        # Ranks keyed by the merge line itself ("a b"): no 49k tuples to build, so a fresh query
-        # process pays ~10 ms here instead of ~120 ms. Byte-level symbols never contain a space.
-        merges = [m for m in merges if m]
-        vocab = list(_bytes_to_unicode().values())
-        vocab = vocab + [v + "</w>" for v in vocab] + [m.replace(" ", "") for m in merges]
-        vocab += ["<start_of_text>", "<end_of_text>"]
-        self.encoder = dict(zip(vocab, range(len(vocab))))
-        self.ranks = dict(zip(merges, range(len(merges))))
-        self.sot, self.eot = self.encoder["<start_of_text>"], self.encoder["<end_of_text>"]
-        self.context_length = context_length
-        self.cache: dict = {}
-        self.ascii_pat = re.compile(self.ASCII_PATTERN, re.IGNORECASE | re.ASCII)
-        self._pat = None
-
-    def words(self, cleaned: str) -> list[str]:
-        """The pre-tokenised words of cleaned text: `re` on printable ASCII, open_clip's `regex` otherwise."""
-        if cleaned.isascii() and cleaned.isprintable():
-            return self.ascii_pat.findall(cleaned)
-        if self._pat is None:
-            import regex
-
-            self._pat = regex.compile(self.PATTERN, regex.IGNORECASE)
-        return self._pat.findall(cleaned)
-
-    def _bpe(self, token: str) -> list[str]:
-        if token in self.cache:
-            return self.cache[token]
-        if token in ("<start_of_text>", "<end_of_text>"):
-            return [token]
-        word = list(token[:-1]) + [token[-1] + "</w>"]
-        inf = len(self.ranks)
-        while len(word) > 1:
-            # the lowest-ranked adjacent pair is merged everywhere it occurs, as open_clip does
-            best = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p[0] + " " + p[1], inf))
-            if best[0] + " " + best[1] not in self.ranks:
-                break
-            first, second = best
-            new, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    new.append(first + second)
-                    i += 2
-                else:
-                    new.append(word[i])
-                    i += 1
-            word = new
-        self.cache[token] = word
-        return word
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids with SOT/EOT, truncated to the context length (EOT kept last), unpadded."""
-        be = _bytes_to_unicode()
-        ids = [self.sot]
-        for tok in self.words(_clean(text)):
-            ids.extend(self.encoder[p] for p in self._bpe("".join(be[b] for b in tok.encode("utf-8"))))
-        ids.append(self.eot)
-        if len(ids) > self.context_length:
-            ids = ids[: self.context_length]
-            ids[-1] = self.eot
-        return ids
-
-
-def _canonicalize(text: str) -> str:
-    # open_clip's canonicalize_text (from big_vision): no punctuation, lower case, single spaces
-    import string
-
-    text = text.replace("_", " ").translate(str.maketrans("", "", string.punctuation)).lower()
-    return " ".join(text.split()).strip()
-
-
-def _hf_clean(text: str, mode: str) -> str:
-    """open_clip's HFTokenizer cleaning: ftfy + html unescape + strip, then whitespace/lower/canonicalize."""
-    import ftfy
-
-    import html
-
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    if mode == "canonicalize":
-        return _canonicalize(text)
-    text = " ".join(text.split()).strip()
-    return text.lower() if mode == "lower" else text
-
-
-class HFTokenizer:
-    """open_clip's HFTokenizer (standard mode) on the `tokenizers` package: same ids, no torch, no transformers."""
-
-    def __init__(self, tokenizer_json: str, context_length: int, clean: str, pad_id: int,
-                 strip_sep_id: int | None):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_str(tokenizer_json)
-        self.tok.no_padding()
-        self.tok.enable_truncation(max_length=context_length)
-        self.context_length, self.clean, self.pad_id, self.strip_sep_id = context_length, clean, pad_id, strip_sep_id
-
-    def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(_hf_clean(text, self.clean)).ids
-        if self.strip_sep_id is not None:
-            ids = [0 if i == self.strip_sep_id else i for i in ids]
-        return ids
-
-
-_CLEAN_NAMES = {"_clean_canonicalize": "canonicalize", "_clean_lower": "lower", "_clean_whitespace": "whitespace"}
 
 
 def text_path_for_config(cfg: dict) -> tuple[str, str | None]:
@@ -182,15 +44,6 @@ def text_path_for_config(cfg: dict) -> tuple[str, str | None]:
     return "numpy", None
 
 
-def _merges_from_open_clip() -> list[str]:
-    import gzip
-
-    import open_clip.tokenizer as tk
-
-    lines = gzip.open(tk.default_bpe()).read().decode("utf-8").split("\n")
-    return lines[1:49152 - 256 - 2 + 1]
-
-
 # ---- export ---------------------------------------------------------------------------------------
 def _text_module(model):
     """CLIP keeps its text tower's parts on the model itself; CustomTextCLIP (SigLIP, MobileCLIP) in .text."""
@@ -204,7 +57,7 @@ def _tokenizer_meta(encoder) -> dict:
     if kind == "SimpleTokenizer":
         return {"tokenizer": "bpe"}
     backend = getattr(getattr(tok, "tokenizer", None), "backend_tokenizer", None)
-    clean = _CLEAN_NAMES.get(getattr(getattr(tok, "clean_fn", None), "__name__", ""))
+    clean = CLEAN_NAMES.get(getattr(getattr(tok, "clean_fn", None), "__name__", ""))
     if kind != "HFTokenizer" or backend is None or clean is None or getattr(tok, "tokenizer_mode", ""):
         raise UnknownModelError(f"{encoder.arch}: its tokenizer ({kind}) has no numpy port")
     hf = tok.tokenizer
@@ -260,7 +113,9 @@ def export_text_tower(encoder, out_dir) -> Path:
         if tok_json is not None:
             (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
         else:
-            (tmp / "merges.txt").write_text("\n".join(_merges_from_open_clip()), encoding="utf-8")
+            merges = open_clip_merges()
+            (tmp / "merges.txt").write_text("\n".join(merges), encoding="utf-8")
+            tok_meta["ids_by_rank"] = ids_by_rank_hold(merges)
         meta = {"format": FORMAT, "fingerprint": encoder.fingerprint, "layers": len(blocks),
                 "heads": blocks[0].attn.num_heads, "act": act, "eps": m.ln_final.eps,
                 "context_length": int(m.positional_embedding.shape[0]), "dim": encoder.dim, "arrays": table,
@@ -337,7 +192,7 @@ class NumpyTextTower:
                                         self.meta.get("strip_sep_id"))
             else:
                 merges = (self.dir / "merges.txt").read_text(encoding="utf-8").split("\n")
-                self._tok = BPETokenizer(merges, self.context_length)
+                self._tok = BPETokenizer(merges, self.context_length, bool(self.meta.get("ids_by_rank")))
         return self._tok
 
     def encode(self, texts: Sequence[str]):
@@ -368,7 +223,7 @@ class NumpyTextTower:
             qkv = h @ g("in_w") + g("in_b")
             B, _, W3 = qkv.shape
             q, k, v = np.split(qkv.reshape(B, L, 3, H, W3 // 3 // H).transpose(2, 0, 3, 1, 4), 3)
-            att = (q[0] @ k[0].transpose(0, 1, 3, 2)) / np.sqrt(q.shape[-1]) + mask
+            att = (q[0] @ k[0].transpose(0, 1, 3, 2)) / math.sqrt(q.shape[-1]) + mask
             att = np.exp(att - att.max(-1, keepdims=True))
             att /= att.sum(-1, keepdims=True)
             o = (att @ v[0]).transpose(0, 2, 1, 3).reshape(B, L, -1)
@@ -379,9 +234,11 @@ class NumpyTextTower:
             elif self.meta["act"] == "gelu_tanh":
                 h = 0.5 * h * (1.0 + np.tanh(0.7978845608028654 * (h + 0.044715 * h ** 3)))
             else:
-                h = 0.5 * h * (1.0 + _erf(h / np.sqrt(2.0)))
+                h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
             x = x + h @ g("proj_w") + g("proj_b")
-        states = _layer_norm(x, self.w("ln_final_w"), self.w("ln_final_b"), eps).astype(np.float32)
+        # float32 throughout, as torch: a numpy float64 scalar (np.sqrt(2.0)) would promote every later
+        # layer to float64 and cast each weight matrix to it (3x slower; tests/test_towers_textnp.py)
+        states = _layer_norm(x, self.w("ln_final_w"), self.w("ln_final_b"), eps)
         pool = self.meta.get("pool", "argmax")
         at = tokens.argmax(axis=1) if pool == "argmax" else np.full(len(ids), L - 1 if pool == "last" else 0)
         pooled = states[np.arange(len(ids)), at] @ self.w("text_projection")

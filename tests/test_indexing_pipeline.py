@@ -1,4 +1,5 @@
 """Indexing a real folder of odd files: incremental rules, failures, crash safety, model mismatch."""
+import json
 import os
 import shutil
 import signal
@@ -217,6 +218,30 @@ def test_walk_yields_paths_in_the_catalogs_order(tmp_path):
         p.write_bytes(b"x")
     got = [f.path for f in scan.scan([tmp_path, tmp_path / "b", tmp_path / "b.jpg"])]  # nested roots: once
     assert got == sorted(got) and len(got) == len(set(got)) == 9
+
+
+def test_unchanged_rerun_process_imports_no_numerics(folder, tmp_path):
+    """An unchanged re-run is start-up bound: its process loads no numpy, PyAV, importlib.metadata,
+    torch or faiss (each was once imported by every run: ~0.2 s of a 0.35 s re-run), and still checks."""
+    idx = tmp_path / "idx"
+    index_folders(idx, [folder.root], spec=TINY, batch_size=4)
+    (folder.root / "clip.mp4").write_bytes(b"")  # a video already known as failed, to ask for no PyAV
+    index_folders(idx, [folder.root])
+    code = textwrap.dedent(f"""
+        import json, sys
+        from mmsearch.cli import main
+        sys.argv = ["mmsearch", "index", {str(folder.root)!r}, "--index", {str(idx)!r}, "--json"]
+        try:
+            main()
+        finally:
+            heavy = sorted(m for m in ("numpy", "av", "importlib.metadata", "torch", "faiss") if m in sys.modules)
+            print(json.dumps(heavy))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    summary, heavy = out.stdout.strip().splitlines()[-2:]
+    assert json.loads(heavy) == [], out.stdout + out.stderr
+    s = json.loads(summary)
+    assert (s["added"], s["updated"], s["removed"]) == (0, 0, 0) and s["unchanged"] > 0
 
 
 def test_unchanged_rerun_plans_without_holding_the_catalog(tmp_path, monkeypatch):

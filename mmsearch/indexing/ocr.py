@@ -16,9 +16,7 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Optional
 
 from mmsearch.errors import MissingExtraError
 
@@ -32,6 +30,9 @@ GATE_DECODE_SIDE = 480  # the short side OCR first decodes a file to (a 4:3 gate
 GATE_MIN_PIXELS = 6  # this many text pixels at gate size send the image to the full pass
 MIN_LINE_SCORE = 0.5  # recognised lines below this confidence are dropped (rapidocr's default text_score)
 INSTALL = "pip install 'mmsearch[ocr]'"
+
+if TYPE_CHECKING:  # every index run reads this module's settings; numpy loads with the first image read
+    import numpy as np
 
 
 def ocr_available() -> bool:
@@ -54,9 +55,22 @@ class OcrResult:
 
 def describe_engine() -> dict:
     """What reads the words (recorded in the index meta, like the model)."""
-    from importlib.metadata import version
+    return {"reader": "rapidocr", "version": installed_version("rapidocr"), "models": "PP-OCRv6 small det + rec"}
 
-    return {"reader": "rapidocr", "version": version("rapidocr"), "models": "PP-OCRv6 small det + rec"}
+
+def installed_version(name: str) -> str:
+    """A package's version from the `NAME-VERSION.dist-info` folder beside it (PEP 627): every index run
+    asks, and importing importlib.metadata alone costs ~35 ms of an unchanged re-run's 0.3 s."""
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.origin:
+        found = sorted(Path(spec.origin).parent.parent.glob(f"{name}-*.dist-info"))
+        if len(found) == 1:
+            return found[0].name[len(name) + 1: -len(".dist-info")]
+    from importlib.metadata import version  # an egg, an editable or a vendored copy: the slow, general way
+
+    return version(name)
 
 
 class OcrEngine:
@@ -99,12 +113,15 @@ class OcrEngine:
 
     def gate_size(self, h: int, w: int) -> int:
         """The gate pass's long side for an OCR input of h x w (a multiple of 32, as the detector takes)."""
+        import numpy as np
+
         side = max(GATE_MIN_SIDE, int(np.ceil(GATE_SCALE * max(h, w) / 32)) * 32)
         return min(self.gate_side, side)
 
     # ---- the steps (each replaceable in tests) ----------------------------------------------------
     def has_text(self, bgr: np.ndarray, side: Optional[int] = None) -> bool:
         """The gate: the detector at `side` pixels (gate_size by default) finds at least one text region."""
+        import numpy as np
         from rapidocr.ch_ppocr_det.utils import DetPreProcess
 
         side = side or self.gate_size(*bgr.shape[:2])
@@ -118,6 +135,8 @@ class OcrEngine:
 
     def detect(self, bgr: np.ndarray) -> tuple[np.ndarray, list]:
         """(boxes [n, 4, 2] in pixels of `bgr`, scores) of the text regions."""
+        import numpy as np
+
         out = self.detector(bgr)
         if out.boxes is None or len(out.boxes) == 0:
             return np.zeros((0, 4, 2), np.float32), []
@@ -139,6 +158,8 @@ class OcrEngine:
         """The text lines of a PIL image (RGB), each with its confidence and box. `full`: a callable that
         decodes the image at OCR size when `img` is a smaller decode of it (the indexer's draft-scaled
         JPEG): the gate runs on `img`, and only an image with text is decoded again."""
+        import numpy as np
+
         if full is not None:
             w0, h0 = img.info.get("original_size", img.size)
             s = min(1.0, self.max_side / float(max(w0, h0)))
@@ -174,6 +195,8 @@ class OcrEngine:
 def text_boxes(boxes: np.ndarray, shape, index: bool = False):
     """Boxes that can be text lines: the detector marks a plain, uniform image (a blank screen, a sky) as
     one region spanning it, which is no line of text."""
+    import numpy as np
+
     h, w = shape[:2]
     keep = [i for i, b in enumerate(boxes) if len(b) and not (np.ptp(b[:, 0]) > 0.9 * w and np.ptp(b[:, 1]) > 0.6 * h)]
     return keep if index else boxes[keep] if len(keep) else boxes[:0]
@@ -193,6 +216,8 @@ def cap(img, max_side: int):
 def pad_strip(bgr: np.ndarray) -> tuple[np.ndarray, int]:
     """A very short or very wide image (a one-line banner) padded above and below, as PP-OCR expects;
     returns the padded image and the rows added on top."""
+    import numpy as np
+
     h, w = bgr.shape[:2]
     if h > 32 and w / max(h, 1) <= 8:
         return bgr, 0
@@ -203,6 +228,7 @@ def pad_strip(bgr: np.ndarray) -> tuple[np.ndarray, int]:
 
 def crop(bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
     """The text region of a (possibly rotated) box, straightened; tall regions are turned upright."""
+    import numpy as np
     from rapidocr.utils.process_img import get_rotate_crop_image
 
     return get_rotate_crop_image(bgr, np.array(box, np.float32))

@@ -134,7 +134,9 @@ def plan_changes(cat: Catalog, roots: list[str], exclude, include_hidden: bool,
                       and (p not in failed_now or failed[p] != failed_now[p])]
     deleted = [row[0] for row in gone.values()]
     skipped = 0
-    if not video.available():
+    # only a run with a video to read asks whether PyAV imports (~90 ms, most of an unchanged re-run)
+    has_video = any(video.is_video(f.path) for f in embed) or any(video.is_video(p) for p in update_ids)
+    if has_video and not video.available():
         skipped = sum(1 for f in embed if video.is_video(f.path))
         embed = [f for f in embed if not video.is_video(f.path)]
         for path in [p for p in update_ids if video.is_video(p)]:

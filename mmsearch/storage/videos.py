@@ -4,9 +4,10 @@ A mixin of Catalog: it uses the catalog's connection (`self.conn`), its transact
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # annotations only: a catalog opens without numpy
+    import numpy as np
 
 from mmsearch.storage.fsnames import to_db
 from mmsearch.storage.schema import SHOT_SEP, VIDEO_COLUMNS, shot_path

@@ -58,8 +58,9 @@ def test_import_with_wrong_model_or_dimension_is_refused_and_changes_nothing(sma
     rec_path.write_text(json.dumps(dict(rec, fingerprint="0123456789abcdef")))
     with pytest.raises(ModelMismatchError, match="nothing was imported"):
         import_embeddings(store, tmp_path / "emb")
-    rec_path.write_text(json.dumps(dict(rec, precision="int8")))
-    with pytest.raises(ModelMismatchError, match="holds int8 embeddings"):
+    other = "int8" if store.precision != "int8" else "fp32"  # a new index's precision follows the CPU
+    rec_path.write_text(json.dumps(dict(rec, precision=other)))
+    with pytest.raises(ModelMismatchError, match=f"holds {other} embeddings"):
         import_embeddings(store, tmp_path / "emb")
     rec_path.write_text(json.dumps(rec))
     np.save(tmp_path / "emb" / "img_emb" / "img_emb_0.npy", np.ones((150, 16), np.float32))

@@ -199,6 +199,7 @@ def test_new_index_of_a_known_model_reuses_cached_towers_without_torch(tiny_chec
 
 def test_a_new_index_gets_bf16_only_where_the_cpu_multiplies_it_and_an_old_one_keeps_its_own(tiny_checkpoint,
                                                                                               tmp_path):
+    from mmsearch.towers import cpu
     from mmsearch.towers.devices import default_precision
     from mmsearch.towers.runtime import cpu_has_bf16
 
@@ -206,9 +207,38 @@ def test_a_new_index_gets_bf16_only_where_the_cpu_multiplies_it_and_an_old_one_k
     _photos(photos, 3, seed=6)
     spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
     index_folders(tmp_path / "new", [photos], spec=spec)
-    assert IndexStore.open(tmp_path / "new").precision == ("amp-bf16" if cpu_has_bf16() else "fp32")
+    expected = "amp-bf16" if cpu_has_bf16() else "int8" if cpu.has("avx2") and not cpu.native_bf16() else "fp32"
+    assert IndexStore.open(tmp_path / "new").precision == expected == default_precision("cpu")
     assert default_precision("cpu", reranker=True) == "fp32"  # re-ranker tokens come from torch
     index_folders(tmp_path / "old", [photos], spec=spec, precision="fp32")
     _photos(photos, 1, seed=7)
     s = index_folders(tmp_path / "old", [photos])  # no precision given: the index's own, not the default
     assert s.added == 1 and IndexStore.open(tmp_path / "old").precision == "fp32"
+
+
+def test_a_defaulted_int8_index_falls_back_to_fp32_for_a_model_int8_cannot_run(tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """int8 is only the AVX2 CPU's default: where its tower cannot be made, the new index is fp32 (with a
+    note), never a failed run; an int8 index asked for by name still fails loudly."""
+    from mmsearch.errors import UnknownModelError
+    from mmsearch.towers import cpu
+    from mmsearch.towers.choice import TowerChoice
+
+    monkeypatch.setenv(cpu.ENV_FLAGS, "avx,avx2,fma,f16c")  # AVX2 only: int8 is the default
+    real = TowerChoice.image_encoder
+
+    def no_int8(self, *args, **kwargs):
+        if self.precision == "int8":
+            raise UnknownModelError("simulated: this architecture has no int8 tower")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TowerChoice, "image_encoder", no_int8)
+    photos = tmp_path / "photos"
+    _photos(photos, 3, seed=8)
+    spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
+    s = index_folders(tmp_path / "auto", [photos], spec=spec)
+    store = IndexStore.open(tmp_path / "auto")
+    assert store.precision == s.precision == "fp32" and s.added == 3 and s.failed == 0
+    assert store.image_vectors().ntotal == 3 and any("int8 cannot run this model" in n for n in s.notes)
+    with pytest.raises(UnknownModelError, match="no int8 tower"):
+        index_folders(tmp_path / "asked", [photos], spec=spec, precision="int8")

@@ -114,9 +114,11 @@ def index(paths, index_dir, model, pretrained, checkpoint, device, precision, ba
     if summary.created:  # the precision is part of the model record: say which one a new index got
         why = {"amp-bf16": "" if summary.notes else " (bfloat16 products: this CPU has them; --precision fp32 "
                                                      "for full precision)",
-               "int8": " (int8 products, as asked)",
+               "int8": " (int8 products, as asked)" if precision else
+                       " (int8 products: this CPU's default, AVX2 without bfloat16, ~1.6x fp32's speed here, vectors "
+                       "within cosine 0.9994 of fp32's; --precision fp32 for full precision)",
                "fp32": int8_hint() if precision is None and summary.embedded and executor is None
-               and select_device(device) == "cpu" else ""}.get(summary.precision, "")
+               and not reranker and select_device(device) == "cpu" else ""}.get(summary.precision, "")
         click.echo(f"new {'sharded ' if shards_dir else ''}index {index_dir_of(index_dir)}: precision {summary.precision}{why}", err=True)
     for path, reason in summary.failures[:20]:
         click.secho(f"failed: {shown(path)}: {shown(reason)}", fg="red", err=True)

@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence
 
 from mmsearch.checks import MAX_BATCH, MAX_WORKERS, count
 from mmsearch.config import DEFAULT_FACTORY, GOOD_MATCH, ModelSpec
-from mmsearch.errors import MediaError, VectorIndexError
+from mmsearch.errors import MediaError, MmsearchError, VectorIndexError
 from mmsearch.indexing.backfill import read_missing_words
 from mmsearch.indexing.extract import Extractor, check_ocr_request, resolve_ocr
 from mmsearch.indexing.plan import Plan, plan_changes
@@ -80,7 +80,8 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
     dev = select_device(device if executor is None else "cpu")
     created = not Catalog.exists(index_dir)
     check_ocr_request(ocr)
-    if precision is None and executor is None and created:
+    defaulted = precision is None and executor is None and created
+    if defaulted:
         precision = default_precision(dev, reranker=bool(reranker))
     if precision is not None and executor is None:
         check_precision(precision, dev)
@@ -152,7 +153,17 @@ def _index_locked(index_dir, roots, t0, spec, batch_size, workers, exclude, incl
                                              torch_precision)
 
         token_grid = store.token_grid()
-        encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu")
+        try:
+            encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu")
+        except (MmsearchError, ImportError, OSError) as exc:
+            if not (defaulted and store.precision == "int8"):
+                raise
+            # int8 was only this CPU's default, and nothing is embedded yet: the new index becomes fp32
+            with store.catalog.transaction():
+                store.catalog.set_meta(precision="fp32")
+            store.meta["precision"] = summary.precision = "fp32"
+            summary.notes.append(f"int8 cannot run this model ({exc}); the new index is fp32")
+            encoder = store.image_encoder(token_grid=token_grid, prefer_torch=device_type(dev) != "cpu")
         if store.precision.startswith("amp-") and not hasattr(encoder, "runtime"):
             encoder.precision = torch_precision(store.precision, dev)  # the torch encoder runs under autocast
         if hasattr(encoder, "runtime"):  # the exported tower: its threads were decided when it loaded

@@ -70,7 +70,7 @@ def hits(queries, targets, base, keep, calibration_of, k):
     top = np.argsort(-sims, 1)[:, :k]
     cos = np.take_along_axis(sims, top, 1)
     cal = calibration_of(base[keep])
-    z = np.stack([[st.score(c) for c in row] for st, row in zip((cal.standing(q) for q in queries), cos)])
+    z = np.stack([[st.with_best(row[0]).score(c) for c in row] for st, row in zip((cal.standing(q) for q in queries), cos)])
     return cos, z, keep[top] == targets[:, None], ~np.isin(targets, keep)
 
 

@@ -22,7 +22,7 @@ HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 # The good-match score (mmsearch/search/relevance.py): recorded in an index's meta when it is built, so a
 # later default does not change what an existing index calls good. The threshold (a z-score against the
 # query's similarity to a sample of the collection) was chosen on held-out data by benchmarks/relevance.py.
-GOOD_MATCH = {"method": "z-sample-1", "sample": 2000, "threshold": 2.1}
+GOOD_MATCH = {"method": "zbest-sample-1", "sample": 2000, "threshold": 2.0}
 # videos are indexed as shots (mmsearch.video, the `video` extra): what FFmpeg reads under these names
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"})
 MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS

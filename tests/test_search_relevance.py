@@ -17,7 +17,7 @@ from mmsearch.indexing.pipeline import index_folders
 from mmsearch.indexing.watch import Watcher
 from mmsearch.search.query import Searcher
 from mmsearch.search.relevance import date_of
-from mmsearch.search.relevance import MIN_IMAGES
+from mmsearch.search.relevance import METHODS, MIN_IMAGES
 from mmsearch.serve import create_app
 from mmsearch.storage.catalog import Catalog
 from mmsearch.storage.store import IndexStore
@@ -71,12 +71,30 @@ def naive_scores(idx, query):
     q = store.text_encoder().encode_texts([query])[0]
     cos = emb @ q
     z = (cos - cos.mean()) / cos.std()
+    z = z - METHODS[GOOD_MATCH["method"]] * (z.max() - z)  # and how far below the query's best hit it falls
     return dict(zip(ids.tolist(), cos.tolist())), dict(zip(ids.tolist(), z.tolist()))
 
 
+def test_an_index_of_the_older_method_keeps_z_alone(query, library, tmp_path):
+    """An index recorded with `z-sample-1` (before the best-hit term) still scores by its own method."""
+    idx, _ = library
+    old = tmp_path / "old"
+    shutil.copytree(idx, old)
+    cat = Catalog.open(old)
+    with cat.transaction():
+        cat.set_meta(relevance=dict(GOOD_MATCH, method="z-sample-1", threshold=2.1))
+    store = IndexStore.open(old)
+    ids, emb = store.catalog.embeddings(store.dim)
+    cos = emb @ store.text_encoder().encode_texts([query])[0]
+    z = dict(zip(ids.tolist(), ((cos - cos.mean()) / cos.std()).tolist()))
+    hits = Searcher(store).search(query, k=N)
+    assert all(h.calibrated == pytest.approx(z[h.id], abs=2e-3) for h in hits)
+    assert all(h.good == (z[h.id] >= 2.1) for h in hits if abs(z[h.id] - 2.1) > 1e-3)
+
+
 def test_every_hit_carries_its_calibrated_score(query, library):
-    """Each hit's calibrated score is its cosine's z-score against the collection (here: all of it), and it is
-    good exactly when that reaches the threshold recorded in the index."""
+    """Each hit's calibrated score is its cosine's z-score against the collection (here: all of it) less twice
+    its distance below the best hit's, and it is good exactly when that reaches the index's threshold."""
     idx, _ = library
     assert Catalog.open(idx, readonly=True).meta()["relevance"] == GOOD_MATCH
     cos, z = naive_scores(idx, query)

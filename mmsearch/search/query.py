@@ -153,6 +153,8 @@ class Searcher:
         if mode != "text":
             dense, narrowed = self._dense(vec, depth, selection, standing, good_only, sort, mode == "hybrid",
                                           offset + k if videos else None)
+        if standing is not None and dense:
+            standing = standing.with_best(dense[0][1])  # the query's best hit: the score's second reference
         if mode != "dense":
             text = text_ranking(cat, lexq, where, args, max(TEXT_DEPTH, offset + k))
         ranked = fuse(dense, text, mode)
@@ -189,7 +191,7 @@ class Searcher:
         deeper while the shots found fold into fewer hits than the page needs."""
         if standing is not None and (good_only or sort == "date"):
             good = good_pairs(lambda d: self._pairs(vec, d, selection), max(depth, DATE_DEPTH) if sort == "date"
-                              else depth, standing.cutoff, deepen=sort == "date", most=GOOD_DEPTH)
+                              else depth, standing, deepen=sort == "date", most=GOOD_DEPTH)
             if good:
                 return good, True
         if sort == "date" and standing is None:

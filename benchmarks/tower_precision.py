@@ -189,6 +189,15 @@ def speed(model: str, repeat: int, batch: int = 32) -> dict:
             "cos_to_onnxruntime_fp32_random_input_min": cos}
 
 
+def _table(header: str, results: dict, cells) -> None:
+    """A Markdown table: one row per tower in `results`, its cosine columns, then `cells(row)`."""
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name in [n for n in results if isinstance(results[n], dict)]:
+        r = results[name]
+        print(" | ".join([f"| {name}", f"{r['cos_to_torch_min']:.4f} / {r['cos_to_torch_mean']:.4f}", *cells(r)]) + " |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path)
@@ -238,24 +247,16 @@ def main(argv=None):
            "load_after": m["load"], "machine": m,
            "trained_here": {"n": args.n, "steps": args.steps} if args.data.parent.name.startswith("towerq-") else None}
     print(f"held-out: {q['images']} images, {q['captions']} captions; model {args.checkpoint}")
-    print("| image tower | min / mean cos to torch | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | top-1 = torch's |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in [n for n in q if isinstance(q[n], dict)]:
-        r = q[name]
-        print(f"| {name} | {r['cos_to_torch_min']:.4f} / {r['cos_to_torch_mean']:.4f} | {r['t2i']['R@1']:.3f} | "
-              f"{r['t2i']['R@5']:.3f} | {r['t2i']['R@10']:.3f} | {r['i2t']['R@1']:.3f} | {r['i2t']['R@5']:.3f} | "
-              f"{r['text_top1_same_as_torch']:.3f} |")
+    _table("| image tower | min / mean cos to torch | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | top-1 = torch's |", q,
+           lambda r: [f"{r['t2i']['R@1']:.3f}", f"{r['t2i']['R@5']:.3f}", f"{r['t2i']['R@10']:.3f}",
+                      f"{r['i2t']['R@1']:.3f}", f"{r['i2t']['R@5']:.3f}", f"{r['text_top1_same_as_torch']:.3f}"])
     if real is not None:
         print(f"\nreal photos: {real['data']}, mmsearch-tiny trained here on {real['train']} of them "
               f"({real['steps']} steps), judged on {real['images']} test photos, 10 classes")
-        print("| image tower | min / mean cos to torch | zero-shot acc | I→I same-class P@10 | T→I P@100 | "
-              "zero-shot = torch's |")
-        print("|---|---|---|---|---|---|")
-        for name in [n for n in real if isinstance(real[n], dict)]:
-            r = real[name]
-            print(f"| {name} | {r['cos_to_torch_min']:.4f} / {r['cos_to_torch_mean']:.4f} | "
-                  f"{r['zero_shot_accuracy']:.3f} | {r['i2i_same_class_p_at_10']:.3f} | {r['t2i_p_at_100']:.3f} | "
-                  f"{r['zero_shot_same_as_torch']:.3f} |")
+        _table("| image tower | min / mean cos to torch | zero-shot acc | I→I same-class P@10 | T→I P@100 | "
+               "zero-shot = torch's |", real,
+               lambda r: [f"{r['zero_shot_accuracy']:.3f}", f"{r['i2i_same_class_p_at_10']:.3f}",
+                          f"{r['t2i_p_at_100']:.3f}", f"{r['zero_shot_same_as_torch']:.3f}"])
     ips, base = s["images_per_s"], s["images_per_s"]["onnxruntime fp32"]
     print(f"\nspeed, {s['model']} batch {s['batch']}, {os.cpu_count()} CPUs ({res['cpu_flags']}), medians of {args.repeat}:")
     print("| tower | img/s | vs ONNX Runtime fp32 | min cos to ONNX Runtime fp32 (random input) |")

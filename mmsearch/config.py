@@ -20,8 +20,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", 
                               ".heic", ".heif"})
 HEIC_EXTENSIONS = frozenset({".heic", ".heif"})
 # The good-match score (mmsearch/search/relevance.py): recorded in an index's meta when it is built, so a
-# later default does not change what an existing index calls good. The threshold (a z-score against the
-# query's similarity to a sample of the collection) was chosen on held-out data by benchmarks/relevance.py.
+# later default does not change what an existing index calls good. The threshold (on z against the query's
+# similarity to a sample of the collection, less twice the hit's z below the query's best hit) was chosen on
+# held-out data by benchmarks/relevance.py.
 GOOD_MATCH = {"method": "zbest-sample-1", "sample": 2000, "threshold": 2.0}
 # videos are indexed as shots (mmsearch.video, the `video` extra): what FFmpeg reads under these names
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"})

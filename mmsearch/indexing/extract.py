@@ -42,17 +42,17 @@ class Extractor:
 
     def __init__(self, ocr: bool = True, max_side: Optional[int] = None, max_boxes: Optional[int] = None,
                  engine=None):
-        from mmsearch.indexing import ocr as ocrmod
+        from mmsearch.indexing import ocrsettings
 
         self.ocr = bool(ocr)
-        self.max_side = int(max_side or ocrmod.DEFAULT_MAX_SIDE)
-        self.max_boxes = int(max_boxes or ocrmod.DEFAULT_MAX_BOXES)
+        self.max_side = int(max_side or ocrsettings.DEFAULT_MAX_SIDE)
+        self.max_boxes = int(max_boxes or ocrsettings.DEFAULT_MAX_BOXES)
         self._engine = engine
-        if self.ocr and engine is None and not ocrmod.ocr_available():  # before the run, not per image
+        if self.ocr and engine is None and not ocrsettings.ocr_available():  # before the run, not per image
             from mmsearch.errors import MissingExtraError
 
             raise MissingExtraError(f"this index reads the words in its images, which needs rapidocr: "
-                                    f"{ocrmod.INSTALL}, or index with --no-ocr")
+                                    f"{ocrsettings.INSTALL}, or index with --no-ocr")
 
     @property
     def engine(self):
@@ -201,7 +201,7 @@ def read_metadata(path: str) -> dict:
 def check_ocr_request(ocr: Optional[bool]) -> None:
     """--ocr on a machine without rapidocr: refused before anything changes."""
     from mmsearch.errors import MissingExtraError
-    from mmsearch.indexing.ocr import INSTALL, ocr_available
+    from mmsearch.indexing.ocrsettings import INSTALL, ocr_available
 
     if ocr and not ocr_available():
         raise MissingExtraError(f"--ocr needs rapidocr: {INSTALL}")
@@ -210,7 +210,7 @@ def check_ocr_request(ocr: Optional[bool]) -> None:
 def resolve_ocr(store, ocr: Optional[bool]) -> dict:
     """The index's OCR setting, recorded in its meta like the model: `ocr` None keeps the index's own (a new
     index, or one written before OCR existed: on when rapidocr is installed); True/False switch it."""
-    from mmsearch.indexing.ocr import DEFAULT_MAX_BOXES, DEFAULT_MAX_SIDE, describe_engine, ocr_available
+    from mmsearch.indexing.ocrsettings import DEFAULT_MAX_BOXES, DEFAULT_MAX_SIDE, describe_engine, ocr_available
 
     check_ocr_request(ocr)
     recorded = store.meta.get("ocr")

@@ -16,12 +16,13 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
+
+import numpy as np
 
 from mmsearch.errors import MissingExtraError
+from mmsearch.indexing.ocrsettings import DEFAULT_MAX_BOXES, DEFAULT_MAX_SIDE, INSTALL, ocr_available
 
-DEFAULT_MAX_SIDE = 1600  # the OCR input's longest side, in pixels (the pixel cap)
-DEFAULT_MAX_BOXES = 200  # text boxes recognised per image at most
 GATE_SIDE = 640  # the first, cheap detector pass: at most this long side,
 GATE_SCALE = 0.5  # about half the OCR input's (text 20 px high is 10 px there, which the detector still finds),
 GATE_MIN_SIDE = 256  # and at least this: a 500 x 375 photo is gated at 256 x 192, not read whole at 512 x 384
@@ -29,14 +30,6 @@ GATE_THRESHOLD = 0.3  # a text pixel of the gate's probability map (the detector
 GATE_DECODE_SIDE = 480  # the short side OCR first decodes a file to (a 4:3 gate input of 640)
 GATE_MIN_PIXELS = 6  # this many text pixels at gate size send the image to the full pass
 MIN_LINE_SCORE = 0.5  # recognised lines below this confidence are dropped (rapidocr's default text_score)
-INSTALL = "pip install 'mmsearch[ocr]'"
-
-if TYPE_CHECKING:  # every index run reads this module's settings; numpy loads with the first image read
-    import numpy as np
-
-
-def ocr_available() -> bool:
-    return importlib.util.find_spec("rapidocr") is not None
 
 
 @dataclass
@@ -51,26 +44,6 @@ class OcrResult:
         if self.boxes_found > self.kept_boxes:
             return f"kept the {self.kept_boxes} most confident of {self.boxes_found} text boxes"
         return None
-
-
-def describe_engine() -> dict:
-    """What reads the words (recorded in the index meta, like the model)."""
-    return {"reader": "rapidocr", "version": installed_version("rapidocr"), "models": "PP-OCRv6 small det + rec"}
-
-
-def installed_version(name: str) -> str:
-    """A package's version from the `NAME-VERSION.dist-info` folder beside it (PEP 627): every index run
-    asks, and importing importlib.metadata alone costs ~35 ms of an unchanged re-run's 0.3 s."""
-    from pathlib import Path
-
-    spec = importlib.util.find_spec(name)
-    if spec is not None and spec.origin:
-        found = sorted(Path(spec.origin).parent.parent.glob(f"{name}-*.dist-info"))
-        if len(found) == 1:
-            return found[0].name[len(name) + 1: -len(".dist-info")]
-    from importlib.metadata import version  # an egg, an editable or a vendored copy: the slow, general way
-
-    return version(name)
 
 
 class OcrEngine:
@@ -113,15 +86,12 @@ class OcrEngine:
 
     def gate_size(self, h: int, w: int) -> int:
         """The gate pass's long side for an OCR input of h x w (a multiple of 32, as the detector takes)."""
-        import numpy as np
-
         side = max(GATE_MIN_SIDE, int(np.ceil(GATE_SCALE * max(h, w) / 32)) * 32)
         return min(self.gate_side, side)
 
     # ---- the steps (each replaceable in tests) ----------------------------------------------------
     def has_text(self, bgr: np.ndarray, side: Optional[int] = None) -> bool:
         """The gate: the detector at `side` pixels (gate_size by default) finds at least one text region."""
-        import numpy as np
         from rapidocr.ch_ppocr_det.utils import DetPreProcess
 
         side = side or self.gate_size(*bgr.shape[:2])
@@ -135,8 +105,6 @@ class OcrEngine:
 
     def detect(self, bgr: np.ndarray) -> tuple[np.ndarray, list]:
         """(boxes [n, 4, 2] in pixels of `bgr`, scores) of the text regions."""
-        import numpy as np
-
         out = self.detector(bgr)
         if out.boxes is None or len(out.boxes) == 0:
             return np.zeros((0, 4, 2), np.float32), []
@@ -158,8 +126,6 @@ class OcrEngine:
         """The text lines of a PIL image (RGB), each with its confidence and box. `full`: a callable that
         decodes the image at OCR size when `img` is a smaller decode of it (the indexer's draft-scaled
         JPEG): the gate runs on `img`, and only an image with text is decoded again."""
-        import numpy as np
-
         if full is not None:
             w0, h0 = img.info.get("original_size", img.size)
             s = min(1.0, self.max_side / float(max(w0, h0)))
@@ -195,8 +161,6 @@ class OcrEngine:
 def text_boxes(boxes: np.ndarray, shape, index: bool = False):
     """Boxes that can be text lines: the detector marks a plain, uniform image (a blank screen, a sky) as
     one region spanning it, which is no line of text."""
-    import numpy as np
-
     h, w = shape[:2]
     keep = [i for i, b in enumerate(boxes) if len(b) and not (np.ptp(b[:, 0]) > 0.9 * w and np.ptp(b[:, 1]) > 0.6 * h)]
     return keep if index else boxes[keep] if len(keep) else boxes[:0]
@@ -216,8 +180,6 @@ def cap(img, max_side: int):
 def pad_strip(bgr: np.ndarray) -> tuple[np.ndarray, int]:
     """A very short or very wide image (a one-line banner) padded above and below, as PP-OCR expects;
     returns the padded image and the rows added on top."""
-    import numpy as np
-
     h, w = bgr.shape[:2]
     if h > 32 and w / max(h, 1) <= 8:
         return bgr, 0
@@ -228,7 +190,6 @@ def pad_strip(bgr: np.ndarray) -> tuple[np.ndarray, int]:
 
 def crop(bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
     """The text region of a (possibly rotated) box, straightened; tall regions are turned upright."""
-    import numpy as np
     from rapidocr.utils.process_img import get_rotate_crop_image
 
     return get_rotate_crop_image(bgr, np.array(box, np.float32))

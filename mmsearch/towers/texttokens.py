@@ -79,10 +79,12 @@ class BPETokenizer:
         while len(word) > 1:
             # the lowest-ranked adjacent pair is merged everywhere it occurs, as open_clip does
             best = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p[0] + " " + p[1], inf))
-            if best[0] + " " + best[1] not in self.ranks:
+            rank = self.ranks.get(best[0] + " " + best[1])
+            if rank is None:
                 break
             first, second = best
-            self._merged_id.setdefault(first + second, 512 + self.ranks[first + " " + second])
+            if self.encoder is None:
+                self._merged_id.setdefault(first + second, 512 + rank)
             new, i = [], 0
             while i < len(word):
                 if i < len(word) - 1 and word[i] == first and word[i + 1] == second:

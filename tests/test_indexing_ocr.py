@@ -354,3 +354,49 @@ def test_on_a_cpu_ocr_follows_the_embed_phase(folder, tmp_path, tiny_checkpoint,
     first_read = events.index("read")
     assert "saved" in events[:first_read] and "embed" not in events[first_read:]
     assert events[-1] == "ocr"
+
+
+def test_replicas_read_side_by_side_and_agree_with_one_reader(tmp_path):
+    """Two indexer threads read two images at once on two replicas (each on threads // 2), and what they
+    read is what a single reader with every thread reads."""
+    need_ocr()
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmsearch.indexing.ocr import OcrEngine
+
+    paths = []
+    for i, words in enumerate([["Invoice 2023 total"], ["Harbour cafe"], ["Opening hours"], ["Thank you"]]):
+        render(tmp_path / f"t{i}.png", words)
+        paths.append(tmp_path / f"t{i}.png")
+    imgs = [Image.open(p).convert("RGB") for p in paths]
+    one = OcrEngine(threads=2, replicas=1)
+    expected = [[t for t, _, _ in one.read(im).lines] for im in imgs]
+    assert all(expected)
+
+    two = OcrEngine(threads=2, replicas=2)
+    assert two.threads_each == 1 and two._made == 1  # the second replica loads only when a reader waits
+    inside, peak, lock = [0], [0], threading.Lock()
+    real_detect = two.detect
+
+    def detect(bgr):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        try:
+            return real_detect(bgr)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    two.detect = detect
+    barrier = threading.Barrier(2)
+
+    def read(im):
+        barrier.wait(timeout=30)  # both start together, so both replicas are in use at once
+        return [t for t, _, _ in two.read(im).lines]
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(read, imgs[:2])) + list(pool.map(read, imgs[2:]))
+    assert got == expected
+    assert two._made == 2 and peak[0] == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,6 +19,7 @@ from mmsearch.storage.lexical import OCR_ERROR, OCR_NONE, OCR_OFF, OCR_OK
 
 MAX_FIELD = 2000  # characters kept of one metadata field
 MAX_XMP = 512 * 1024  # bytes of an XMP packet read at most
+DEFAULT_READERS = max(1, min(4, os.cpu_count() or 1))  # as many as the indexer's OCR pass has worker threads
 
 
 @dataclass
@@ -38,16 +40,18 @@ class Extract:
 
 
 class Extractor:
-    """Callable in decode workers: (path, decoded image or None) -> Extract."""
+    """Callable in decode workers: (path, decoded image or None) -> Extract. `readers`: how many images OCR
+    reads at once (the indexer's worker threads); one for a single image, which then gets every thread."""
 
     def __init__(self, ocr: bool = True, max_side: Optional[int] = None, max_boxes: Optional[int] = None,
-                 engine=None):
+                 engine=None, readers: Optional[int] = None):
         from mmsearch.indexing import ocrsettings
 
         self.ocr = bool(ocr)
         self.max_side = int(max_side or ocrsettings.DEFAULT_MAX_SIDE)
         self.max_boxes = int(max_boxes or ocrsettings.DEFAULT_MAX_BOXES)
         self._engine = engine
+        self.readers = int(readers or DEFAULT_READERS)
         if self.ocr and engine is None and not ocrsettings.ocr_available():  # before the run, not per image
             from mmsearch.errors import MissingExtraError
 
@@ -60,7 +64,7 @@ class Extractor:
         if self._engine is None:
             from mmsearch.indexing.ocr import shared_engine
 
-            self._engine = shared_engine(self.max_side, self.max_boxes)
+            self._engine = shared_engine(self.max_side, self.max_boxes, self.readers)
         return self._engine
 
     def metadata_only(self) -> "Extractor":
@@ -249,7 +253,7 @@ def words_of(path: str, store=None, max_side: Optional[int] = None) -> dict:
             return {"path": path, "id": image_id, "source": "index", "status": state["ocr_status"],
                     "error": state["ocr_error"], "meta": state["meta"], "lines": cat.ocr_lines(image_id)}
     img = media.load_image(path)
-    res = Extractor(ocr=True, max_side=max_side)(path, img)
+    res = Extractor(ocr=True, max_side=max_side, readers=1)(path, img)
     lines = [{"line": n, "text": t, "score": round(float(s), 4), "box": b} for n, (t, s, b) in enumerate(res.lines)]
     return {"path": path, "id": None, "source": "ocr", "status": res.status, "error": res.error, "meta": res.meta,
             "lines": lines}

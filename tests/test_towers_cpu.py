@@ -238,3 +238,30 @@ def test_fp32_towers_run_where_they_measured_faster(monkeypatch):
     monkeypatch.setenv(cpu.ENV_FLAGS, "avx,avx2,fma,f16c")
     monkeypatch.setenv("MMSEARCH_TOWER_RUNTIME", "openvino")
     assert runtime_for("fp32") == "openvino"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc/stat")
+def test_a_watch_started_earlier_measures_without_waiting(monkeypatch):
+    """An index run starts the watch before it plans: idle_cores' window has passed by the time the tower
+    opens, so it waits for nothing and still sees another process's load; a stale watch is not used."""
+    import subprocess
+    import sys
+    import time
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()+5\nwhile time.time()<t: pass"])
+    try:
+        time.sleep(0.3)
+        cpu.start_watch()
+        time.sleep(0.4)
+        t = time.monotonic()
+        busy = cpu.busy_elsewhere()
+        waited = time.monotonic() - t
+        monkeypatch.setattr(cpu, "WATCH_MAX_AGE_S", 0.0)  # stale: a fresh window, waited for in full
+        t = time.monotonic()
+        cpu.busy_elsewhere()
+        fresh_wait = time.monotonic() - t
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy >= 0.6, busy
+    assert waited < 0.05 <= cpu.BUSY_WINDOW_S * 0.9 <= fresh_wait, (waited, fresh_wait)

@@ -242,3 +242,43 @@ def test_a_defaulted_int8_index_falls_back_to_fp32_for_a_model_int8_cannot_run(t
     assert store.image_vectors().ntotal == 3 and any("int8 cannot run this model" in n for n in s.notes)
     with pytest.raises(UnknownModelError, match="no int8 tower"):
         index_folders(tmp_path / "asked", [photos], spec=spec, precision="int8")
+
+
+def test_onnx_runtime_keeps_its_optimised_graph_per_machine(tiny_checkpoint, tmp_path, monkeypatch):
+    """ONNX Runtime's optimised graph of an int8 tower is kept in the cache and opened with optimisation
+    off by the next process: the same vectors; a damaged kept graph is made again; no cache, no file."""
+    import onnxruntime as ort
+
+    from mmsearch.towers import runtime
+
+    monkeypatch.setenv("MMSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    _, spec = _fp32_and("int8", tiny_checkpoint, tmp_path, seed=5)
+    model = tmp_path / "int8" / "image_tower" / "model.onnx"
+    kept_dir = tmp_path / "cache" / "onnxruntime"
+    x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
+    plain = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    want = plain.run(None, {plain.get_inputs()[0].name: x})[0]
+
+    opened = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession",
+                        lambda path, so, **kw: opened.append((path, so.graph_optimization_level)) or real(path, so, **kw))
+    for f in kept_dir.glob("*"):
+        f.unlink()
+    _, first = runtime.open_model(model, "int8")
+    kept = list(kept_dir.glob("*.onnx"))
+    assert len(kept) == 1 and opened[-1][0] == str(model)
+    _, second = runtime.open_model(model, "int8")
+    assert opened[-1] == (str(kept[0]), ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    np.testing.assert_array_equal(first(x), want)
+    np.testing.assert_array_equal(second(x), want)
+
+    kept[0].write_bytes(b"not an onnx graph")
+    _, third = runtime.open_model(model, "int8")
+    np.testing.assert_array_equal(third(x), want)
+    assert kept[0].stat().st_size > 1000  # made again
+
+    monkeypatch.setenv("MMSEARCH_CACHE_DIR", "off")
+    opened.clear()
+    runtime.open_model(model, "int8")
+    assert [p for p, _ in opened] == [str(model)]

@@ -23,6 +23,7 @@ from mmsearch.indexing.plan import Plan, plan_changes
 from mmsearch.indexing.stage import (IndexSummary, Progress, background_thread, batch_pixels, commit_batch,
                                      decode_file, inputs_of, worker_transform)
 from mmsearch import video
+from mmsearch.towers import cpu
 from mmsearch.storage.catalog import Catalog
 from mmsearch.storage.roots import normalise_roots, record_roots, recorded_roots
 from mmsearch.storage.lock import writer_lock
@@ -60,6 +61,7 @@ def index_folders(index_dir, roots: Iterable, spec: Optional[ModelSpec] = None, 
 
         parse_size(max_index_memory)  # a bad budget fails before a model loads, not after
     t0 = time.perf_counter()
+    cpu.start_watch()  # what other processes use is measured while this run plans, not by waiting later
     roots = [os.path.abspath(os.fspath(r)) for r in roots]
     watched = None if watched is None else [os.path.abspath(os.fspath(w)) for w in watched]
     for r in roots:

@@ -81,6 +81,9 @@ def backfill_text_states(store: IndexStore, batch_size: int = 256) -> int:
     return len(missing)
 
 
+METADATA_BATCH = 1024  # images per transaction when only metadata is read (no OCR)
+
+
 def read_missing_words(store: IndexStore, extractor, summary=None, batch_size: int = 16,
                        workers: Optional[int] = None, progress: Progress = None) -> int:
     """The words of images already indexed but not read: OCR switched on for an index built without it, a
@@ -93,6 +96,8 @@ def read_missing_words(store: IndexStore, extractor, summary=None, batch_size: i
     todo = cat.ids_needing_ocr() if extractor.ocr else cat.ids_needing_words()
     if not todo:
         return 0
+    if not extractor.ocr:  # metadata only: a file costs microseconds, and a transaction per 16 dominated
+        batch_size = max(batch_size, METADATA_BATCH)
 
     def read(item):  # the extractor decodes the file itself, and never raises
         return extractor(item[1], None)

@@ -251,8 +251,11 @@ def test_onnx_runtime_keeps_its_optimised_graph_per_machine(tiny_checkpoint, tmp
 
     from mmsearch.towers import runtime
 
+    photos = tmp_path / "photos"
+    _photos(photos, 2, seed=5)
+    spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
+    index_folders(tmp_path / "int8", [photos], spec=spec, precision="int8")  # towers from the session's cache
     monkeypatch.setenv("MMSEARCH_CACHE_DIR", str(tmp_path / "cache"))
-    _, spec = _fp32_and("int8", tiny_checkpoint, tmp_path, seed=5)
     model = tmp_path / "int8" / "image_tower" / "model.onnx"
     kept_dir = tmp_path / "cache" / "onnxruntime"
     x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)

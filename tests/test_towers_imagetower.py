@@ -285,3 +285,24 @@ def test_onnx_runtime_keeps_its_optimised_graph_per_machine(tiny_checkpoint, tmp
     opened.clear()
     runtime.open_model(model, "int8")
     assert [p for p, _ in opened] == [str(model)]
+
+
+def test_a_graph_that_cannot_be_kept_still_opens_the_tower(tiny_checkpoint, tmp_path, monkeypatch):
+    """Saving the optimised graph fails (here: its folder is gone; a full disk or a graph past protobuf's
+    2 GB alike): the tower opens plainly, with the same vectors, and nothing half-written is left."""
+    import onnxruntime as ort
+
+    from mmsearch.towers import runtime
+
+    photos = tmp_path / "photos"
+    _photos(photos, 2, seed=6)
+    spec = ModelSpec(model="mmsearch-tiny", pretrained=None, checkpoint=str(tiny_checkpoint))
+    index_folders(tmp_path / "int8", [photos], spec=spec, precision="int8")
+    model = tmp_path / "int8" / "image_tower" / "model.onnx"
+    gone = tmp_path / "gone" / "graph.onnx"
+    monkeypatch.setattr(runtime, "_optimized_path", lambda ort_, path: gone)
+    x = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
+    plain = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    _, run = runtime.open_model(model, "int8")
+    np.testing.assert_array_equal(run(x), plain.run(None, {plain.get_inputs()[0].name: x})[0])
+    assert not (tmp_path / "gone").exists()

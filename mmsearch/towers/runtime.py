@@ -146,6 +146,7 @@ def _onnxruntime_runner(path):
 
 
 OPTIMIZED_KEEP = 4  # optimised graphs kept in the cache (the most recently used)
+KEEP_BELOW_BYTES = 1 << 30  # a bigger tower is optimised at each start: one graph file must stay under protobuf's 2 GB
 
 
 def _optimized_session(ort, so, path):
@@ -165,10 +166,19 @@ def _optimized_session(ort, so, path):
         except Exception:  # a truncated or foreign file: made again below
             kept.unlink(missing_ok=True)
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    tmp = None if kept is None else kept.with_name(f"{kept.name}.{os.getpid()}.tmp")
+    keep = kept is not None and os.path.getsize(path) < KEEP_BELOW_BYTES
+    tmp = kept.with_name(f"{kept.name}.{os.getpid()}.tmp") if keep else None
     if tmp is not None:
         so.optimized_model_filepath = str(tmp)
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception:
+        if tmp is None:
+            raise
+        # the graph could not be saved (a full disk, a graph past protobuf's 2 GB): open the tower plainly
+        tmp.unlink(missing_ok=True)
+        tmp, so.optimized_model_filepath = None, ""
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     if tmp is not None:
         try:
             os.replace(tmp, kept)

@@ -89,7 +89,7 @@ def read_missing_words(store: IndexStore, extractor, summary=None, batch_size: i
     """The words of images already indexed but not read: OCR switched on for an index built without it, a
     catalog written before words were indexed, imported rows. One transaction per batch; a file that is
     gone or unreadable now keeps its image row (the next `index` run removes or retries it)."""
-    from mmsearch.indexing.extract import DEFAULT_READERS
+    from mmsearch.indexing.extract import default_readers
     from mmsearch.indexing.stage import count_words
 
     cat = store.catalog
@@ -102,7 +102,7 @@ def read_missing_words(store: IndexStore, extractor, summary=None, batch_size: i
     def read(item):  # the extractor decodes the file itself, and never raises
         return extractor(item[1], None)
 
-    with ThreadPoolExecutor(max_workers=workers or DEFAULT_READERS) as pool:
+    with ThreadPoolExecutor(max_workers=workers or default_readers()) as pool:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             results = list(pool.map(read, chunk))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,7 +18,6 @@ from mmsearch.storage.lexical import OCR_ERROR, OCR_NONE, OCR_OFF, OCR_OK
 
 MAX_FIELD = 2000  # characters kept of one metadata field
 MAX_XMP = 512 * 1024  # bytes of an XMP packet read at most
-DEFAULT_READERS = max(1, min(4, os.cpu_count() or 1))  # as many as the indexer's OCR pass has worker threads
 
 
 @dataclass
@@ -51,7 +49,7 @@ class Extractor:
         self.max_side = int(max_side or ocrsettings.DEFAULT_MAX_SIDE)
         self.max_boxes = int(max_boxes or ocrsettings.DEFAULT_MAX_BOXES)
         self._engine = engine
-        self.readers = int(readers or DEFAULT_READERS)
+        self.readers = int(readers or default_readers())
         if self.ocr and engine is None and not ocrsettings.ocr_available():  # before the run, not per image
             from mmsearch.errors import MissingExtraError
 
@@ -108,6 +106,13 @@ def ocr_input(path: str, img, max_side: int) -> tuple:
         return media.load_image(path, min_size=short)
 
     return (img, full) if min(img.size) >= GATE_DECODE_SIDE else (full(), None)
+
+
+def default_readers() -> int:
+    """Images OCR reads at once: as many as the indexer's CPU decode workers (the OCR pass's threads)."""
+    from mmsearch.towers.devices import default_decode_workers
+
+    return default_decode_workers("cpu")
 
 
 # ---- metadata ---------------------------------------------------------------------------------------

@@ -94,6 +94,11 @@ def record_of(meta: dict) -> dict:
     return dict(GOOD_MATCH, **rec) if isinstance(rec, dict) else dict(GOOD_MATCH)
 
 
+def still_fresh(drawn: int, top: int) -> bool:
+    """Whether a sample drawn when the largest image id was `drawn` still stands at `top`."""
+    return drawn <= top <= drawn * REDRAW_GROWTH
+
+
 class CalibrationCache:
     """The calibration of a store, drawn once and redrawn as the collection grows (a long-lived searcher)."""
 
@@ -105,8 +110,7 @@ class CalibrationCache:
     def get(self) -> Optional[Calibration]:
         cat = self.store.catalog
         top = cat.max_image_id()  # O(1); count(*) would walk an index at every query
-        drawn = self._drawn_at
-        if drawn is not None and drawn <= top <= drawn * REDRAW_GROWTH:
+        if self._drawn_at is not None and still_fresh(self._drawn_at, top):
             return self._value
         self._drawn_at, self._value = top, None
         rec = record_of(self.store.meta)
@@ -132,7 +136,7 @@ class CalibrationCache:
                 drawn, sample = int(f["top"]), f["sample"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, or damaged: drawn again
             return None
-        ok = drawn <= top <= drawn * REDRAW_GROWTH and sample.dtype == np.float32 and sample.ndim == 2 \
+        ok = still_fresh(drawn, top) and sample.dtype == np.float32 and sample.ndim == 2 \
             and sample.shape[1] == self.store.dim and MIN_IMAGES <= len(sample) <= size
         return (drawn, sample) if ok else None
 

@@ -44,7 +44,7 @@ def flags() -> frozenset:
 def _flags(override, isa_cap) -> frozenset:
     if override is not None:  # a simulated CPU: exactly these flags
         return frozenset(f for f in override.replace(",", " ").lower().split())
-    found = _proc_cpuinfo()
+    found = cpuinfo_flags()
     if found is None:
         found = _numpy_probe()
     cap = (isa_cap or "").strip().lower()
@@ -56,7 +56,7 @@ def _flags(override, isa_cap) -> frozenset:
     return frozenset(found)
 
 
-def _proc_cpuinfo():
+def cpuinfo_flags():
     """The first processor's `flags` (x86) or `Features` (ARM) line of /proc/cpuinfo, else None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:

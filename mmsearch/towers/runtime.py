@@ -166,8 +166,7 @@ def _optimized_session(ort, so, path):
         except Exception:  # a truncated or foreign file: made again below
             kept.unlink(missing_ok=True)
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    keep = kept is not None and os.path.getsize(path) < KEEP_BELOW_BYTES
-    tmp = kept.with_name(f"{kept.name}.{os.getpid()}.tmp") if keep else None
+    tmp = None if kept is None else kept.with_name(f"{kept.name}.{os.getpid()}.tmp")
     if tmp is not None:
         so.optimized_model_filepath = str(tmp)
     try:
@@ -198,11 +197,13 @@ def _optimized_path(ort, path):
         return None
     try:
         st = os.stat(path)
+        if st.st_size >= KEEP_BELOW_BYTES:
+            return None
         folder = root.parent / "onnxruntime"
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # a read-only home: optimise every time
         return None
-    raw = cpu._proc_cpuinfo()
+    raw = cpu.cpuinfo_flags()
     parts = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, ort.__version__, cpu.model_name(), sorted(raw or ())]
     return folder / (hashlib.sha1(repr(parts).encode()).hexdigest()[:24] + ".onnx")
 

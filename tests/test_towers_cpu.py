@@ -35,7 +35,7 @@ def test_a_onednn_isa_cap_caps_the_flags_like_the_kernels(monkeypatch):
     """ONEDNN_MAX_CPU_ISA=AVX2 makes torch's and OpenVINO's oneDNN run AVX2 kernels: the probe agrees."""
     real = set(SAPPHIRE.split(",")) | {"sse4_2", "avx_vnni", "avx512ifma"}
     monkeypatch.delenv(cpu.ENV_FLAGS, raising=False)
-    monkeypatch.setattr(cpu, "_proc_cpuinfo", lambda: set(real))
+    monkeypatch.setattr(cpu, "cpuinfo_flags", lambda: set(real))
     cpu._flags.cache_clear()
     try:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")

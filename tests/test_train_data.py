@@ -187,3 +187,42 @@ def test_memory_stays_flat_over_20000_images(tmp_path):
     held = n * side * side * 3 / 2 ** 20  # what decoding every image up front would hold (132 MB)
     assert seen == n and held > 4 * 30
     assert growth < 30, f"RSS grew {growth:.0f} MB over {n} images"
+
+
+def test_the_batched_tensor_tail_gives_the_per_image_pixels(synth_dir, tiny_encoder):
+    """ToTensor and Normalize run once per batch (data.TensorTail): the same pixels as open_clip's whole
+    transform image by image, and images it cannot stack (mixed sizes, another mode) go the plain way."""
+    from mmsearch.train.data import split_tensor_tail
+
+    tail = split_tensor_tail(tiny_encoder.preprocess_train)
+    assert tail is not None  # open_clip's train and eval transforms both end in ToTensor, Normalize
+    assert split_tensor_tail(tiny_encoder.preprocess) is not None and split_tensor_tail(lambda im: im) is None
+    ds = load_dataset(synth_dir / "captions.csv", split="train")
+    crops = [tail.per_image(load_image(p, min_size=64)) for p in ds.images[:8]]
+    full = torch.stack([tiny_encoder.preprocess_train.transforms[-2](c) for c in crops])
+    full = torch.stack([tiny_encoder.preprocess_train.transforms[-1](x) for x in full])
+    assert torch.equal(tail.batch(crops), full)
+    odd = crops[:3] + [crops[3].convert("L").convert("RGB").resize((64, 64)), crops[4].convert("RGBA")]
+    ref = torch.stack([tiny_encoder.preprocess_train.transforms[-1](tiny_encoder.preprocess_train.transforms[-2](c))
+                       for c in odd[:4]])
+    assert torch.equal(tail.batch(odd[:4]), ref)
+    with pytest.raises(RuntimeError):  # RGBA reaches ToTensor as 4 channels: the plain path, its own error
+        tail.batch(odd)
+
+
+def test_caption_tokens_are_the_batch_tokenized_at_once(tiny_encoder):
+    from mmsearch.train.data import CaptionTokens
+
+    calls = []
+
+    def tokenize(texts):
+        calls.append(list(texts))
+        return tiny_encoder.tokenize(texts)
+
+    cache = CaptionTokens(tokenize, max_rows=3)
+    first = ["a red circle", "a blue square", "a red circle"]
+    assert torch.equal(cache(first), tiny_encoder.tokenize(first)) and calls == [["a red circle", "a blue square"]]
+    assert torch.equal(cache(first[::-1]), tiny_encoder.tokenize(first[::-1])) and len(calls) == 1  # all kept
+    more = ["a green triangle", "a yellow star", "a blue square"]  # past max_rows: tokenized, not kept
+    assert torch.equal(cache(more), tiny_encoder.tokenize(more)) and calls[-1] == more[:2]
+    assert len(cache.rows) == 2

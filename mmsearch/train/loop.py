@@ -24,7 +24,7 @@ from mmsearch.errors import CheckpointError, DatasetError, TrainingError
 from mmsearch.media import load_image
 from mmsearch.evaluation.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 from mmsearch.train import distributed as dist_
-from mmsearch.train.data import BatchPlan, StepBatches, batch_loader, default_workers, open_source
+from mmsearch.train.data import BatchPlan, CaptionTokens, StepBatches, batch_loader, default_workers, open_source
 from mmsearch.train.optim import lr_at, make_optimizer, save_atomic
 from mmsearch.train.precision import Precision
 from mmsearch.train.step import clip_loss, contrastive_backward, tower_features
@@ -164,6 +164,7 @@ def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay,
     save_every = save_every or max(25, n_steps // 10)
     n_workers = default_workers(device.type) if workers is None else workers
     batches = StepBatches(source, encoder.preprocess_train, plan, world.rank, encoder.image_size)
+    caption_tokens = CaptionTokens(encoder.tokenize)
     t0, losses = time.perf_counter(), []
     metrics: dict = {}
 
@@ -192,7 +193,7 @@ def _train(data, spec, out, steps, epochs, batch_size, lr, warmup, weight_decay,
                     log(f"skipped unreadable image {line}" + (" (further ones are counted, not listed)"
                                                                if n_bad == 20 else ""))
             pixels = batch["pixels"].to(device, non_blocking=True)
-            tokens = encoder.tokenize(batch["texts"])
+            tokens = caption_tokens(batch["texts"])
             m = plan.micro_size
             micro = [(pixels[j:j + m], tokens[j:j + m]) for j in range(0, plan.local_size, m)]
             opt.zero_grad(set_to_none=True)

@@ -39,16 +39,25 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def run_offline(tmp_path, cache, cases):
-    """Run `cases` ({name: mmsearch args}) in a fresh process whose hub is unreachable: HF_ENDPOINT is a
-    closed local port (this machine has no network either), HF_HUB_OFFLINE is not set."""
+def start_offline(tmp_path, cache, cases, tag="a"):
+    """Start `cases` ({name: mmsearch args}) in a fresh process whose hub is unreachable: HF_ENDPOINT is a
+    closed local port (this machine has no network either), HF_HUB_OFFLINE is not set. The returned
+    function waits for it and gives its results: two children import torch and open_clip side by side."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT="http://127.0.0.1:9", MMSEARCH_CACHE_DIR="off",
                PYTHONPATH=os.getcwd())
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases), str(tmp_path / "stderr")],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=os.getcwd())
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cases), str(tmp_path / f"stderr-{tag}")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=os.getcwd())
+
+    def wait():
+        try:
+            out, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert proc.returncode == 0, err[-3000:]
+        return json.loads(out.strip().splitlines()[-1])
+    return wait
 
 
 def index_args(tmp_path, model, pretrained):
@@ -65,11 +74,13 @@ def test_missing_hub_files_offline_fail_in_seconds_with_one_line(tmp_path):
     empty = tmp_path / "empty-cache"
     empty.mkdir()
     filled = build_hf_cache(tmp_path / "hf-cache")  # tokenizers and text configs, no weights
-    got = run_offline(tmp_path, empty, {
+    first = start_offline(tmp_path, empty, {
         "siglip": index_args(tmp_path, "ViT-B-16-SigLIP", "webli"),
         "xlmr": index_args(tmp_path, "xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
     })
-    got.update(run_offline(tmp_path, filled, {"weights": index_args(tmp_path, "ViT-B-16-SigLIP", "webli")}))
+    (tmp_path / "b").mkdir()  # the second child's own index folder: two writers of one would be refused
+    second = start_offline(tmp_path, filled, {"weights": index_args(tmp_path / "b", "ViT-B-16-SigLIP", "webli")}, "b")
+    got = {**first(), **second()}
     expect = {"siglip": "its tokenizer 'timm/ViT-B-16-SigLIP' is not in the Hugging Face cache",
               "xlmr": "its tokenizer 'xlm-roberta-base' is not in the Hugging Face cache",
               "weights": "cannot download pretrained weights 'webli' for model ViT-B-16-SigLIP (no network"}
@@ -80,7 +91,8 @@ def test_missing_hub_files_offline_fail_in_seconds_with_one_line(tmp_path):
         assert len(lines) == 1, (name, r["stderr"][:2000])
         assert lines[0].startswith("Error: ") and words in lines[0], (name, lines[0])
         assert r["seconds"] < 5, (name, r["seconds"])
-    assert not any((tmp_path / f"idx-{m}").exists() for m in ("ViT-B-16-SigLIP", "xlm-roberta-base-ViT-B-32"))
+    assert not any((d / f"idx-{m}").exists() for m in ("ViT-B-16-SigLIP", "xlm-roberta-base-ViT-B-32")
+                   for d in (tmp_path, tmp_path / "b"))
 
 
 def test_cached_hub_files_build_without_touching_the_network(tmp_path, monkeypatch):

@@ -205,12 +205,23 @@ def single_server(idx: Path, urls: list[str], clients: list[int]) -> dict:
         proc.wait(timeout=20)
 
 
-def ray_app(root: Path, urls: list[str], clients: list[int], replicas: int, replica_cpus: float) -> dict:
+SERVE_MODES = {"default": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+
+
+def ray_app(root: Path, urls: list[str], clients: list[int], replicas: int, replica_cpus: float,
+            mode: str = "default") -> dict:
+    """The Ray app on a local cluster started here; `mode` sets Ray Serve's environment for every process
+    of that cluster (they inherit this one's), as `RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start` would."""
     import logging
 
     import ray
 
     from mmsearch.distributed.serving import deploy, stop
+
+    saved = {k: os.environ.get(k) for k in SERVE_MODES["throughput"]}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(SERVE_MODES[mode])
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -231,13 +242,15 @@ def ray_app(root: Path, urls: list[str], clients: list[int], replicas: int, repl
         shards = [{k: s.get(k) for k in ("name", "images", "rss_bytes", "cpu_ms_per_query", "queries")}
                   for s in info["shards"]]
         stop()
-        return {"url": url, "deploy_s": round(started, 1), "rows": rows, "shards": shards,
-                "router": info.get("router")}
+        return {"mode": mode, "env": SERVE_MODES[mode], "url": url, "deploy_s": round(started, 1), "rows": rows,
+                "shards": shards, "router": info.get("router")}
     finally:
         from ray import serve
 
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def main():
@@ -249,6 +262,9 @@ def main():
     ap.add_argument("--replica-cpus", type=float, default=0.1, help="CPUs Ray reserves per replica.")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--queries", type=int, default=240, help="Distinct query images (each run sends at least this many).")
+    ap.add_argument("--modes", default="default,throughput",
+                    help=f"Ray Serve modes to run the app in, of {','.join(SERVE_MODES)} "
+                         "(throughput: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 on every Ray process).")
     ap.add_argument("--out", default=str(HERE / "results" / "sharded_serve.json"))
     ap.add_argument("--keep", action="store_true", help="Keep the work folder.")
     args = ap.parse_args()
@@ -260,8 +276,11 @@ def main():
         single_ids, gids = query_ids(idx, root, args.queries)
         single = single_server(idx, [f"/api/search?k=10&id={i}" for i in single_ids], clients)
         print(json.dumps(single), flush=True)
-        sharded = ray_app(root, [f"/api/search?k=10&id={g}" for g in gids], clients, args.replicas, args.replica_cpus)
-        print(json.dumps(sharded), flush=True)
+        sharded = {}
+        for mode in args.modes.split(","):
+            sharded[mode] = ray_app(root, [f"/api/search?k=10&id={g}" for g in gids], clients, args.replicas,
+                                    args.replica_cpus, mode)
+            print(json.dumps(sharded[mode]), flush=True)
     finally:
         if args.keep:
             print(f"kept {work}")
@@ -276,8 +295,10 @@ def main():
 
 def render(r: dict) -> str:
     rows = []
-    for name, part in ((f"one process ({r['built']['structure']})", r["single"]),
-                       (f"Ray Serve, {r['shards']} shards x {r['replicas']}", r["ray"])):
+    apps = r["ray"] if "rows" not in r["ray"] else {"default": r["ray"]}  # older results: one mode
+    parts = [(f"one process ({r['built']['structure']})", r["single"])]
+    parts += [(f"Ray Serve {mode}, {r['shards']} shards x {r['replicas']}", app) for mode, app in apps.items()]
+    for name, part in parts:
         for m in part["rows"]:
             rows.append((name, m["clients"], m["p50_ms"], m["p99_ms"], m["qps"], m["errors"], m["partial"],
                          m.get("router_added_p50_ms", ""), m.get("server_cpu_ms_per_query", "")))
@@ -287,13 +308,17 @@ def render(r: dict) -> str:
              markdown_table(["server", "clients", "p50 ms", "p99 ms", "QPS", "errors", "partial",
                              "router added p50 ms", "server CPU ms/query"], rows, align="lrrrrrrrr"), "",
              "On 2 cores this is the overhead of sharding, not a speed-up: the shards, the router and the clients "
-             "share the same cores.", "", "Sizing (one replica of each shard):"]
-    for s in r["ray"]["shards"]:
+             "share the same cores. Ray Serve throughput: every Ray process started with "
+             "RAY_SERVE_THROUGHPUT_OPTIMIZED=1.", "", "Sizing (one replica of each shard):"]
+    first = next(iter(apps.values()))
+    for s in first["shards"]:
         lines.append(f"- {s['name']}: {s['images']:,} images, resident {s['rss_bytes'] / 2**20:.0f} MB, "
                      f"{s['cpu_ms_per_query']} ms CPU per query")
-    rt = r["ray"].get("router") or {}
-    if rt:
-        lines.append(f"- router: resident {rt['rss_bytes'] / 2**20:.0f} MB, {rt['cpu_ms_per_query']} ms CPU per query")
+    for mode, app in apps.items():
+        rt = app.get("router") or {}
+        if rt:
+            lines.append(f"- router ({mode}): resident {rt['rss_bytes'] / 2**20:.0f} MB, {rt['cpu_ms_per_query']} ms "
+                         f"CPU per query")
     lines.append(f"- one process: resident {r['single']['rss_mb']} MB for all {r['n']:,} images")
     return "\n".join(lines)
 

@@ -178,3 +178,80 @@ def test_a_swap_switches_a_shard_between_requests_and_a_wrong_one_is_refused(tmp
     assert info["folder"] == str(copy.resolve()) and "swap refused" in info["error"] and "someone-else" in info["error"]
     with pytest.raises(ShardMapError):
         open_local(tmp_path / "shards")  # a fresh start refuses the layout outright
+
+
+class Slow:
+    """A shard client whose calls answer after `delay` seconds (a first call that opens connections)."""
+
+    def __init__(self, inner, delay):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.inner, self.delay, self.pool = inner, delay, ThreadPoolExecutor(4)
+
+    def submit(self, method, *args):
+        def call():
+            time.sleep(self.delay)
+            return self.inner.submit(method, *args).result()
+        return self.pool.submit(call)
+
+
+def test_a_shard_gets_a_longer_deadline_until_it_first_answers(tmp_path):
+    """A shard slower than timeout_s on its first call is waited for (up to cold_s), not reported missing;
+    once it has answered, the same slowness makes it missing."""
+    store, vecs, sh = _split(tmp_path, 300, 2)
+    sh.timeout_s, sh.cold_s, sh.probe_s = 0.3, 3.0, 60.0
+    slow = sh.clients[1] = Slow(sh.clients[1], 0.8)
+    paths = dict(store.catalog.conn.execute("SELECT id, path FROM images"))
+    gid = _gid_of(sh)
+    first = sh.search(ids=[gid[paths[1]]], k=10)
+    assert first.missing == [] and sh.answered == {0, 1}
+    again = sh.search(ids=[gid[paths[1]]], k=10)
+    assert again.missing == ["shard-1"]
+    slow.delay = 0.0
+
+
+def test_ray_client_awaits_on_the_replica_loop_when_given_one():
+    """Ray Serve's throughput mode: a handle call must be made inside the replica's event loop. RayClient
+    with the loop submits each call there from a request's thread, and still answers on the loop itself."""
+    import asyncio
+    import threading
+
+    from mmsearch.distributed.serving import RayClient
+
+    class Response:
+        def __init__(self, value):
+            self.value = value
+
+        def __await__(self):
+            yield from asyncio.sleep(0.01).__await__()
+            return self.value
+
+        def result(self, timeout_s=None):
+            return self.value
+
+    class Method:
+        def remote(self, *args):
+            asyncio.get_running_loop()  # RuntimeError outside a loop, as Ray Serve's CurrentLoopRouter
+            return Response(("pong", args))
+
+    class Handle:
+        def __getattr__(self, name):
+            return Method()
+
+    loop = asyncio.new_event_loop()
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+    try:
+        with pytest.raises(RuntimeError):
+            RayClient(Handle()).submit("ping", 1).result(1)  # no loop: the call is refused
+        client = RayClient(Handle(), loop)
+        assert client.submit("ping", 1, 2).result(2) == ("pong", (1, 2))
+        fut = asyncio.run_coroutine_threadsafe(_on_loop(client), loop)
+        assert fut.result(2) == ("pong", (3,))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(2)
+
+
+async def _on_loop(client):
+    return client.submit("ping", 3).result(1)  # on the loop thread: the handle's own call, no wait on itself

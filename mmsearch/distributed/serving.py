@@ -19,6 +19,7 @@ Ray and Ray Serve are imported only when an application is built (`pip install '
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,13 +43,30 @@ def import_serve():
 
 
 class RayClient:
-    """A shard deployment's handle as a ShardedSearcher client: submit(method, *args).result(timeout)."""
+    """A shard deployment's handle as a ShardedSearcher client: submit(method, *args).result(timeout).
 
-    def __init__(self, handle):
-        self.handle = handle
+    With `loop` (the router replica's event loop) each call is awaited on that loop, from the request's
+    worker thread: Ray Serve's throughput-optimised mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) runs a
+    handle's router in the replica's own loop and refuses calls made outside it."""
+
+    def __init__(self, handle, loop: Optional[asyncio.AbstractEventLoop] = None):
+        self.handle, self.loop = handle, loop
 
     def submit(self, method: str, *args):
+        if self.loop is not None and not _on(self.loop):
+            return asyncio.run_coroutine_threadsafe(self._call(method, args), self.loop)
         return _Reply(getattr(self.handle, method).remote(*args))
+
+    async def _call(self, method: str, args: tuple):
+        return await getattr(self.handle, method).remote(*args)
+
+
+def _on(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread runs `loop` (a blocking wait there for the loop's own work would never end)."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 class _Reply:
@@ -86,7 +104,11 @@ class Router:
 
         self.root, self.options = Path(root), dict(options)
         smap = ShardMap.load(self.root)
-        self.searcher = ShardedSearcher([RayClient(h) for h in handles], smap.names, open_towers(smap),
+        try:  # Ray Serve runs a deployment's constructor on the replica's event loop
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self.searcher = ShardedSearcher([RayClient(h, loop) for h in handles], smap.names, open_towers(smap),
                                         timeout_s=self.options.get("timeout_s", 5.0),
                                         probe_s=self.options.get("probe_s", 0.5), allow_paths=False)
 

@@ -11,7 +11,8 @@ Serve handles the same way, so the router logic is this one module for both.
 Faults are visible, never silent: a shard that fails is retried until the deadline (a killed replica's
 requests go to another one), then reported in `missing` and left out of the answer, which says
 `partial`; while it is down it is skipped at once, and probed in the background until it answers again.
-A failure that is the request's (a QueryError) is raised as it is.
+A failure that is the request's (a QueryError) is raised as it is. Until a shard has answered once, its
+calls get COLD_S instead of timeout_s: its first call may be the one that opens the connections.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from mmsearch.search.query import DEFAULT_RERANK_K
 from mmsearch.search.terms import embed_terms, parse_query
 from mmsearch.storage.shardmap import ShardMap, global_id, split_id
 
+COLD_S = 15.0  # the deadline of a shard's calls until it first answers
 HYDRATE_MAX = 256  # rows a shard sends with its hits; deeper pages fetch the rows they show afterwards
 
 
@@ -54,10 +56,11 @@ class ShardedSearcher:
     towers and the re-ranker: every shard has the same model)."""
 
     def __init__(self, clients: Sequence, names: Sequence[str], towers, timeout_s: float = 5.0,
-                 probe_s: float = 0.5, allow_paths: bool = False):
+                 probe_s: float = 0.5, allow_paths: bool = False, cold_s: float = COLD_S):
         self.clients, self.names, self.towers = list(clients), list(names), towers
         self.n = len(self.clients)
-        self.timeout_s, self.probe_s, self.allow_paths = timeout_s, probe_s, allow_paths
+        self.timeout_s, self.probe_s, self.allow_paths, self.cold_s = timeout_s, probe_s, allow_paths, cold_s
+        self.answered: set = set()  # shards that have answered once (warm)
         self.down: dict[int, str] = {}  # shard -> why it was marked down
         self.queries = 0
         self._cpu0 = time.process_time()
@@ -74,14 +77,18 @@ class ShardedSearcher:
         missing = [self.names[i] for i in calls if i in self.down]
         live = {i: c for i, c in calls.items() if i not in self.down}
         sent = {i: self.clients[i].submit(m, *a) for i, (m, a) in live.items()}
-        deadline = time.monotonic() + self.timeout_s
+        now = time.monotonic()
         replies = {}
         for i, fut in sent.items():
             tries = 0
+            # a shard's first call may also open its connections (Ray Serve's throughput mode opens gRPC
+            # channels then): until it has answered once it gets cold_s, not timeout_s
+            deadline = now + (self.timeout_s if i in self.answered else max(self.timeout_s, self.cold_s))
             while True:
                 left = deadline - time.monotonic()
                 try:
                     replies[i] = fut.result(max(0.001, left))
+                    self.answered.add(i)
                     break
                 except QueryError as exc:  # the request's own fault: every shard would say the same
                     raise getattr(exc, "cause", None) or exc from None  # (Ray wraps it: its cause is ours)

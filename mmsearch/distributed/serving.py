@@ -100,7 +100,7 @@ class Router:
     """The ingress deployment: mmsearch/serve's app over handles to the shard deployments."""
 
     def __init__(self, root: str, handles: list, options: dict):
-        from mmsearch.search.sharded import ShardedSearcher
+        from mmsearch.search.sharded import COLD_S, ShardedSearcher
 
         self.root, self.options = Path(root), dict(options)
         smap = ShardMap.load(self.root)
@@ -110,7 +110,8 @@ class Router:
             loop = None
         self.searcher = ShardedSearcher([RayClient(h, loop) for h in handles], smap.names, open_towers(smap),
                                         timeout_s=self.options.get("timeout_s", 5.0),
-                                        probe_s=self.options.get("probe_s", 0.5), allow_paths=False)
+                                        probe_s=self.options.get("probe_s", 0.5), allow_paths=False,
+                                        cold_s=self.options.get("cold_s", COLD_S))
 
     def __serve_build_asgi_app__(self):
         from mmsearch.serve.app import build_app

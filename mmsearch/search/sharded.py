@@ -11,8 +11,9 @@ Serve handles the same way, so the router logic is this one module for both.
 Faults are visible, never silent: a shard that fails is retried until the deadline (a killed replica's
 requests go to another one), then reported in `missing` and left out of the answer, which says
 `partial`; while it is down it is skipped at once, and probed in the background until it answers again.
-A failure that is the request's (a QueryError) is raised as it is. Until a shard has answered once, its
-calls get COLD_S instead of timeout_s: its first call may be the one that opens the connections.
+A failure that is the request's (a QueryError) is raised as it is. With `cold_s` (the Ray router: COLD_S),
+a shard that has not answered yet gets that long instead of timeout_s: its first call may be the one that
+opens the connections. In-process shards have none to open, and a broken one is reported at once.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from mmsearch.search.query import DEFAULT_RERANK_K
 from mmsearch.search.terms import embed_terms, parse_query
 from mmsearch.storage.shardmap import ShardMap, global_id, split_id
 
-COLD_S = 15.0  # the deadline of a shard's calls until it first answers
+COLD_S = 15.0  # the Ray router's deadline for a shard's calls until it first answers (in-process shards: none)
 HYDRATE_MAX = 256  # rows a shard sends with its hits; deeper pages fetch the rows they show afterwards
 
 
@@ -56,7 +57,7 @@ class ShardedSearcher:
     towers and the re-ranker: every shard has the same model)."""
 
     def __init__(self, clients: Sequence, names: Sequence[str], towers, timeout_s: float = 5.0,
-                 probe_s: float = 0.5, allow_paths: bool = False, cold_s: float = COLD_S):
+                 probe_s: float = 0.5, allow_paths: bool = False, cold_s: float = 0.0):
         self.clients, self.names, self.towers = list(clients), list(names), towers
         self.n = len(self.clients)
         self.timeout_s, self.probe_s, self.allow_paths, self.cold_s = timeout_s, probe_s, allow_paths, cold_s

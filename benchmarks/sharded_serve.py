@@ -250,7 +250,10 @@ def ray_app(root: Path, urls: list[str], clients: list[int], replicas: int, repl
         serve.shutdown()
         ray.shutdown()
         for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main():

@@ -63,10 +63,14 @@ class RayClient:
 
 def _on(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether this thread runs `loop` (a blocking wait there for the loop's own work would never end)."""
+    return _running_loop() is loop
+
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
     try:
-        return asyncio.get_running_loop() is loop
+        return asyncio.get_running_loop()
     except RuntimeError:
-        return False
+        return None
 
 
 class _Reply:
@@ -104,10 +108,7 @@ class Router:
 
         self.root, self.options = Path(root), dict(options)
         smap = ShardMap.load(self.root)
-        try:  # Ray Serve runs a deployment's constructor on the replica's event loop
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = _running_loop()  # Ray Serve runs a deployment's constructor on the replica's event loop
         self.searcher = ShardedSearcher([RayClient(h, loop) for h in handles], smap.names, open_towers(smap),
                                         timeout_s=self.options.get("timeout_s", 5.0),
                                         probe_s=self.options.get("probe_s", 0.5), allow_paths=False,

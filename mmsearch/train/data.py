@@ -171,20 +171,23 @@ def split_tensor_tail(transform) -> Optional[TensorTail]:
     from torchvision import transforms as T
 
     steps = list(getattr(transform, "transforms", None) or [])
-    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or type(steps[-1]) is not T.Normalize:
+    if len(steps) < 2 or type(steps[-2]) not in _to_tensor_types() or type(steps[-1]) is not T.Normalize \
+            or steps[-1].inplace:
         return None
     norm = steps[-1]
-    if norm.inplace or type(steps[-2]).__call__ not in (T.ToTensor.__call__, _maybe_to_tensor_call()):
-        return None
     return TensorTail(T.Compose(steps[:-2]), norm.mean, norm.std, T.Compose(steps[-2:]))
 
 
-def _maybe_to_tensor_call():
+def _to_tensor_types() -> tuple:
+    """torchvision's ToTensor and open_clip's MaybeToTensor (the same conversion for a PIL image); not any
+    other subclass, whose conversion may differ."""
+    from torchvision import transforms as T
+
     try:
         from open_clip.transform import MaybeToTensor
     except ImportError:
-        return None
-    return MaybeToTensor.__call__
+        return (T.ToTensor,)
+    return (T.ToTensor, MaybeToTensor)
 
 
 class StepBatches(torch.utils.data.Dataset):

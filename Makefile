@@ -12,14 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The training tests run in a process of their own: after the rest of the suite (ONNX Runtime, OpenVINO,
-# Ray and server threads in one long-lived process) an in-process gloo step crashed pytest with SIGSEGV
-# twice here, while the same tests pass in a fresh process.
-# The second process takes the session's tiny encoder from the first (MMSEARCH_TEST_SHARE, tests/conftest.py).
+# Two lanes at once, one per core (tests/run_suite.sh says which tests run where, and why).
 test: $(STAMP)
-	@share=$$(mktemp -d) && trap 'rm -rf "$$share"' EXIT && set -x && \
-	MMSEARCH_TEST_SHARE=$$share $(BIN)/python -m pytest -q tests --ignore-glob='tests/test_train*.py' && \
-	MMSEARCH_TEST_SHARE=$$share $(BIN)/python -m pytest -q tests/test_train*.py
+	tests/run_suite.sh $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/mmsearch demo --out demo-out

@@ -52,19 +52,38 @@ def trained(synth_dir, tmp_path_factory):
     """(checkpoint path, training result) of a short run: the same command a user runs."""
     from mmsearch.train import train_encoder
 
-    # `make test` runs the suite in two processes (Makefile); the second takes the first's run from
-    # MMSEARCH_TEST_SHARE, a folder that make test creates and removes, instead of training it again (20 s)
+    # `make test` runs the suite in several processes, two at a time (tests/run_suite.sh); they share one
+    # run through MMSEARCH_TEST_SHARE, a folder that make test creates and removes: the first to need it
+    # trains (20 s) under a lock, the others wait for it and read it
     share = Path(os.environ["MMSEARCH_TEST_SHARE"]) if os.environ.get("MMSEARCH_TEST_SHARE") else None
-    if share is not None and (share / "tiny.json").exists():  # written after the checkpoint: both are whole
-        return share / "tiny.pt", dict(json.loads((share / "tiny.json").read_text()), checkpoint=str(share / "tiny.pt"))
-    out = tmp_path_factory.mktemp("model") / "tiny.pt"
-    with idle_torch_threads():
-        res = train_encoder(synth_dir / "captions.csv", ModelSpec(model="mmsearch-tiny", pretrained=None), out,
-                            steps=160, batch_size=48, lr=1e-3)
-    if share is not None:
-        shutil.copy(out, share / "tiny.pt")
-        (share / "tiny.json").write_text(json.dumps(res, default=str))
-    return out, res
+    with _share_lock(share):
+        if share is not None and (share / "tiny.json").exists():  # written after the checkpoint: both are whole
+            return share / "tiny.pt", dict(json.loads((share / "tiny.json").read_text()),
+                                           checkpoint=str(share / "tiny.pt"))
+        out = tmp_path_factory.mktemp("model") / "tiny.pt"
+        with idle_torch_threads():
+            res = train_encoder(synth_dir / "captions.csv", ModelSpec(model="mmsearch-tiny", pretrained=None), out,
+                                steps=160, batch_size=48, lr=1e-3)
+        if share is not None:
+            shutil.copy(out, share / "tiny.pt")
+            (share / "tiny.json").write_text(json.dumps(res, default=str))
+        return out, res
+
+
+@contextlib.contextmanager
+def _share_lock(share):
+    """An exclusive lock on the shared folder's lock file (none without a shared folder)."""
+    if share is None:
+        yield
+        return
+    import fcntl
+
+    with open(share / "tiny.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from mmsearch.indexing.pipeline import index_folders
 from mmsearch.search.query import Searcher
 from mmsearch.storage.store import IndexStore
 
+pytestmark = [pytest.mark.cluster]
 NODE = dict(num_cpus=2, object_store_memory=80 * 1024 ** 2)
 TIMEOUT_S = 60  # Ray's no-progress default is 30 min: a hang must fail the test, not the CI job
 

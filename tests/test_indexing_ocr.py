@@ -376,17 +376,21 @@ def test_replicas_read_side_by_side_and_agree_with_one_reader(tmp_path):
 
     two = OcrEngine(threads=2, replicas=2)
     assert two.threads_each == 1 and two._made == 1  # the second replica loads only when a reader waits
-    inside, peak, lock = [0], [0], threading.Lock()
+    inside, peak, both_in = [0], [0], threading.Condition()
     real_detect = two.detect
 
     def detect(bgr):
-        with lock:
+        with both_in:
             inside[0] += 1
             peak[0] = max(peak[0], inside[0])
+            both_in.notify_all()
+            # the first reader in waits for the second: on a loaded machine one read could otherwise end
+            # before the other starts. If reads were serialised, the second never gets in and peak stays 1
+            both_in.wait_for(lambda: peak[0] >= 2, timeout=20)
         try:
             return real_detect(bgr)
         finally:
-            with lock:
+            with both_in:
                 inside[0] -= 1
 
     two.detect = detect

@@ -17,6 +17,7 @@ import pytest
 from helpers import build_served_index, build_video_index
 
 CHROMIUM = "/usr/bin/chromium-headless-shell"
+pytestmark = [pytest.mark.solo]  # make test runs this file alone (tests/run_suite.sh)
 INSTALL = "apt-get update && apt-get install -y chromium-headless-shell"
 START_BUDGET_S = 2.0  # the page answers within 2 s of launch (CPU seconds: see the test)
 SCREENSHOT = os.environ.get("MMSEARCH_SCREENSHOT")  # where to keep the screenshot (the README's is made so)

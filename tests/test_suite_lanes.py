@@ -19,12 +19,12 @@ def starts_a_cluster(tree: ast.AST) -> bool:
     return False
 
 
-def marked_cluster(tree: ast.Module) -> bool:
-    """A module-level `pytestmark` that holds pytest.mark.cluster (alone or in a list)."""
+def marked_cluster(tree: ast.Module, mark: str = "cluster") -> bool:
+    """A module-level `pytestmark` that holds pytest.mark.<mark> (alone or in a list)."""
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
             for sub in ast.walk(node.value):
-                if isinstance(sub, ast.Attribute) and sub.attr == "cluster" and isinstance(sub.value, ast.Attribute) \
+                if isinstance(sub, ast.Attribute) and sub.attr == mark and isinstance(sub.value, ast.Attribute) \
                         and sub.value.attr == "mark":
                     return True
     return False
@@ -43,3 +43,11 @@ def test_every_file_that_starts_a_ray_cluster_is_marked_cluster():
     starting = {name for name, tree in trees.items() if starts_a_cluster(tree)}
     assert {"test_distributed_ray.py", "test_distributed_serve.py"} <= starting
     assert sorted(name for name in starting if not marked_cluster(trees[name])) == []
+
+
+def test_every_file_that_drives_a_browser_is_marked_solo():
+    trees = {p.name: ast.parse(p.read_text()) for p in sorted(TESTS.glob("test_*.py"))}
+    browsing = {name for name, tree in trees.items()
+                if any(isinstance(n, ast.ImportFrom) and (n.module or "").startswith("playwright") for n in ast.walk(tree))}
+    assert "test_serve_browser.py" in browsing
+    assert sorted(name for name in browsing if not marked_cluster(trees[name], "solo")) == []

@@ -47,7 +47,7 @@ def test_every_file_that_starts_a_ray_cluster_is_marked_cluster():
 
 def test_every_file_that_drives_a_browser_is_marked_solo():
     trees = {p.name: ast.parse(p.read_text()) for p in sorted(TESTS.glob("test_*.py"))}
-    browsing = {name for name, tree in trees.items()
-                if any(isinstance(n, ast.ImportFrom) and (n.module or "").startswith("playwright") for n in ast.walk(tree))}
+    browsing = {name for name, tree in trees.items() if any(
+        isinstance(n, ast.ImportFrom) and (n.module or "").startswith("playwright") for n in ast.walk(tree))}
     assert "test_serve_browser.py" in browsing
     assert sorted(name for name in browsing if not marked_cluster(trees[name], "solo")) == []

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Two lanes at once, one per core (tests/run_suite.sh says which tests run where, and why).
+# The suite on both cores: some files alone, then the rest side by side (tests/run_suite.sh says which, and why).
 test: $(STAMP)
 	tests/run_suite.sh $(BIN)/python
 

@@ -3,7 +3,8 @@
 # test after another took 14-15 min, about one core busy; the tests that start a local multi-node Ray
 # cluster (-m cluster) are a third of it and slow down 2-4x when anything else runs beside them (a
 # re-run under load passed its 150 s deadline), so they run alone, first, followed by the browser tests
-# (-m solo: a first search beside two busy processes once took past their 30 s wait). Then, side by side:
+# and the tests that read the whole machine's CPU time (-m solo: a first search beside two busy processes
+# once took past its 30 s wait; a worker beside /proc/stat counts as another process). Then, side by side:
 #   - everything else on MMSEARCH_TEST_WORKERS (default 2) pytest-xdist workers, one file per worker at a
 #     time (--dist loadfile: a file's module fixtures are built once);
 #   - the training tests, in a fresh process of their own: after ONNX Runtime, OpenVINO, Ray and server

@@ -1,7 +1,9 @@
 """`make test` runs some files alone before the rest runs on xdist workers (tests/run_suite.sh), and picks
 them by their mark: the files that start a local multi-node Ray cluster (`cluster`: beside other work they
 slowed 1.6-2.8x here and one missed a deadline) and the files that drive a real browser (`solo`: a first
-search once took past its 30 s wait). A file of either kind must carry its mark."""
+search once took past its 30 s wait). A file of either kind must carry its mark. So must a test that reads the
+whole machine's CPU time from /proc/stat: a worker beside it is "another process" (CI: 1.21 cores busy
+"elsewhere" while only this test's own thread spun)."""
 from __future__ import annotations
 
 import ast
@@ -53,3 +55,23 @@ def test_every_file_that_starts_a_ray_cluster_is_marked_cluster():
 
 def test_every_file_that_drives_a_browser_is_marked_solo():
     assert unmarked("playwright", "solo", {"test_serve_browser.py"}) == []
+
+
+def measures_the_machine_unmarked(tree: ast.Module) -> list:
+    """Test functions with a decorator that names /proc/stat but no @pytest.mark.solo."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+            marks = [ast.unparse(d) for d in node.decorator_list]
+            if any("/proc/stat" in m for m in marks) and "pytest.mark.solo" not in marks:
+                found.append(node.name)
+    return found
+
+
+def test_every_test_that_reads_the_machines_cpu_time_runs_alone():
+    bad = ast.parse('@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="x")\ndef test_a():\n    pass\n')
+    good = ast.parse('@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="x")\n@pytest.mark.solo\n'
+                     'def test_a():\n    pass\n')
+    assert measures_the_machine_unmarked(bad) == ["test_a"] and measures_the_machine_unmarked(good) == []
+    offenders = {p.name: measures_the_machine_unmarked(ast.parse(p.read_text())) for p in TESTS.glob("test_*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}

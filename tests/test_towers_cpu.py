@@ -180,6 +180,7 @@ def test_idle_cores_subtract_what_other_processes_use_now(monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc/stat")
+@pytest.mark.solo  # it reads the whole machine's CPU time: an xdist worker beside it counts as "other"
 def test_busy_elsewhere_sees_another_process_and_not_this_one():
     """A process spinning on a core counts as busy; this process's own spinning thread does not (the load
     average counted both, and for a minute after they stopped)."""
@@ -241,6 +242,7 @@ def test_fp32_towers_run_where_they_measured_faster(monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux's /proc/stat")
+@pytest.mark.solo  # it reads the whole machine's CPU time: an xdist worker beside it counts as "other"
 def test_a_watch_started_earlier_measures_without_waiting(monkeypatch):
     """An index run starts the watch before it plans: idle_cores' window has passed by the time the tower
     opens, so it waits for nothing and still sees another process's load; a stale watch is not used."""
